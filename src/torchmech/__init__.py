@@ -1,0 +1,13 @@
+"""torchmech: learning differential equations from data in PyTorch."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("torchmech")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+from torchmech import mnn
+from torchmech.mnn import MechanisticBlock, solve_linear_ode
+
+__all__ = ["__version__", "mnn", "MechanisticBlock", "solve_linear_ode"]

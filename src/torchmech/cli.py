@@ -1,0 +1,43 @@
+"""The `torchmech` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+import torchmech
+
+# Subcommands register here: name -> (help text, add_arguments(parser), run(args) -> exit code).
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def register(name: str, help: str, add_arguments, run) -> None:
+    """Register a subcommand of `torchmech` (used by the modules that provide them)."""
+    _COMMANDS[name] = (help, add_arguments, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchmech",
+        description="Learn differential equations from data: Mechanistic Neural Networks, "
+        "neural differential equations and equation discovery.",
+    )
+    parser.add_argument("--version", action="version", version=f"torchmech {torchmech.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in sorted(_COMMANDS.items()):
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return _COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
