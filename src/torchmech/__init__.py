@@ -7,7 +7,8 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-from torchmech import mnn
-from torchmech.mnn import MechanisticBlock, solve_linear_ode
+from torchmech import de, mnn
+from torchmech.de import SaveAt, solve
+from torchmech.mnn import solve_linear_ode
 
-__all__ = ["__version__", "mnn", "MechanisticBlock", "solve_linear_ode"]
+__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "solve_linear_ode"]

@@ -1,0 +1,37 @@
+"""Numerical differential equations: terms, explicit RK solvers, step control, solve loop, adjoints."""
+
+from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.controllers import (
+    AbstractController,
+    ConstantStep,
+    PIDController,
+    StepTo,
+    max_norm,
+    rms_norm,
+)
+from torchmech.de.events import Event
+from torchmech.de.integrate import SaveAt, Solution, Status, solve
+from torchmech.de.solvers import (
+    RK4,
+    AbstractSolver,
+    Bosh3,
+    ButcherTableau,
+    Dopri5,
+    Dopri8,
+    Euler,
+    ExplicitRK,
+    Heun,
+    Midpoint,
+    Ralston,
+    Tsit5,
+)
+from torchmech.de.terms import AbstractTerm, ControlTerm, MultiTerm, ODETerm
+
+__all__ = [
+    "solve", "SaveAt", "Solution", "Status", "Event",
+    "AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm",
+    "AbstractSolver", "ButcherTableau", "ExplicitRK",
+    "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
+    "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm",
+    "AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint",
+]

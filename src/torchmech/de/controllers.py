@@ -1,0 +1,307 @@
+"""Step-size controllers with per-sample step sizes: ConstantStep, StepTo and PIDController."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from torchmech.de._tree import bcast
+
+__all__ = ["AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm"]
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root-mean-square over all non-batch axes: (B, ...) -> (B,)."""
+    return x.reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt()
+
+
+def max_norm(x: Tensor) -> Tensor:
+    """Max-abs over all non-batch axes: (B, ...) -> (B,)."""
+    return x.reshape(x.shape[0], -1).abs().amax(dim=1)
+
+
+def _as_times(x: Any, name: str, like: Tensor) -> Tensor:
+    """Validate a 1-D or 2-D tensor of times and cast it to ``like``'s dtype/device."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x, dtype=like.dtype)
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(f"{name}: expected a tensor or sequence of times, got {type(x).__name__}") from exc
+    x = x.to(dtype=like.dtype, device=like.device)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{name}: expected shape (K,) or (B, K), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: times must be finite")
+    return x
+
+
+def _snap(t_next: Tensor, dt: Tensor, t1: Tensor, direction: Tensor) -> Tensor:
+    """Clip ``t_next`` to ``t1``, snapping when it falls short by only floating-point round-off."""
+    slack = 64 * torch.finfo(t_next.dtype).eps * torch.maximum(t1.abs(), dt.abs())
+    past = direction * (t1 - t_next) <= slack
+    return torch.where(past, t1, t_next)
+
+
+def _next_mark(marks: Tensor, t: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample, the first mark strictly after ``t`` in ``direction``.
+
+    Returns (signed distance ``direction * (mark - t)``, ``+inf`` where there is none; the mark
+    itself, exactly as given) both of shape (B,).
+    """
+    m = marks if marks.dim() == 2 else marks.unsqueeze(0)
+    m = m.expand(t.shape[0], m.shape[-1])
+    dist = direction[:, None] * (m - t[:, None])
+    dist = torch.where(dist > 0, dist, torch.full_like(dist, float("inf")))
+    best, idx = dist.min(dim=1)
+    return best, m.gather(1, idx[:, None])[:, 0]
+
+
+class AbstractController:
+    """Chooses the time of the next step and accepts/rejects attempted steps, per sample."""
+
+    adaptive: bool = False
+
+    def init(self, solver, t0: Tensor, t1: Tensor, y0: Tensor, dt0: Tensor | None, deriv0: Tensor,
+             deriv_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, dict, int]:
+        """Return (signed initial dt (B,), controller state dict, extra vector-field evaluations)."""
+        raise NotImplementedError
+
+    def propose(self, t: Tensor, dt: Tensor, t1: Tensor, direction: Tensor, state: dict) -> tuple[Tensor, Tensor]:
+        """Return (t_next (B,), landed_on_jump (B,) bool) for a step of size ``dt`` from ``t``."""
+        t_next = _snap(t + dt, dt, t1, direction)
+        return t_next, torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+
+    def adapt(self, t: Tensor, t_next: Tensor, dt: Tensor, y0: Tensor, y1: Tensor, err: Tensor | None,
+              state: dict, error_order: int | None) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """Return (accept (B,), next signed dt (B,), dt underflow (B,), new state).
+
+        ``dt`` is the step that was proposed, ``t_next - t`` the one taken (clipped to marks/t1).
+        """
+        raise NotImplementedError
+
+
+class ConstantStep(AbstractController):
+    """Fixed step size ``dt0`` (the last step is shortened to land on ``t1``); every step is accepted."""
+
+    def init(self, solver, t0, t1, y0, dt0, deriv0, deriv_fn):
+        if dt0 is None:
+            raise ValueError("solve: dt0 must be given with ConstantStep (got dt0=None)")
+        return dt0, {}, 0
+
+    def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
+        ones = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        return ones, dt, torch.zeros_like(ones), state
+
+
+class StepTo(AbstractController):
+    """Step exactly onto the given times ``ts`` ((K,) shared or (B, K) per sample), every step accepted.
+
+    ``ts[..., 0]`` must equal ``t0`` and ``ts[..., -1]`` must equal ``t1``; ``dt0`` is ignored.
+    """
+
+    def __init__(self, ts: Tensor):
+        if not isinstance(ts, Tensor):
+            ts = torch.as_tensor(ts, dtype=torch.get_default_dtype())
+        if ts.dim() not in (1, 2) or ts.shape[-1] < 2:
+            raise ValueError(f"StepTo: ts must have shape (K,) or (B, K) with K >= 2, got {tuple(ts.shape)}")
+        self.ts = ts
+
+    def init(self, solver, t0, t1, y0, dt0, deriv0, deriv_fn):
+        ts = _as_times(self.ts, "StepTo.ts", y0)
+        B = y0.shape[0]
+        if ts.dim() == 2 and ts.shape[0] != B:
+            raise ValueError(f"StepTo.ts: expected shape (K,) or (B={B}, K), got {tuple(ts.shape)}")
+        ts = ts.expand(B, ts.shape[-1])
+        if not (torch.equal(ts[:, 0], t0) and torch.equal(ts[:, -1], t1)):
+            raise ValueError("StepTo.ts: first and last entries must equal t0 and t1 for every sample")
+        direction = torch.sign(t1 - t0)
+        if ((direction[:, None] * ts.diff(dim=1) <= 0) & (direction[:, None] != 0)).any():
+            raise ValueError("StepTo.ts: times must be strictly monotonic in the direction of integration")
+        dt = ts[:, 1] - ts[:, 0]
+        return dt, {"marks": ts}, 0
+
+    def propose(self, t, dt, t1, direction, state):
+        dist, mark = _next_mark(state["marks"], t, direction)
+        t_next = torch.where(torch.isfinite(dist), mark, t1)
+        return t_next, torch.zeros_like(t_next, dtype=torch.bool)
+
+    def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
+        ones = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        return ones, t_next - t, torch.zeros_like(ones), state
+
+
+class PIDController(AbstractController):
+    """Adaptive per-sample step sizes from the embedded error estimate (PID control, Soederlind).
+
+    Error ratio per sample: ``e = norm(err / (atol + rtol * max(|y0|, |y1|)))``; a step is
+    accepted when ``e <= 1``. The next step is
+    ``dt * clip(safety * e_n^(-b1/k) * e_{n-1}^(-b2/k) * e_{n-2}^(-b3/k), factormin, factormax)``
+    with ``b1 = p + i + d``, ``b2 = -(p + 2 d)``, ``b3 = d`` and ``k`` the solver's error order.
+    Defaults (``pcoeff=0, icoeff=1, dcoeff=0``) give the classical I controller.
+
+    Args:
+        rtol, atol: tolerances, floats or tensors broadcastable to the state ``(B, ...)`` (e.g. per
+            component ``(D,)``). Must be positive (``rtol > 0``, ``atol >= 0``).
+        dtmin, dtmax: bounds on ``|dt|``. A rejected step at ``dtmin`` ends the sample with
+            status ``DT_UNDERFLOW``.
+        factormin, factormax, safety: step-change limits and safety factor.
+        norm: callable (B, ...) -> (B,), default :func:`rms_norm`.
+        step_ts: times (K,) or (B, K) that steps must land on.
+        jump_ts: discontinuity times (K,) or (B, K) of the vector field: a step ends one ulp before
+            the jump and the next starts one ulp after it, with the vector field re-evaluated
+            there (so no stage straddles the discontinuity).
+    """
+
+    adaptive = True
+
+    def __init__(self, rtol: float | Tensor = 1e-3, atol: float | Tensor = 1e-6, pcoeff: float = 0.0,
+                 icoeff: float = 1.0, dcoeff: float = 0.0, dtmin: float | None = None,
+                 dtmax: float | None = None, factormin: float = 0.2, factormax: float = 10.0,
+                 safety: float = 0.9, norm: Callable[[Tensor], Tensor] = rms_norm,
+                 step_ts: Tensor | None = None, jump_ts: Tensor | None = None):
+        for name, val, strict in (("rtol", rtol, True), ("atol", atol, False)):
+            v = torch.as_tensor(val)
+            bad = (v <= 0).any() if strict else (v < 0).any()
+            if bad or not torch.isfinite(v).all():
+                raise ValueError(f"PIDController: {name} must be {'> 0' if strict else '>= 0'} and finite, got {val}")
+        if not (0 < factormin <= 1 <= factormax):
+            raise ValueError(f"PIDController: need 0 < factormin <= 1 <= factormax, got {factormin}, {factormax}")
+        if not 0 < safety <= 1:
+            raise ValueError(f"PIDController: safety must be in (0, 1], got {safety}")
+        if dtmin is not None and dtmin <= 0:
+            raise ValueError(f"PIDController: dtmin must be > 0, got {dtmin}")
+        if dtmax is not None and (dtmax <= 0 or (dtmin is not None and dtmax < dtmin)):
+            raise ValueError(f"PIDController: dtmax must be > 0 and >= dtmin, got {dtmax}")
+        if not callable(norm):
+            raise TypeError(f"PIDController: norm must be callable (B, ...) -> (B,), got {type(norm).__name__}")
+        self.rtol, self.atol = rtol, atol
+        self.pcoeff, self.icoeff, self.dcoeff = pcoeff, icoeff, dcoeff
+        self.dtmin, self.dtmax = dtmin, dtmax
+        self.factormin, self.factormax, self.safety = factormin, factormax, safety
+        self.norm = norm
+        self.step_ts, self.jump_ts = step_ts, jump_ts
+
+    def _tol(self, val, y: Tensor, name: str) -> Tensor:
+        key = (name, y.dtype, y.device, tuple(y.shape))
+        cache = self.__dict__.setdefault("_tol_cache", {})
+        if key in cache and cache[key][0] is val:
+            return cache[key][1]
+        v = torch.as_tensor(val, dtype=y.dtype, device=y.device)
+        try:
+            torch.broadcast_shapes(v.shape, y.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"PIDController: {name} of shape {tuple(v.shape)} does not broadcast against the state "
+                f"shape {tuple(y.shape)} (batch first; per-component tolerances have the state's trailing shape)"
+            ) from None
+        cache[key] = (val, v)
+        return v
+
+    def _scale(self, y0: Tensor, y1: Tensor) -> Tensor:
+        rtol = self._tol(self.rtol, y0, "rtol")
+        atol = self._tol(self.atol, y0, "atol")
+        return atol + rtol * torch.maximum(y0.abs(), y1.abs())
+
+    def _clip_dt(self, adt: Tensor) -> Tensor:
+        if self.dtmin is not None:
+            adt = adt.clamp(min=self.dtmin)
+        if self.dtmax is not None:
+            adt = adt.clamp(max=self.dtmax)
+        return adt
+
+    def init(self, solver, t0, t1, y0, dt0, deriv0, deriv_fn):
+        if not solver.adaptive:
+            raise ValueError(
+                f"solve: solver {type(solver).__name__} has no error estimate and cannot be used with "
+                "PIDController; use ConstantStep(dt0=...) or an adaptive solver"
+            )
+        direction = torch.sign(t1 - t0)
+        span = (t1 - t0).abs()
+        state = {}
+        for name, marks in (("step_marks", self.step_ts), ("jump_marks", self.jump_ts)):
+            if marks is not None:
+                m = _as_times(marks, f"PIDController.{name[:4]}_ts", y0)
+                if m.dim() == 2 and m.shape[0] != y0.shape[0]:
+                    raise ValueError(f"PIDController.{name[:4]}_ts: expected (K,) or (B={y0.shape[0]}, K), got {tuple(m.shape)}")
+                state[name] = m
+        shape = t0.shape
+        big = torch.full(shape, 1.0, dtype=y0.dtype, device=y0.device)
+        state["e1"] = big
+        state["e2"] = big
+        if dt0 is not None:
+            return torch.sign(dt0) * self._clip_dt(dt0.abs()), state, 0
+        # Hairer, Norsett & Wanner, Solving ODEs I, Sec. II.4: automatic initial step size.
+        with torch.no_grad():
+            y0d = y0.detach()
+            f0 = deriv0.detach()
+            scale = self._tol(self.atol, y0d, "atol") + self._tol(self.rtol, y0d, "rtol") * y0d.abs()
+            d0 = self.norm(y0d / scale)
+            d1 = self.norm(f0 / scale)
+            small = (d0 < 1e-5) | (d1 < 1e-5)
+            h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
+            h0 = torch.minimum(h0, torch.where(span > 0, span, torch.ones_like(span)))
+            y1 = y0d + bcast(direction * h0, y0d) * f0
+            f1 = deriv_fn(t0 + direction * h0, y1)
+            d2 = self.norm((f1 - f0) / scale) / h0
+            dmax = torch.maximum(d1, d2)
+            k = solver.order + 1
+            h1 = torch.where(
+                dmax <= 1e-15,
+                torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                (0.01 / torch.where(dmax <= 1e-15, torch.ones_like(dmax), dmax)) ** (1.0 / k),
+            )
+            h = torch.minimum(100 * h0, h1)
+            h = torch.where(torch.isfinite(h), h, torch.full_like(h, 1e-6))
+            h = torch.minimum(h, torch.where(span > 0, span, torch.ones_like(span)))
+            h = self._clip_dt(h)
+        return direction * h, state, 1
+
+    def propose(self, t, dt, t1, direction, state):
+        t_next = t + dt
+        jump = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        for name in ("step_marks", "jump_marks"):
+            if name in state:
+                dist, mark = _next_mark(state[name], t, direction)
+                hit = dist <= direction * (t_next - t)
+                if name == "jump_marks":
+                    # end just before the jump; the loop restarts just after it
+                    mark = torch.nextafter(mark, mark - direction)
+                    jump = jump | hit
+                else:
+                    jump = jump & ~hit
+                t_next = torch.where(hit, mark, t_next)
+        t_next = _snap(t_next, dt, t1, direction)
+        return t_next, jump & (t_next != t1)
+
+    def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
+        h = (t_next - t).detach()
+        with torch.no_grad():
+            scale = self._scale(y0.detach(), y1.detach())
+            e = self.norm(err.detach() / scale)
+            finite = torch.isfinite(e)
+            accept = (e <= 1) & finite
+            tiny = torch.finfo(e.dtype).tiny ** 0.5
+            e_safe = torch.where(finite, e, torch.ones_like(e)).clamp(min=tiny)
+            k = float(error_order)
+            b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
+            b2 = -(self.pcoeff + 2 * self.dcoeff) / k
+            b3 = self.dcoeff / k
+            factor = self.safety * e_safe ** (-b1)
+            if b2 != 0:
+                factor = factor * state["e1"] ** (-b2)
+            if b3 != 0:
+                factor = factor * state["e2"] ** (-b3)
+            fmax = torch.where(accept, torch.full_like(factor, self.factormax), torch.ones_like(factor))
+            factor = torch.minimum(torch.maximum(factor, torch.full_like(factor, self.factormin)), fmax)
+            factor = torch.where(finite, factor, torch.full_like(factor, self.factormin))
+            adt = self._clip_dt(h.abs() * factor)
+            underflow = torch.zeros_like(accept)
+            if self.dtmin is not None:
+                underflow = ~accept & (h.abs() <= self.dtmin * (1 + 1e-6))
+            underflow = underflow | (~accept & (t + torch.sign(h) * adt == t) & (h != 0))
+            new_state = dict(state)
+            new_state["e1"] = torch.where(accept, e_safe, state["e1"])
+            new_state["e2"] = torch.where(accept, state["e1"], state["e2"])
+        return accept, torch.sign(h) * adt, underflow, new_state

@@ -1,0 +1,19 @@
+"""Solvers for torchmech.de: tableau-driven explicit Runge-Kutta methods."""
+
+from torchmech.de.solvers.explicit import (
+    RK4,
+    Bosh3,
+    Dopri5,
+    Dopri8,
+    Euler,
+    Heun,
+    Midpoint,
+    Ralston,
+    Tsit5,
+)
+from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, StepResult
+
+__all__ = [
+    "AbstractSolver", "ButcherTableau", "ExplicitRK", "StepResult",
+    "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
+]

@@ -1,0 +1,136 @@
+"""Block-tridiagonal SPD solvers: sequential block Cholesky and parallel-in-time cyclic reduction.
+
+Both factorise once and then solve for any number of right-hand sides, which is what the implicit
+backward pass needs (one more solve with the stored factorisation).
+
+Matrix layout: diag (..., N, m, m) holds the diagonal blocks, off (..., N-1, m, m) holds A[i, i+1];
+A[i+1, i] = off[i]^T. Right-hand sides are (..., N, m, c).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class FactorizationError(RuntimeError):
+    """The normal matrix is not (numerically) positive definite."""
+
+
+def _raise_if_failed(infos: list[Tensor]) -> None:
+    bad = torch.stack([(i > 0).any() for i in infos]).any()
+    if bool(bad):  # one host sync per factorisation
+        raise FactorizationError(
+            "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
+            "in this precision): the rows do not determine the solution, or the problem is too "
+            "ill-conditioned; check the coefficients, steps and weights, or use float64")
+
+
+def _tri_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
+    """L^{-1} B (or L^{-T} B) for lower-triangular L."""
+    if transpose:
+        return torch.linalg.solve_triangular(L.mT, B, upper=True)
+    return torch.linalg.solve_triangular(L, B, upper=False)
+
+
+class SequentialCholesky:
+    """Block Cholesky factorisation A = L L^T, sweeping over the N blocks one after another.
+
+    O(N m^3) work and O(N m^2) memory, N sequential steps.
+    """
+
+    def __init__(self, diag: Tensor, off: Tensor):
+        N = diag.shape[-3]
+        L = torch.empty_like(diag)
+        CT = torch.empty_like(off)  # CT[i-1] = L_{i-1}^{-1} A[i-1, i], so A[i, i-1] L_{i-1}^{-T} = CT^T
+        infos = []
+        Li, info = torch.linalg.cholesky_ex(diag[..., 0, :, :])
+        L[..., 0, :, :] = Li
+        infos.append(info)
+        for i in range(1, N):
+            ct = _tri_solve(Li, off[..., i - 1, :, :])
+            CT[..., i - 1, :, :] = ct
+            Li, info = torch.linalg.cholesky_ex(diag[..., i, :, :] - ct.mT @ ct)
+            L[..., i, :, :] = Li
+            infos.append(info)
+        _raise_if_failed(infos)
+        self.L, self.CT = L, CT
+
+    def solve(self, r: Tensor) -> Tensor:
+        L, CT = self.L, self.CT
+        N = L.shape[-3]
+        y = torch.empty_like(r)
+        yi = _tri_solve(L[..., 0, :, :], r[..., 0, :, :])
+        y[..., 0, :, :] = yi
+        for i in range(1, N):
+            yi = _tri_solve(L[..., i, :, :], r[..., i, :, :] - CT[..., i - 1, :, :].mT @ yi)
+            y[..., i, :, :] = yi
+        x = torch.empty_like(r)
+        xi = _tri_solve(L[..., N - 1, :, :], y[..., N - 1, :, :], transpose=True)
+        x[..., N - 1, :, :] = xi
+        for i in range(N - 2, -1, -1):
+            xi = _tri_solve(L[..., i, :, :], y[..., i, :, :] - CT[..., i, :, :] @ xi, transpose=True)
+            x[..., i, :, :] = xi
+        return x
+
+
+class CyclicReduction:
+    """Block cyclic reduction: eliminate the odd blocks, recurse on the even ones.
+
+    It is block Cholesky in odd-even nested order, so it inherits Cholesky's stability. O(N m^3) work,
+    O(log N) sequential levels, each a batched operation over all blocks of the level.
+    """
+
+    def __init__(self, diag: Tensor, off: Tensor):
+        self.levels: list[tuple[Tensor, Tensor, Tensor, bool]] = []
+        infos = []
+        D, U = diag, off
+        m = D.shape[-1]
+        while D.shape[-3] > 1:
+            # Odd blocks 1, 3, ... are eliminated. With N even the last odd block has no right
+            # neighbour: its right coupling is a zero block, so nothing extra is materialised.
+            even = D.shape[-3] % 2 == 0
+            Ur = U[..., 1::2, :, :]
+            if even:
+                Ur = torch.cat([Ur, torch.zeros_like(U[..., :1, :, :])], -3)
+            Lo, info = torch.linalg.cholesky_ex(D[..., 1::2, :, :])
+            infos.append(info)
+            W = _tri_solve(Lo, torch.cat([U[..., 0::2, :, :].mT, Ur], -1))
+            Wl, Wr = W[..., :m], W[..., m:]
+            De = D[..., 0::2, :, :] - Wl.mT @ Wl if even else D[..., 0::2, :, :].clone()
+            if even:
+                De[..., 1:, :, :] -= Wr[..., :-1, :, :].mT @ Wr[..., :-1, :, :]
+                U = -(Wl[..., :-1, :, :].mT @ Wr[..., :-1, :, :])
+            else:
+                De[..., 1:, :, :] -= Wr.mT @ Wr
+                De[..., :-1, :, :] -= Wl.mT @ Wl
+                U = -(Wl.mT @ Wr)
+            D = De
+            self.levels.append((Lo, Wl, Wr, even))
+        self.root, info = torch.linalg.cholesky_ex(D)
+        infos.append(info)
+        _raise_if_failed(infos)
+
+    def solve(self, r: Tensor) -> Tensor:
+        zs = []
+        for Lo, Wl, Wr, even in self.levels:
+            z = _tri_solve(Lo, r[..., 1::2, :, :])
+            re = r[..., 0::2, :, :] - Wl.mT @ z if even else r[..., 0::2, :, :].clone()
+            if even:
+                re[..., 1:, :, :] -= Wr[..., :-1, :, :].mT @ z[..., :-1, :, :]
+            else:
+                re[..., 1:, :, :] -= Wr.mT @ z
+                re[..., :-1, :, :] -= Wl.mT @ z
+            zs.append(z)
+            r = re
+        x = torch.cholesky_solve(r, self.root)
+        for (Lo, Wl, Wr, even), z in zip(reversed(self.levels), reversed(zs)):
+            right = torch.cat([x[..., 1:, :, :], torch.zeros_like(x[..., :1, :, :])], -3) if even else x[..., 1:, :, :]
+            left = x if even else x[..., :-1, :, :]
+            xo = _tri_solve(Lo, z - Wl @ left - Wr @ right, transpose=True)
+            N = x.shape[-3] + xo.shape[-3]
+            full = torch.empty(x.shape[:-3] + (N,) + x.shape[-2:], dtype=x.dtype, device=x.device)
+            full[..., 0::2, :, :] = x
+            full[..., 1::2, :, :] = xo
+            x = full
+        return x

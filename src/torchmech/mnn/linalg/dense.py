@@ -1,0 +1,107 @@
+"""Dense reference: the NeuRLP row matrix written out in full and solved by dense normal equations.
+
+Built straight from the row definitions in DESIGN.md, independently of the banded assembly, and
+differentiated by plain autograd. O((T*D*K)^2) memory: for tests and small problems only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from torchmech.mnn.system import Problem
+
+
+def dense_rows(p: Problem) -> tuple[Tensor, Tensor, Tensor]:
+    """The weighted row matrix and targets.
+
+    Returns A (..., R, T*n + s) with the slack column last when slack is used, y (..., R) (both already
+    multiplied by the row weights), and the row count R.
+    """
+    T, E, D, K, n, bs = p.T, p.E, p.D, p.K, p.n, p.batch_shape
+    idx = lambda t, d, k: t * n + d * K + k  # noqa: E731 - column of u[t, d, k]
+    h = p.steps.expand(bs + (T - 1,))
+    c = p.coefficients.expand(bs + (T, E, D, K))
+    rhs = p.rhs.expand(bs + (T, E))
+    we = p.weight_equation.expand(bs)[..., None]
+    wi = p.weight_init.expand(bs)[..., None]
+    ws = p.weight_smooth.expand(bs)[..., None]
+    extra = 1 if p.slack is not None else 0
+    cols = T * n + extra
+    blocks_A, blocks_y = [], []
+
+    def new(rows: int) -> Tensor:
+        return torch.zeros(bs + (rows, cols), dtype=p.dtype, device=p.device)
+
+    # equation rows: one per (t, e)
+    A = new(T * E)
+    for t in range(T):
+        for e in range(E):
+            A[..., t * E + e, t * n:(t + 1) * n] = c[..., t, e, :, :].reshape(bs + (n,))
+    blocks_A.append(we[..., None] * A)
+    blocks_y.append(we * rhs.reshape(bs + (T * E,)))
+    # initial rows: u[t, d, k] = init[t, d, k]
+    if p.T0 > 0 and p.K0 > 0:
+        A = new(p.T0 * D * p.K0)
+        y = p.init.expand(bs + (p.T0, D, p.K0)).reshape(bs + (-1,))
+        r = 0
+        for t in range(p.T0):
+            for d in range(D):
+                for k in range(p.K0):
+                    A[..., r, idx(t, d, k)] = 1.0
+                    r += 1
+        blocks_A.append(wi[..., None] * A)
+        blocks_y.append(wi * y)
+    # forward and backward Taylor rows
+    rows = []
+    for t in range(T - 1):
+        ht = h[..., t]
+        for d in range(D):
+            for i in range(K - 1):
+                fwd = torch.zeros(bs + (cols,), dtype=p.dtype, device=p.device)
+                bwd = torch.zeros(bs + (cols,), dtype=p.dtype, device=p.device)
+                for j in range(i, K):
+                    fwd[..., idx(t, d, j)] = ht ** j / math.factorial(j - i)
+                    bwd[..., idx(t + 1, d, j)] = (-ht) ** j / math.factorial(j - i)
+                fwd[..., idx(t + 1, d, i)] = fwd[..., idx(t + 1, d, i)] - ht ** i
+                bwd[..., idx(t, d, i)] = bwd[..., idx(t, d, i)] - (-ht) ** i
+                if extra:
+                    fwd[..., -1] = 1.0
+                    bwd[..., -1] = 1.0
+                rows += [fwd, bwd]
+    if p.central:
+        for t in range(T - 2):
+            S = h[..., t] + h[..., t + 1]
+            for d in range(D):
+                row = torch.zeros(bs + (cols,), dtype=p.dtype, device=p.device)
+                row[..., idx(t, d, K - 2)] = S ** (K - 3)
+                row[..., idx(t + 2, d, K - 2)] = -S ** (K - 3)
+                row[..., idx(t + 1, d, K - 1)] = S ** (K - 2)
+                if extra:
+                    row[..., -1] = -1.0
+                rows.append(row)
+    if rows:
+        A = torch.stack(rows, -2)
+        blocks_A.append(ws[..., None] * A)
+        blocks_y.append(torch.zeros(bs + (len(rows),), dtype=p.dtype, device=p.device))
+    A = torch.cat(blocks_A, -2)
+    y = torch.cat(blocks_y, -1)
+    return A, y, A.shape[-2]
+
+
+def solve_dense(p: Problem) -> Tensor:
+    """Minimise 1/2 |A z - y|^2 - gamma * eps by dense normal equations. Returns u (..., T, D, K)."""
+    A, y, _ = dense_rows(p)
+    H = A.transpose(-1, -2) @ A
+    g = (A.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1)
+    if p.slack is not None:
+        g = g.clone()
+        g[..., -1] = g[..., -1] + p.slack.expand(p.batch_shape)
+    L, info = torch.linalg.cholesky_ex(H)
+    if bool((info > 0).any()):
+        raise RuntimeError("the dense normal matrix is not positive definite: the least-squares problem does "
+                           "not determine the solution (check the coefficients and the initial conditions)")
+    z = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+    return z[..., : p.T * p.n].reshape(p.batch_shape + (p.T, p.D, p.K))

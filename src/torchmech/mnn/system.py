@@ -1,0 +1,368 @@
+"""The NeuRLP least-squares system: input checks, its rows, and its block-banded normal equations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Problem:
+    """Checked NeuRLP inputs, kept at their own (broadcastable) shapes.
+
+    Time axes of size 1 broadcast over all steps; nothing is expanded here so
+    time-invariant inputs are never materialised T times.
+    """
+
+    coefficients: Tensor  # (..., T or 1, E, D, K)
+    rhs: Tensor  # (..., T or 1, E)
+    init: Tensor  # (..., T0, D, K0)
+    steps: Tensor  # (..., T-1 or 1)
+    weight_equation: Tensor  # broadcastable to batch_shape
+    weight_init: Tensor
+    weight_smooth: Tensor
+    slack: Tensor | None  # gamma_alpha, broadcastable to batch_shape, or None
+    central: bool
+    batch_shape: torch.Size
+    T: int
+    E: int
+    D: int
+    K: int
+    T0: int
+    K0: int
+
+    @property
+    def n(self) -> int:
+        """Unknowns per time step."""
+        return self.D * self.K
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.coefficients.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.coefficients.device
+
+    def tensors(self) -> list[Tensor]:
+        """The differentiable inputs, in a fixed order (see `with_tensors`)."""
+        out = [self.coefficients, self.rhs, self.init, self.steps,
+               self.weight_equation, self.weight_init, self.weight_smooth]
+        if self.slack is not None:
+            out.append(self.slack)
+        return out
+
+    def with_tensors(self, tensors: list[Tensor]) -> "Problem":
+        c, r, i, s, we, wi, ws = tensors[:7]
+        slack = tensors[7] if self.slack is not None else None
+        return Problem(c, r, i, s, we, wi, ws, slack, self.central, self.batch_shape,
+                       self.T, self.E, self.D, self.K, self.T0, self.K0)
+
+
+def _as_tensor(name: str, value, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        return value.to(dtype=like.dtype, device=like.device)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); all entries must be finite")
+
+
+def _time_size(name: str, size: int, full: int, what: str) -> None:
+    if size not in (1, full):
+        raise ValueError(f"{name} has {size} {what}; expected {full} (one per {what[:-1]}) or 1 (broadcast)")
+
+
+def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=1.0,
+            weight_smooth=1.0, central=True, slack=None, num_points=None) -> Problem:
+    """Check NeuRLP inputs and work out the problem sizes. Raises ValueError/TypeError naming the argument."""
+    if not isinstance(coefficients, Tensor):
+        raise TypeError(f"coefficients must be a tensor of shape (..., T, E, D, K), got {type(coefficients).__name__}")
+    if not coefficients.is_floating_point():
+        raise TypeError(f"coefficients must be float32 or float64, got dtype {coefficients.dtype}")
+    if coefficients.dim() < 4:
+        raise ValueError(f"coefficients must have shape (..., T, E, D, K); got shape {tuple(coefficients.shape)}")
+    *_, Tc, E, D, K = coefficients.shape
+    if K < 2:
+        raise ValueError(f"coefficients' last axis is K = order + 1 and must be >= 2 (a first-order ODE has K = 2); got K = {K}")
+    if E < 1 or D < 1:
+        raise ValueError(f"coefficients must have E >= 1 equations and D >= 1 variables; got shape {tuple(coefficients.shape)}")
+    rhs = _as_tensor("rhs", rhs, coefficients)
+    init = _as_tensor("init", init, coefficients)
+    steps = _as_tensor("steps", steps, coefficients)
+    if rhs.dim() < 2 or rhs.shape[-1] != E:
+        raise ValueError(f"rhs must have shape (..., T, E) with E = {E} (from coefficients); got shape {tuple(rhs.shape)}")
+    if init.dim() < 3 or init.shape[-2] != D or init.shape[-1] > K:
+        raise ValueError(f"init must have shape (..., T0, D, K0) with D = {D} and K0 <= K = {K} (from coefficients); "
+                         f"got shape {tuple(init.shape)}")
+    if steps.dim() < 1:
+        steps = steps.reshape(1)
+    # Time length: the first non-broadcast time axis decides.
+    candidates = {"coefficients": Tc, "rhs": rhs.shape[-2], "steps (+1)": steps.shape[-1] + 1}
+    full = [v for k, v in candidates.items() if (v > 1 if k != "steps (+1)" else v > 2)]
+    if num_points is not None:
+        if not isinstance(num_points, int) or num_points < 2:
+            raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
+        T = num_points
+    elif full:
+        T = max(full)
+    else:
+        raise ValueError("cannot tell the number of time points T: coefficients, rhs and steps all have a size-1 "
+                         "time axis; pass num_points=T")
+    if T < 2:
+        raise ValueError(f"the time grid needs at least 2 points; got T = {T}")
+    _time_size("coefficients", Tc, T, "time points")
+    _time_size("rhs", rhs.shape[-2], T, "time points")
+    _time_size("steps", steps.shape[-1], T - 1, "intervals")
+    T0, K0 = init.shape[-3], init.shape[-1]
+    if T0 > T:
+        raise ValueError(f"init pins T0 = {T0} steps but the grid has only T = {T} points")
+    weights = {}
+    for name, w in (("weight_equation", weight_equation), ("weight_init", weight_init), ("weight_smooth", weight_smooth)):
+        w = _as_tensor(name, w, coefficients)
+        _check_finite(name, w)
+        if bool((w <= 0).any()):
+            raise ValueError(f"{name} must be > 0, got min {w.min().item():g}")
+        weights[name] = w
+    gamma = None
+    if slack is not None:
+        gamma = _as_tensor("slack", slack, coefficients)
+        _check_finite("slack", gamma)
+    for name, x in (("coefficients", coefficients), ("rhs", rhs), ("init", init), ("steps", steps)):
+        _check_finite(name, x)
+    if bool((steps <= 0).any()):
+        raise ValueError(f"steps must be > 0 (h_t is the spacing between grid points t and t+1); "
+                         f"got min {steps.min().item():g}")
+    try:
+        shapes = [coefficients.shape[:-4], rhs.shape[:-2], init.shape[:-3], steps.shape[:-1]]
+        shapes += [w.shape for w in weights.values()] + ([gamma.shape] if gamma is not None else [])
+        batch_shape = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(
+            "batch dimensions do not broadcast: coefficients (...,T,E,D,K) batch "
+            f"{tuple(coefficients.shape[:-4])}, rhs (...,T,E) batch {tuple(rhs.shape[:-2])}, init (...,T0,D,K0) batch "
+            f"{tuple(init.shape[:-3])}, steps (...,T-1) batch {tuple(steps.shape[:-1])}, weights/slack "
+            f"{[tuple(w.shape) for w in weights.values()] + ([tuple(gamma.shape)] if gamma is not None else [])}"
+        ) from None
+    return Problem(coefficients, rhs, init, steps, weights["weight_equation"], weights["weight_init"],
+                   weights["weight_smooth"], gamma, bool(central), batch_shape, T, E, D, K, T0, K0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoothness stencils. Per variable and per interval t, the forward/backward rows form a local
+# (2(K-1), 2K) matrix over [u_t, u_{t+1}]; the central row is a 3K vector over [u_t, u_{t+1}, u_{t+2}].
+# ----------------------------------------------------------------------------------------------
+
+def _powers(h: Tensor, K: int) -> Tensor:
+    """h (...,) -> (..., K) with h**j, built by products so autograd stays finite at any h."""
+    out = [torch.ones_like(h)]
+    for _ in range(1, K):
+        out.append(out[-1] * h)
+    return torch.stack(out, -1)
+
+
+def taylor_stencil(h: Tensor, K: int) -> Tensor:
+    """Forward and backward rows of one interval for one variable.
+
+    h (..., S) -> (..., S, 2(K-1), 2K). Row i < K-1 is the forward row of order i, row K-1+i the backward one;
+    columns 0..K-1 act on u_t, K..2K-1 on u_{t+1}.
+    """
+    hp = _powers(h, K)  # (..., S, K)
+    mp = _powers(-h, K)
+    inv_fact = torch.tensor([1.0 / math.factorial(m) for m in range(K)], dtype=h.dtype, device=h.device)
+    rows = []
+    for i in range(K - 1):
+        fwd = [torch.zeros_like(h)] * i + [hp[..., j] * inv_fact[j - i] for j in range(i, K)]
+        fwd += [torch.zeros_like(h)] * K
+        fwd[K + i] = -hp[..., i]
+        rows.append(torch.stack(fwd, -1))
+    for i in range(K - 1):
+        bwd = [torch.zeros_like(h)] * K + [torch.zeros_like(h)] * i + [mp[..., j] * inv_fact[j - i] for j in range(i, K)]
+        bwd[i] = -mp[..., i]
+        rows.append(torch.stack(bwd, -1))
+    return torch.stack(rows, -2)
+
+
+def central_stencil(h: Tensor, K: int, T: int) -> Tensor:
+    """Central rows for one variable: h (..., T-1 or 1) -> (..., T-2 or 1, 3K) over [u_t, u_{t+1}, u_{t+2}]."""
+    if h.shape[-1] == 1:
+        S = 2 * h
+    else:
+        S = h[..., :-1] + h[..., 1:]
+    # S**(K-3) and S**(K-2) by products (K = 2 needs 1/S).
+    lo = torch.ones_like(S) if K >= 3 else 1.0 / S
+    for _ in range(K - 3):
+        lo = lo * S
+    hi = lo * S
+    z = torch.zeros_like(S)
+    cols = [z] * (3 * K)
+    cols[K - 2] = lo
+    cols[2 * K + K - 2] = -lo
+    cols[K + K - 1] = hi
+    return torch.stack(cols, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows applied to a trajectory: the residuals of every row family (weighted by w, not w^2).
+# ----------------------------------------------------------------------------------------------
+
+def _bw(w: Tensor, extra: int) -> Tensor:
+    """A batch-shaped weight, with `extra` trailing singleton axes for broadcasting."""
+    return w.reshape(w.shape + (1,) * extra)
+
+
+def row_residuals(p: Problem, u: Tensor, eps: Tensor | None = None, target: bool = True) -> list[Tensor]:
+    """Weighted residuals of all rows at trajectory u (..., T, D, K) and slack eps (...,).
+
+    With target=False the right-hand sides are left out, i.e. this applies the row matrix A.
+    Returns a list of tensors, one per row family (equation, initial, taylor, central).
+    """
+    T, K = p.T, p.K
+    c = p.coefficients
+    eq = (c * u.unsqueeze(-3)).sum((-1, -2))  # (..., T, E)
+    if target:
+        eq = eq - p.rhs
+    out = [_bw(p.weight_equation, 2) * eq]
+    if p.T0 > 0 and p.K0 > 0:
+        iv = u[..., : p.T0, :, : p.K0]
+        if target:
+            iv = iv - p.init
+        out.append(_bw(p.weight_init, 3) * iv)
+    L = taylor_stencil(p.steps, K)  # (..., T-1 or 1, 2(K-1), 2K)
+    pair = torch.cat([u[..., :-1, :, :], u[..., 1:, :, :]], -1)  # (..., T-1, D, 2K)
+    tay = pair @ L.mT  # (..., T-1, D, 2(K-1))
+    if eps is not None:
+        tay = tay + eps.reshape(eps.shape + (1, 1, 1))
+    out.append(_bw(p.weight_smooth, 3) * tay)
+    if p.central and T >= 3:
+        cs = central_stencil(p.steps, K, T)  # (..., T-2 or 1, 3K)
+        trip = torch.cat([u[..., :-2, :, :], u[..., 1:-1, :, :], u[..., 2:, :, :]], -1)  # (..., T-2, D, 3K)
+        cen = (trip * cs.unsqueeze(-2)).sum(-1)
+        if eps is not None:
+            cen = cen - eps.reshape(eps.shape + (1, 1))
+        out.append(_bw(p.weight_smooth, 2) * cen)
+    return out
+
+
+def objective_cross(p: Problem, lam: Tensor, lam_eps: Tensor | None, u: Tensor, eps: Tensor | None) -> Tensor:
+    """Phi = sum_r w_r^2 (a_r . lam)(a_r . z - y_r) - gamma * lam_eps, summed over the batch.
+
+    Its gradient with respect to the problem's tensors, negated, is the implicit gradient of a loss whose
+    gradient with respect to z is H lam (H the normal matrix). See solve.py.
+    """
+    ra = row_residuals(p, lam, lam_eps, target=False)
+    rb = row_residuals(p, u, eps, target=True)
+    phi = sum((a * b).sum() for a, b in zip(ra, rb))
+    if p.slack is not None:
+        phi = phi - (p.slack * lam_eps).sum()
+    return phi
+
+
+# ----------------------------------------------------------------------------------------------
+# Normal equations in block-banded form.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class BandedSystem:
+    """Normal matrix of one problem in block form with blocks of size n = D*K.
+
+    diag (..., T, n, n); off1 (..., T-1, n, n) = M[t, t+1]; off2 (..., T-2, n, n) = M[t, t+2] or None;
+    b (..., T, n); and for the slack border: m (..., T, n), mu (...,), gamma (...,).
+    """
+
+    diag: Tensor
+    off1: Tensor
+    off2: Tensor | None
+    b: Tensor
+    m: Tensor | None = None
+    mu: Tensor | None = None
+    gamma: Tensor | None = None
+
+
+def _per_variable(x: Tensor, D: int) -> Tensor:
+    """(..., K, K) per-variable block -> (..., D*K, D*K) block diagonal over the D variables."""
+    K = x.shape[-1]
+    eye = torch.eye(D, dtype=x.dtype, device=x.device)
+    y = x[..., None, :, None, :] * eye[:, None, :, None]
+    return y.reshape(*x.shape[:-2], D * K, D * K)
+
+
+def _expand_time(x: Tensor, size: int, batch_shape: torch.Size, tail: int) -> Tensor:
+    """Broadcast x (..., S, *tail) with S in {1, size} to batch_shape + (size, *tail)."""
+    shape = batch_shape + (size,) + x.shape[x.dim() - tail:]
+    return x.expand(shape)
+
+
+def assemble(p: Problem) -> BandedSystem:
+    """Form the block-banded normal equations A^T W A z = A^T W y (and the slack border)."""
+    T, D, K, n, bs = p.T, p.D, p.K, p.n, p.batch_shape
+    dt, dev = p.dtype, p.device
+    c = p.coefficients.reshape(*p.coefficients.shape[:-2], n)  # (..., T|1, E, n)
+    we2 = _bw(p.weight_equation, 2) ** 2
+    ws2 = _bw(p.weight_smooth, 2) ** 2
+    eq_gram = c.transpose(-1, -2) @ c  # (..., T|1, n, n)
+    eq_b = (c * p.rhs.unsqueeze(-1)).sum(-2)  # (..., T|1, n)
+    diag = _expand_time(we2.unsqueeze(-1) * eq_gram, T, bs, 2).clone()
+    b = _expand_time(we2 * eq_b, T, bs, 1).clone()
+
+    # Smoothness: one local Gram per interval and variable (computed once if the step is constant).
+    L = taylor_stencil(p.steps, K)
+    G = ws2.unsqueeze(-1) * (L.transpose(-1, -2) @ L)  # (..., T-1|1, 2K, 2K)
+    G = _expand_time(G, T - 1, bs, 2)
+    sdiag = torch.zeros(bs + (T, K, K), dtype=dt, device=dev)
+    sdiag[..., :-1, :, :] += G[..., :K, :K]
+    sdiag[..., 1:, :, :] += G[..., K:, K:]
+    soff1 = G[..., :K, K:].clone()
+    soff2 = None
+    m_var = None
+    if p.slack is not None:
+        # Slack column: +1 in every Taylor row (weight w_s), -1 in every central row.
+        sL = ws2 * L.sum(-2)  # (..., T-1|1, 2K)
+        sL = _expand_time(sL, T - 1, bs, 1)
+        m_var = torch.zeros(bs + (T, K), dtype=dt, device=dev)
+        m_var[..., :-1, :] += sL[..., :K]
+        m_var[..., 1:, :] += sL[..., K:]
+    if p.central and T >= 3:
+        cs = central_stencil(p.steps, K, T)
+        Gc = ws2.unsqueeze(-1) * (cs.unsqueeze(-1) * cs.unsqueeze(-2))  # (..., T-2|1, 3K, 3K)
+        Gc = _expand_time(Gc, T - 2, bs, 2)
+        for a in range(3):
+            sdiag[..., a: T - 2 + a, :, :] += Gc[..., a * K:(a + 1) * K, a * K:(a + 1) * K]
+        soff1[..., :-1, :, :] += Gc[..., :K, K:2 * K]
+        soff1[..., 1:, :, :] += Gc[..., K:2 * K, 2 * K:]
+        soff2 = Gc[..., :K, 2 * K:].clone()
+        if m_var is not None:
+            sc = _expand_time(ws2 * cs, T - 2, bs, 1)
+            for a in range(3):
+                m_var[..., a: T - 2 + a, :] -= sc[..., a * K:(a + 1) * K]
+    diag = diag + _per_variable(sdiag, D)
+    off1 = _per_variable(soff1, D)
+    off2 = _per_variable(soff2, D) if soff2 is not None else None
+
+    if p.T0 > 0 and p.K0 > 0:
+        wi2 = _bw(p.weight_init, 3) ** 2
+        ivd = torch.zeros(bs + (p.T0, D, K), dtype=dt, device=dev)
+        ivd[..., : p.K0] = wi2
+        ivb = torch.zeros(bs + (p.T0, D, K), dtype=dt, device=dev)
+        ivb[..., : p.K0] = wi2 * p.init
+        idx = torch.arange(n, device=dev)
+        diag[..., : p.T0, idx, idx] += ivd.reshape(bs + (p.T0, n))
+        b[..., : p.T0, :] += ivb.reshape(bs + (p.T0, n))
+
+    sys = BandedSystem(diag, off1, off2, b)
+    if p.slack is not None:
+        m = m_var.unsqueeze(-2).expand(bs + (T, D, K)).reshape(bs + (T, n))
+        rows = 2 * (K - 1) * (T - 1) + ((T - 2) if (p.central and T >= 3) else 0)
+        mu = (p.weight_smooth ** 2).expand(bs) * (rows * D)
+        sys.m, sys.mu, sys.gamma = m, mu, p.slack.expand(bs)
+    return sys

@@ -1,0 +1,201 @@
+"""Gradients through torchmech.de.solve: direct, checkpointed and continuous (backsolve) adjoints."""
+
+import math
+
+import pytest
+import torch
+
+import torchmech.de as de
+
+
+def decay(t, y, args):
+    k, w = args
+    return -k[:, None] * y + w * torch.sin(t)[:, None]
+
+
+def loss_of(sol):
+    return (sol.ys ** 2).sum() + sol.ys[..., 0].sum()
+
+
+def run(adjoint, k, w, y0, fixed=False, ts=None):
+    ctrl = de.ConstantStep() if fixed else de.PIDController(1e-9, 1e-9)
+    saveat = de.SaveAt(ts=ts if ts is not None else torch.linspace(0, 2, 7, dtype=torch.float64), t1=True)
+    return de.solve(decay, de.Tsit5(), 0.0, 2.0, y0, args=(k, w), dt0=0.05 if fixed else None,
+                    controller=ctrl, saveat=saveat, adjoint=adjoint)
+
+
+def _params():
+    k = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0, -0.5], [2.0, 0.3]], dtype=torch.float64, requires_grad=True)
+    return k, w, y0
+
+
+def test_direct_vs_finite_differences():
+    k, w, y0 = _params()
+    for fixed in (True, False):
+        loss = loss_of(run(de.DirectAdjoint(), k, w, y0, fixed=fixed))
+        grads = torch.autograd.grad(loss, [k, w, y0])
+        eps = 1e-6
+        for p, g in zip((k, w, y0), grads):
+            flat = p.detach().reshape(-1)
+            for i in range(flat.numel()):
+                def at(delta):
+                    q = flat.clone()
+                    q[i] += delta
+                    vals = {id(k): k.detach(), id(w): w.detach(), id(y0): y0.detach()}
+                    vals[id(p)] = q.reshape(p.shape)
+                    return loss_of(run(de.DirectAdjoint(), vals[id(k)], vals[id(w)], vals[id(y0)], fixed=fixed))
+                fd = (at(eps) - at(-eps)) / (2 * eps)
+                tol = 1e-6 if fixed else 1e-5
+                assert abs(float(g.reshape(-1)[i]) - float(fd)) < tol * (1 + abs(float(fd))), (fixed, i)
+
+
+def test_direct_second_order_gradient():
+    # y' = -k y: y(T) = y0 exp(-k T); d2 y / dk2 = T^2 y(T)
+    k = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    sol = de.solve(lambda t, y, a: -a[:, None] * y, de.Dopri5(), 0.0, 1.5, y0, args=k,
+                   controller=de.PIDController(1e-10, 1e-10))
+    (g,) = torch.autograd.grad(sol.ys[0, -1, 0], k, create_graph=True)
+    (h,) = torch.autograd.grad(g, k)
+    exact = 1.5 ** 2 * math.exp(-0.8 * 1.5)
+    assert abs(float(h) - exact) < 1e-7
+
+
+def test_checkpoint_equals_direct():
+    k, w, y0 = _params()
+    ref = torch.autograd.grad(loss_of(run(de.DirectAdjoint(), k, w, y0)), [k, w, y0])
+    for segs in (None, 3):
+        got = torch.autograd.grad(loss_of(run(de.CheckpointAdjoint(checkpoints=segs), k, w, y0)), [k, w, y0])
+        for a, b in zip(ref, got):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_with_module_and_dense():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    f = lambda t, y, a: net(y)  # noqa: E731
+    grads = []
+    for adj in (de.DirectAdjoint(), de.CheckpointAdjoint(checkpoints=4)):
+        sol = de.solve(f, de.Dopri5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=torch.linspace(0, 1, 5).double(),
+                       dense=True), controller=de.PIDController(1e-7, 1e-7), adjoint=adj)
+        loss = sol.ys.pow(2).sum() + sol.evaluate(0.33).sum()
+        grads.append(torch.autograd.grad(loss, list(net.parameters())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("seminorm", [True, False])
+def test_backsolve_close_to_direct_args(seminorm):
+    k, w, y0 = _params()
+    ref = torch.autograd.grad(loss_of(run(de.DirectAdjoint(), k, w, y0)), [k, w, y0])
+    sol = run(de.BacksolveAdjoint(rtol=1e-10, atol=1e-10, seminorm=seminorm), k, w, y0)
+    got = torch.autograd.grad(loss_of(sol), [k, w, y0])
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8), (a, b)
+
+
+def test_backsolve_seminorm_takes_fewer_steps():
+    # the parameter adjoint in the error norm (seminorm=False) can only add backward steps
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    y0 = torch.randn(2, 2, dtype=torch.float64)
+    steps, grads = {}, {}
+    for seminorm in (True, False):
+        adj = de.BacksolveAdjoint(1e-6, 1e-6, seminorm=seminorm, adjoint_params=list(net.parameters()))
+        sol = de.solve(lambda t, y, a: net(y), de.Tsit5(), 0.0, 2.0, y0, adjoint=adj,
+                       controller=de.PIDController(1e-8, 1e-8))
+        grads[seminorm] = torch.autograd.grad((sol.ys ** 2).sum(), list(net.parameters()))
+        steps[seminorm] = adj.backward_stats["num_steps"]
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert (steps[True] > 0).all()
+    assert (steps[True] < steps[False]).all()
+
+
+def test_backsolve_module_parameters_per_sample_times():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    f = lambda t, y, a: net(y)  # noqa: E731
+    term = de.ODETerm(f)  # a closure: parameters are passed explicitly
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor([1.0, 0.5, 1.5], dtype=torch.float64)
+    ts = torch.stack([torch.linspace(0, float(t), 4) for t in t1]).double()
+    results = []
+    for adj in (de.DirectAdjoint(), de.BacksolveAdjoint(rtol=1e-10, atol=1e-10, adjoint_params=net.parameters())):
+        sol = de.solve(term, de.Tsit5(), 0.0, t1, y0, saveat=de.SaveAt(ts=ts), adjoint=adj,
+                       controller=de.PIDController(1e-10, 1e-10))
+        loss = (sol.ys ** 2).sum()
+        results.append(torch.autograd.grad(loss, [y0, *net.parameters()]))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_backsolve_collects_module_parameters():
+    torch.manual_seed(2)
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2).double()
+
+        def forward(self, t, y, args):
+            return torch.tanh(self.lin(y))
+
+    field = Field()
+    y0 = torch.randn(2, 2, dtype=torch.float64)
+    grads = []
+    for adj in (de.DirectAdjoint(), de.BacksolveAdjoint(rtol=1e-10, atol=1e-10)):
+        sol = de.solve(de.ODETerm(field), de.Dopri5(), 0.0, 1.0, y0, adjoint=adj,
+                       controller=de.PIDController(1e-10, 1e-10))
+        grads.append(torch.autograd.grad(sol.ys.sum(), list(field.parameters())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_backsolve_rejects_unsupported():
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="events are not supported"):
+        de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 1.0, y0, adjoint=de.BacksolveAdjoint(),
+                 event=de.Event(lambda t, y, a: y[:, 0] - 0.5))
+    with pytest.raises(ValueError, match="need rtol > 0"):
+        de.BacksolveAdjoint(rtol=0.0)
+    with pytest.raises(ValueError, match="checkpoints must be a positive int"):
+        de.CheckpointAdjoint(checkpoints=0)
+
+
+def test_gradients_float32():
+    k = torch.tensor([0.5, 1.5], requires_grad=True)
+    y0 = torch.ones(2, 1)
+    sol = de.solve(lambda t, y, a: -a[:, None] * y, de.Tsit5(), 0.0, 1.0, y0, args=k,
+                   controller=de.PIDController(1e-6, 1e-7))
+    (g,) = torch.autograd.grad(sol.ys.sum(), k)
+    assert g.dtype == torch.float32
+    assert torch.allclose(g, -torch.exp(-k.detach()), rtol=1e-4)
+
+
+def test_checkpoint_stores_less_for_backward():
+    from torch.autograd.graph import saved_tensors_hooks
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).double()
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    saved = {}
+    grads = {}
+    for adj in (de.DirectAdjoint(), de.CheckpointAdjoint(checkpoints=5)):
+        count = [0]
+
+        def pack(x, count=count):
+            count[0] += x.numel()
+            return x
+
+        with saved_tensors_hooks(pack, lambda x: x):
+            sol = de.solve(lambda t, y, a: net(y), de.Tsit5(), 0.0, 3.0, y0, dt0=0.1,
+                           controller=de.ConstantStep(), adjoint=adj)
+        saved[type(adj).__name__] = count[0]
+        grads[type(adj).__name__] = torch.autograd.grad(sol.ys.sum(), list(net.parameters()))
+    assert saved["CheckpointAdjoint"] * 4 < saved["DirectAdjoint"]
+    for a, b in zip(grads["DirectAdjoint"], grads["CheckpointAdjoint"]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

@@ -1,0 +1,337 @@
+"""The torchmech.de solve loop: per-sample stepping, saving, dense output, statuses, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import torchmech.de as de
+
+
+def decay(t, y, args):
+    """y' = -k y with per-sample rates k (B,) in args."""
+    return -args[:, None] * y
+
+
+def test_per_sample_steps_easy_vs_hard():
+    k = torch.tensor([0.1, 20.0], dtype=torch.float64)
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    ctrl = de.PIDController(rtol=1e-7, atol=1e-9)
+    sol = de.solve(decay, de.Tsit5(), 0.0, 2.0, y0, args=k, controller=ctrl)
+    steps = sol.stats["num_steps"]
+    assert steps[0] < steps[1] / 2
+    assert (sol.stats["num_fevals"][0] < sol.stats["num_fevals"][1])
+    assert torch.allclose(sol.ys[:, -1, 0], torch.exp(-2.0 * k), rtol=1e-5, atol=1e-9)
+    for i in range(2):
+        alone = de.solve(decay, de.Tsit5(), 0.0, 2.0, y0[i:i + 1], args=k[i:i + 1], controller=ctrl)
+        assert torch.equal(alone.ys[0], sol.ys[i])
+        assert int(alone.stats["num_steps"][0]) == int(steps[i])
+        assert int(alone.stats["num_rejected"][0]) == int(sol.stats["num_rejected"][i])
+
+
+def test_finished_sample_stops_changing():
+    # sample 0 ends at t1 = 0.5, sample 1 runs to 3; sample 0's state must be the solution at 0.5
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    k = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    t1 = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    sol = de.solve(decay, de.Dopri5(), 0.0, t1, y0, args=k, controller=de.PIDController(1e-9, 1e-9))
+    assert torch.equal(sol.ts[:, -1], t1)
+    assert torch.allclose(sol.ys[:, -1, 0], torch.exp(-t1), rtol=1e-7)
+
+
+def test_saveat_shared_and_per_sample_ts_and_t0_t1():
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    k = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    t0 = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    t1 = torch.tensor([2.0, 4.0], dtype=torch.float64)
+    ts = torch.stack([torch.linspace(0.0, 2.0, 9), torch.linspace(1.0, 4.0, 9)]).double()
+    sol = de.solve(decay, de.Tsit5(), t0, t1, y0, args=k, saveat=de.SaveAt(t0=True, ts=ts, t1=True),
+                   controller=de.PIDController(1e-9, 1e-9))
+    assert sol.ts.shape == (2, 11) and sol.ys.shape == (2, 11, 1)
+    assert torch.equal(sol.ts[:, 1:10], ts)
+    exact = y0[:, None] * torch.exp(-k[:, None, None] * (sol.ts - t0[:, None])[..., None])
+    assert torch.allclose(sol.ys, exact, rtol=1e-7, atol=1e-10)
+    # ts saving uses the interpolant, not extra steps
+    plain = de.solve(decay, de.Tsit5(), t0, t1, y0, args=k, controller=de.PIDController(1e-9, 1e-9))
+    assert torch.equal(plain.stats["num_steps"], sol.stats["num_steps"])
+
+
+def test_saveat_steps():
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    k = torch.tensor([0.1, 5.0], dtype=torch.float64)
+    sol = de.solve(decay, de.Dopri5(), 0.0, 1.0, y0, args=k, saveat=de.SaveAt(steps=True),
+                   controller=de.PIDController(1e-6, 1e-8))
+    n = sol.stats["num_accepted"]
+    assert sol.ts.shape[1] == int(n.max())
+    for i in range(2):
+        row = sol.ts[i, : int(n[i])]
+        assert (row.diff() > 0).all() and row[-1] == 1.0
+        assert (sol.ts[i, int(n[i]):] == 1.0).all()  # padding repeats the end
+        assert torch.allclose(sol.ys[i, :, 0], torch.exp(-k[i] * sol.ts[i]), rtol=1e-5)
+
+
+def test_dense_output_off_grid_and_derivative(probs):
+    f = probs.problems["linear"][0]
+    y0 = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    for solver, tol in ((de.Dopri5(), 1e-6), (de.Tsit5(), 1e-6), (de.Dopri8(), 1e-6), (de.Bosh3(), 1e-6)):
+        sol = de.solve(f, solver, 0.0, 4.0, y0, saveat=de.SaveAt(dense=True),
+                       controller=de.PIDController(tol, tol))
+        tq = torch.tensor([0.0, 0.123, 1.777, 2.5, 3.99, 4.0], dtype=torch.float64)
+        ys = sol.evaluate(tq)
+
+        exact = torch.stack([probs.linear_exact(float(t), y0) for t in tq], dim=1)
+        assert (ys - exact).abs().max() < 20 * tol, type(solver).__name__
+        dy = sol.derivative(tq)
+        assert (dy - exact @ torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=torch.float64).T).abs().max() < 200 * tol
+    with pytest.raises(ValueError, match="outside"):
+        sol.evaluate(5.0)
+
+
+def test_dense_interpolant_order(probs):
+    # error of the interpolant at the middle of the steps shrinks like h^5 (4th-order interpolant)
+    f = probs.problems["linear"][0]
+    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+
+    for solver in (de.Dopri5(), de.Tsit5()):
+        errs = []
+        for n in (10, 20):
+            h = 2.0 / n
+            sol = de.solve(f, solver, 0.0, 2.0, y0, dt0=h, controller=de.ConstantStep(),
+                           saveat=de.SaveAt(dense=True))
+            tq = torch.arange(n, dtype=torch.float64) * h + 0.37 * h
+            exact = torch.stack([probs.linear_exact(float(t), y0) for t in tq], dim=1)
+            errs.append((sol.evaluate(tq) - exact).abs().max().item())
+        assert math.log2(errs[0] / errs[1]) > 4.5
+
+
+def test_backwards_integration(probs):
+    f = probs.problems["linear"][0]
+    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    fwd = de.solve(f, de.Tsit5(), 0.0, 3.0, y0, controller=de.PIDController(1e-10, 1e-10))
+    ts = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    back = de.solve(f, de.Tsit5(), 3.0, 0.0, fwd.ys[:, -1], saveat=de.SaveAt(ts=ts, dense=True),
+                    controller=de.PIDController(1e-10, 1e-10))
+    assert torch.allclose(back.ys[:, -1], y0, atol=1e-8)
+    assert torch.allclose(back.evaluate(1.5), fwd.ys[:, -1:] * 0 + back.evaluate(1.5))
+
+    assert torch.allclose(back.ys[0, 1], probs.linear_exact(2.0, y0)[0], atol=1e-8)
+    assert torch.allclose(back.evaluate(1.5)[:, 0], probs.linear_exact(1.5, y0), atol=1e-8)
+    # fixed steps backwards too
+    back2 = de.solve(f, de.RK4(), 3.0, 0.0, fwd.ys[:, -1], dt0=0.01)
+    assert torch.allclose(back2.ys[:, -1], y0, atol=1e-7)
+
+
+def test_mixed_directions_and_zero_length():
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    k = torch.ones(3, dtype=torch.float64)
+    t1 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    sol = de.solve(decay, de.Dopri5(), 0.0, t1, y0, args=k, controller=de.PIDController(1e-9, 1e-9))
+    assert torch.allclose(sol.ys[:, -1, 0], torch.exp(-t1), rtol=1e-7)
+    assert int(sol.stats["num_steps"][2]) == 0
+
+
+def test_auto_initial_step_reasonable():
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    k = torch.tensor([1.0, 1000.0], dtype=torch.float64)
+    sol = de.solve(decay, de.Dopri5(), 0.0, 1e-3, y0, args=k, controller=de.PIDController(1e-6, 1e-9))
+    # Hairer's algorithm picks a smaller first step for the faster sample: few rejections overall
+    assert (sol.stats["num_rejected"] <= 2).all()
+
+
+def test_step_ts_and_jump_ts():
+    def f(t, y, args):  # discontinuous forcing at t = 1
+        return torch.where(t[:, None] < 1.0, torch.ones_like(y), -torch.ones_like(y))
+
+    y0 = torch.zeros(1, 1, dtype=torch.float64)
+    sol = de.solve(f, de.Dopri5(), 0.0, 2.0, y0, saveat=de.SaveAt(steps=True),
+                   controller=de.PIDController(1e-8, 1e-8, jump_ts=torch.tensor([1.0])))
+    assert ((sol.ts - 1.0).abs() < 1e-12).any()  # a step ends (one ulp) at the jump
+    assert abs(float(sol.ys[0, -1, 0])) < 1e-10
+    assert int(sol.stats["num_steps"][0]) < 15  # no cascade of rejections at the discontinuity
+    sol2 = de.solve(decay, de.Dopri5(), 0.0, 2.0, y0 + 1, args=torch.ones(1, dtype=torch.float64),
+                    saveat=de.SaveAt(steps=True),
+                    controller=de.PIDController(1e-4, 1e-6, step_ts=torch.tensor([0.3, 0.7], dtype=torch.float64)))
+    assert (sol2.ts == 0.3).any() and (sol2.ts == 0.7).any()
+
+
+def test_step_to():
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
+    sol = de.solve(decay, de.RK4(), 0.0, 1.0, y0, args=torch.ones(2, dtype=torch.float64),
+                   controller=de.StepTo(ts), saveat=de.SaveAt(steps=True))
+    assert torch.equal(sol.ts[0], ts[1:])
+    assert (sol.stats["num_steps"] == 3).all()
+
+
+def test_control_and_multi_term():
+    # dy = -y dt + y dX with X(t) = sin(t): y = exp(-t + sin t)
+    class Sine:
+        def evaluate(self, t0, t1):
+            return (torch.sin(t1) - torch.sin(t0))[:, None]
+
+    drift = de.ODETerm(lambda t, y, a: -y)
+    diff = de.ControlTerm(lambda t, y, a: y[..., None], Sine())
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    sol = de.solve(de.MultiTerm(drift, diff), de.Heun(), 0.0, 2.0, y0, dt0=0.001,
+                   controller=de.ConstantStep())
+    assert torch.allclose(sol.ys[:, -1, 0], torch.full((3,), math.exp(-2 + math.sin(2.0)), dtype=torch.float64),
+                          rtol=1e-4)
+
+
+def test_progress_bar(capsys):
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    sol = de.solve(decay, de.Tsit5(), 0.0, 1.0, y0, args=torch.ones(1, dtype=torch.float64), progress=True)
+    assert sol.status[0] == de.Status.SUCCESS
+    assert "solve" in capsys.readouterr().err
+
+
+# -- statuses -------------------------------------------------------------------------------------
+def stiff(t, y, args):
+    return torch.stack([-1e4 * (y[:, 0] - torch.cos(t)), -y[:, 1]], dim=-1)
+
+
+def test_max_steps_status_and_throw():
+    y0 = torch.tensor([[0.0, 1.0]], dtype=torch.float64).repeat(2, 1)
+    y0[1] = torch.tensor([1.0, 1.0])
+    t1 = torch.tensor([10.0, 1e-5], dtype=torch.float64)
+    sol = de.solve(stiff, de.Dopri5(), 0.0, t1, y0, max_steps=50, throw=False,
+                   controller=de.PIDController(1e-6, 1e-8))
+    assert sol.status.tolist() == [de.Status.MAX_STEPS, de.Status.SUCCESS]
+    assert int(sol.stats["num_steps"][0]) == 50
+    assert torch.isfinite(sol.ys).all()
+    with pytest.raises(RuntimeError, match=r"MAX_STEPS for samples \[0\]"):
+        de.solve(stiff, de.Dopri5(), 0.0, t1, y0, max_steps=50, controller=de.PIDController(1e-6, 1e-8))
+
+
+def test_nonfinite_status():
+    def f(t, y, args):
+        bad = (t >= 0.5)[:, None] & (args[:, None] > 0)
+        return torch.where(bad, torch.full_like(y, float("nan")), -y)
+
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    flag = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    for ctrl, solver in ((de.PIDController(1e-6, 1e-8), de.Tsit5()), (de.ConstantStep(), de.RK4())):
+        sol = de.solve(f, solver, 0.0, 1.0, y0, args=flag, dt0=0.01, throw=False, controller=ctrl,
+                       saveat=de.SaveAt(ts=torch.linspace(0, 1, 5), t1=True))
+        assert sol.status.tolist() == [de.Status.NONFINITE, de.Status.SUCCESS]
+        assert torch.isfinite(sol.ys[0, :2]).all() and torch.isfinite(sol.ys[1]).all()
+        assert float(sol.ts[0, -1]) < 0.5 + 1e-12  # stopped where the field became NaN
+        with pytest.raises(RuntimeError, match="NONFINITE"):
+            de.solve(f, solver, 0.0, 1.0, y0, args=flag, dt0=0.01, controller=ctrl)
+
+
+def test_dt_underflow_status():
+    def f(t, y, args):  # blows up at t = 1: needs ever smaller steps
+        return y ** 2
+
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    sol = de.solve(f, de.Dopri5(), 0.0, 2.0, y0, throw=False,
+                   controller=de.PIDController(1e-6, 1e-6, dtmin=1e-4))
+    assert sol.status.tolist() == [de.Status.DT_UNDERFLOW]
+    assert 0.9 < float(sol.t_final[0]) < 1.0
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_inputs(probs):
+    f = probs.problems["linear"][0]
+    y0 = torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"y0 must have a leading batch axis.*\(2,\)"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, torch.ones(2))
+    with pytest.raises(ValueError, match=r"y0 must be finite; samples \[1\]"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
+    with pytest.raises(TypeError, match="floating-point"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"t1 must have shape \(\) or \(B,\)=\(2,\), got \(3,\)"):
+        de.solve(f, de.Tsit5(), 0.0, torch.ones(3), y0)
+    with pytest.raises(ValueError, match="SaveAt.ts: save times must lie in"):
+        de.solve(f, de.Tsit5(), 0.0, 0.0, y0, saveat=de.SaveAt(ts=torch.tensor([0.0, 0.5])))
+    with pytest.raises(ValueError, match="monotonic"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=torch.tensor([0.5, 0.2])))
+    with pytest.raises(ValueError, match=r"SaveAt.ts: expected shape \(T,\) or \(B=2, T\)"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=torch.zeros(3, 4)))
+    with pytest.raises(TypeError, match="unknown solver type str|unknown solver type"):
+        de.solve(f, object(), 0.0, 1.0, y0)
+    with pytest.raises(ValueError, match="unknown solver name 'rk45'"):
+        de.solve(f, "rk45", 0.0, 1.0, y0)
+    with pytest.raises(ValueError, match=r"rtol must be > 0"):
+        de.PIDController(rtol=0.0)
+    with pytest.raises(ValueError, match=r"atol must be >= 0"):
+        de.PIDController(rtol=1e-3, atol=-1.0)
+    with pytest.raises(ValueError, match="rtol of shape \\(3,\\) does not broadcast"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, y0, controller=de.PIDController(rtol=torch.ones(3) * 1e-3))
+    with pytest.raises(ValueError, match="dt0 must be given with ConstantStep"):
+        de.solve(f, de.RK4(), 0.0, 1.0, y0)
+    with pytest.raises(ValueError, match="Euler has no error estimate"):
+        de.solve(f, de.Euler(), 0.0, 1.0, y0, controller=de.PIDController())
+    with pytest.raises(ValueError, match="SaveAt: nothing to save"):
+        de.SaveAt()
+    with pytest.raises(ValueError, match="max_steps must be a positive int"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, y0, max_steps=0)
+    with pytest.raises(ValueError, match=r"increment must match y0 \(shape \(2, 2\)"):
+        de.solve(lambda t, y, a: y[:, 0], de.Tsit5(), 0.0, 1.0, y0)
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        de.solve(lambda t, y, a: y.double(), de.Tsit5(), 0.0, 1.0, y0.float())
+    with pytest.raises(ValueError, match="evaluate: solve with saveat=SaveAt\\(dense=True\\)"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, y0).evaluate(0.5)
+
+
+def test_per_component_tolerances(probs):
+    f = probs.problems["lotka"][0]
+    y0 = torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+    loose = de.solve(f, de.Tsit5(), 0.0, 2.0, y0, controller=de.PIDController(rtol=torch.tensor([1e-3, 1e-3]), atol=1e-6))
+    tight = de.solve(f, de.Tsit5(), 0.0, 2.0, y0, controller=de.PIDController(rtol=torch.tensor([1e-3, 1e-9]), atol=1e-12))
+    assert int(tight.stats["num_steps"][0]) > int(loose.stats["num_steps"][0])
+
+
+def test_dt0_is_used_by_pid_and_sign_ignored():
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    k = torch.ones(1, dtype=torch.float64)
+    sol = de.solve(decay, de.Dopri5(), 1.0, 0.0, y0, args=k, dt0=0.125, saveat=de.SaveAt(steps=True),
+                   controller=de.PIDController(1e-3, 1e-3, factormax=1.0))
+    # factormax=1 forbids growth: the first step is exactly -dt0 (backwards)
+    assert float(sol.ts[0, 0]) == 0.875
+    assert torch.allclose(sol.ys[:, -1, 0], torch.exp(torch.tensor([1.0], dtype=torch.float64)), rtol=1e-3)
+
+
+def test_dense_per_sample_query_times():
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    k = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    sol = de.solve(decay, de.Tsit5(), 0.0, t1, y0, args=k, saveat=de.SaveAt(dense=True),
+                   controller=de.PIDController(1e-9, 1e-9))
+    tq = torch.tensor([[0.2, 0.9], [2.5, 3.0]], dtype=torch.float64)
+    assert torch.allclose(sol.evaluate(tq)[..., 0], torch.exp(-k[:, None] * tq), rtol=1e-7)
+    with pytest.raises(ValueError, match="outside the solved interval"):
+        sol.evaluate(torch.tensor([[0.5], [3.5]], dtype=torch.float64))
+
+
+def test_control_term_shape_error():
+    class Bad:
+        def evaluate(self, t0, t1):
+            return torch.zeros(t0.shape[0], 3, dtype=t0.dtype)
+
+    term = de.ControlTerm(lambda t, y, a: y[..., None].expand(-1, -1, 2), Bad())
+    with pytest.raises(ValueError, match=r"control increment must have shape \(B, channels\) = \(2, 2\)"):
+        de.solve(term, de.Euler(), 0.0, 1.0, torch.ones(2, 1), dt0=0.1)
+
+
+def test_saveat_order_of_pieces():
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    ts = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    sol = de.solve(decay, de.Tsit5(), 0.0, 1.0, y0, args=torch.ones(1, dtype=torch.float64),
+                   saveat=de.SaveAt(t0=True, ts=ts, t1=True))
+    assert sol.ts[0].tolist() == [0.0, 0.25, 0.5, 1.0]
+    assert "SUCCESS" in repr(sol)
+
+
+def test_pid_coefficients_and_dtmax(probs):
+    f, y0, t1 = probs.problems["vanderpol"]
+    y0 = torch.tensor(y0, dtype=torch.float64)
+    ref = de.solve(f, de.Tsit5(), 0.0, t1, y0, controller=de.PIDController(1e-11, 1e-11), max_steps=20000)
+    pid = de.solve(f, de.Tsit5(), 0.0, t1, y0,
+                   controller=de.PIDController(1e-7, 1e-7, pcoeff=0.4, icoeff=0.3, dcoeff=0.1))
+    assert (pid.ys - ref.ys).abs().max() < 1e-5
+    capped = de.solve(f, de.Tsit5(), 0.0, t1, y0, saveat=de.SaveAt(steps=True),
+                      controller=de.PIDController(1e-3, 1e-3, dtmax=0.05))
+    n = int(capped.stats["num_accepted"].min())
+    assert n >= t1 / 0.05 and (capped.ts[:, :n].diff(dim=1) <= 0.05 + 1e-12).all()
