@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchmech.mnn.linalg.blocktri import CyclicReduction, SequentialCholesky
+from torchmech.mnn.linalg.blocktri import CyclicReduction, FactorizationError, SequentialCholesky
 from torchmech.mnn.linalg.dense import solve_dense
 from torchmech.mnn.system import BandedSystem, Problem, assemble, objective_cross, prepare
 
@@ -29,11 +29,10 @@ def _unpair_vec(x: Tensor, T: int) -> Tensor:
     return x.reshape(*x.shape[:-3], 2 * x.shape[-3], n, x.shape[-1])[..., :T, :, :]
 
 
-def _tridiagonal(sys: BandedSystem) -> tuple[Tensor, Tensor, bool]:
+def _tridiagonal(diag: Tensor, off1: Tensor, off2: Tensor | None) -> tuple[Tensor, Tensor, bool]:
     """The normal matrix as block-tridiagonal (diag, off) and whether time steps were paired/padded."""
-    if sys.off2 is None:
-        return sys.diag, sys.off1, False
-    diag, off1, off2 = sys.diag, sys.off1, sys.off2
+    if off2 is None:
+        return diag, off1, False
     T, n = diag.shape[-3], diag.shape[-1]
     if T % 2:
         eye = torch.eye(n, dtype=diag.dtype, device=diag.device).expand(diag.shape[:-3] + (1, n, n))
@@ -41,7 +40,6 @@ def _tridiagonal(sys: BandedSystem) -> tuple[Tensor, Tensor, bool]:
         off1 = torch.cat([off1, torch.zeros_like(off1[..., :1, :, :])], -3)
         off2 = torch.cat([off2, torch.zeros_like(off2[..., :1, :, :])], -3)
         T += 1
-    P = T // 2
     d0, d1 = diag[..., 0::2, :, :], diag[..., 1::2, :, :]
     o_in = off1[..., 0::2, :, :]  # M[2p, 2p+1]
     D2 = torch.cat([torch.cat([d0, o_in], -1), torch.cat([o_in.mT, d1], -1)], -2)
@@ -50,28 +48,127 @@ def _tridiagonal(sys: BandedSystem) -> tuple[Tensor, Tensor, bool]:
     c = off1[..., 1::2, :, :]
     d = off2[..., 1::2, :, :]
     U2 = torch.cat([torch.cat([a, torch.zeros_like(a)], -1), torch.cat([c, d], -1)], -2)
-    assert D2.shape[-3] == P and U2.shape[-3] == P - 1
     return D2, U2, True
 
 
-class _Factorised:
-    """A factorised normal matrix that solves in the (..., T, n) layout."""
-
-    def __init__(self, sys: BandedSystem, method: str):
-        diag, off, self.paired = _tridiagonal(sys)
-        self.T = sys.diag.shape[-3]
-        self.pad = self.paired and self.T % 2 == 1
-        self.factor = (CyclicReduction if method == "parallel" else SequentialCholesky)(diag, off)
-
-    def solve(self, r: Tensor) -> Tensor:
-        """r (..., T, n, c) -> M^{-1} r."""
-        if not self.paired:
-            return self.factor.solve(r)
-        return _unpair_vec(self.factor.solve(_pair_vec(r, self.pad)), self.T)
+def _matvec(sys: BandedSystem, z: Tensor) -> Tensor:
+    """M z for the block-banded normal matrix; z (..., T, n, c)."""
+    out = sys.diag @ z
+    out[..., :-1, :, :] += sys.off1 @ z[..., 1:, :, :]
+    out[..., 1:, :, :] += sys.off1.mT @ z[..., :-1, :, :]
+    if sys.off2 is not None:
+        out[..., :-2, :, :] += sys.off2 @ z[..., 2:, :, :]
+        out[..., 2:, :, :] += sys.off2.mT @ z[..., :-2, :, :]
+    return out
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum((-1, -2))
+
+
+# The low-precision factorisation is used as a preconditioner for conjugate gradients run in float64:
+# a float32 Cholesky of M is accurate to about cond(M) * 6e-8, so plain iterative refinement stalls on
+# poorly conditioned problems, while CG removes the few slow error modes in a handful of iterations.
+_REFINE_TOL = {torch.float32: 1e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+_REFINE_MAX = 40
+
+
+def _cdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-column inner products of (..., T, n, c) tensors -> (..., 1, 1, c)."""
+    return (a * b).sum((-3, -2), keepdim=True)
+
+
+class _Factorised:
+    """The NeuRLP normal matrix (with its optional slack border), factorised once, solving many times.
+
+    The blocks are assembled in the working precision `sys.diag.dtype` (float64 when the user's dtype is
+    lower) and symmetrically scaled by diag(M)^(-1/2), which makes the factorisation independent of how
+    the rows and unknowns happen to be scaled (steps h^k, weights). The factorisation itself runs in the
+    user's dtype; for float32 each solve is refined with residuals computed in float64 (mixed-precision
+    iterative refinement), so the result is accurate to float32 rounding, not to cond(M) * eps.
+    """
+
+    def __init__(self, sys: BandedSystem, method: str, low: torch.dtype):
+        self.sys, self.low, self.hi = sys, low, sys.diag.dtype
+        self.T = sys.diag.shape[-3]
+        self.method = method
+        try:
+            self._refactor()
+        except FactorizationError:
+            if low == self.hi:
+                raise
+            # Positive definite, but not in the low precision: factorise in the working precision.
+            self.low = self.hi
+            self._refactor()
+        self.x2 = self.schur = None
+        if sys.m is not None:
+            self.x2 = self._solve_banded(sys.m.unsqueeze(-1)).squeeze(-1)
+            self.schur = sys.mu - _dot(sys.m, self.x2)
+            if bool((self.schur <= 0).any()):
+                raise FactorizationError(
+                    "the slack variable is not determined by the rows (its Schur complement is not positive): "
+                    "the smoothness rows can absorb a constant offset exactly")
+
+    def _refactor(self) -> None:
+        sys, low = self.sys, self.low
+        s = sys.diag.diagonal(dim1=-2, dim2=-1).rsqrt()  # (..., T, n)
+        self.s = s
+        diag = sys.diag * s.unsqueeze(-1) * s.unsqueeze(-2)
+        off1 = sys.off1 * s[..., :-1, :, None] * s[..., 1:, None, :]
+        off2 = None if sys.off2 is None else sys.off2 * s[..., :-2, :, None] * s[..., 2:, None, :]
+        D2, U2, self.paired = _tridiagonal(diag.to(low), off1.to(low), None if off2 is None else off2.to(low))
+        self.pad = self.paired and self.T % 2 == 1
+        self.factor = (CyclicReduction if self.method == "parallel" else SequentialCholesky)(D2, U2)
+
+    def _solve_once(self, r: Tensor) -> Tensor:
+        """One pass of M^{-1} r through the (low-precision) factorisation; r (..., T, n, c) in hi."""
+        x = (r * self.s.unsqueeze(-1)).to(self.low)
+        if self.paired:
+            x = _unpair_vec(self.factor.solve(_pair_vec(x, self.pad)), self.T)
+        else:
+            x = self.factor.solve(x)
+        return x.to(self.hi) * self.s.unsqueeze(-1)
+
+    def _solve_banded(self, r: Tensor) -> Tensor:
+        """M^{-1} r; with a low-precision factorisation, preconditioned CG against the working-precision M."""
+        x = self._solve_once(r)
+        if self.low == self.hi:
+            return x
+        res = r - _matvec(self.sys, x)
+        zr = self._solve_once(res)
+        d, rz = zr, _cdot(res, zr)
+        tiny = torch.finfo(self.hi).tiny
+        tol = _REFINE_TOL.get(self.low, 1e-7)
+        for _ in range(_REFINE_MAX):
+            Md = _matvec(self.sys, d)
+            alpha = rz / _cdot(d, Md).clamp_min(tiny)
+            x = x + alpha * d
+            # One host sync per iteration: stop once every column's update is below the tolerance.
+            if bool(((alpha * d).square().sum((-3, -2)) <= tol * tol * x.square().sum((-3, -2))).all()):
+                return x
+            res = res - alpha * Md
+            zr = self._solve_once(res)
+            rz_new = _cdot(res, zr)
+            d = zr + (rz_new / rz.clamp_min(tiny)) * d
+            rz = rz_new
+        # CG did not converge with the low-precision preconditioner: the problem is too ill-conditioned
+        # for it, so factorise once more in the working precision rather than return an inaccurate result.
+        self.low = self.hi
+        self._refactor()
+        return self._solve_once(r)
+
+    def solve(self, r: Tensor, r_eps: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Solve [[M, m], [m^T, mu]] [z; eps] = [r; r_eps] (just M z = r without a slack). r (..., T, n)."""
+        z = self._solve_banded(r.unsqueeze(-1)).squeeze(-1)
+        if self.x2 is None:
+            return z, None
+        # Rank-one border by its Schur complement: both solves share the one factorisation.
+        eps = ((0.0 if r_eps is None else r_eps) - _dot(self.sys.m, z)) / self.schur
+        return z - eps[..., None, None] * self.x2, eps
+
+
+def _promote(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _NeuRLPFunction(torch.autograd.Function):
@@ -79,49 +176,36 @@ class _NeuRLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, template: Problem, method: str, *tensors: Tensor) -> Tensor:
-        p = template.with_tensors(list(tensors))
-        sys = assemble(p)
-        fac = _Factorised(sys, method)
-        bs, T, n = p.batch_shape, p.T, p.n
-        eps = x2 = schur = None
-        if p.slack is None:
-            z = fac.solve(sys.b.unsqueeze(-1)).squeeze(-1)
-        else:
-            # Rank-one border: both solves share one factorisation and run as two columns.
-            X = fac.solve(torch.stack([sys.b, sys.m], -1))
-            x1, x2 = X[..., 0], X[..., 1]
-            schur = sys.mu - _dot(sys.m, x2)
-            if bool((schur <= 0).any()):
-                raise RuntimeError("the slack variable is not determined by the rows (its Schur complement is "
-                                   "not positive): the smoothness rows can absorb a constant offset exactly")
-            eps = (sys.gamma - _dot(sys.m, x1)) / schur
-            z = x1 - eps[..., None, None] * x2
-        u = z.reshape(bs + (T, p.D, p.K))
-        ctx.template, ctx.fac, ctx.m = template, fac, sys.m
-        ctx.eps, ctx.x2, ctx.schur = eps, x2, schur
+        low = tensors[0].dtype
+        hi = torch.float64 if low in _REFINE_TOL else low
+        p_hi = template.with_tensors([_promote(t, hi) for t in tensors])
+        sys = assemble(p_hi)
+        fac = _Factorised(sys, method, low)
+        z, eps = fac.solve(sys.b, sys.gamma)
+        u = z.reshape(template.batch_shape + (template.T, template.D, template.K))
+        ctx.template, ctx.fac, ctx.eps, ctx.hi = template, fac, eps, hi
         ctx.save_for_backward(u, *tensors)
-        return u
+        return u.to(low)
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
         u, *tensors = ctx.saved_tensors
         template: Problem = ctx.template
-        bs, T, n = template.batch_shape, template.T, template.n
-        g = grad_u.expand(bs + grad_u.shape[-3:]).reshape(bs + (T, n))
-        y1 = ctx.fac.solve(g.unsqueeze(-1)).squeeze(-1)
-        lam_eps = None
-        if template.slack is not None:
-            lam_eps = -_dot(ctx.m, y1) / ctx.schur
-            y1 = y1 - lam_eps[..., None, None] * ctx.x2
-        lam = y1.reshape(u.shape)
+        bs, T, n, hi = template.batch_shape, template.T, template.n, ctx.hi
+        g = _promote(grad_u, hi).expand(bs + grad_u.shape[-3:]).reshape(bs + (T, n))
+        y, lam_eps = ctx.fac.solve(g)
+        lam = y.reshape(u.shape)
         need = ctx.needs_input_grad[2:]
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(nd) for t, nd in zip(tensors, need)]
+            leaves = [_promote(t.detach(), hi).requires_grad_(nd) for t, nd in zip(tensors, need)]
             p = template.with_tensors(leaves)
             phi = objective_cross(p, lam, lam_eps, u, ctx.eps)
             wrt = [x for x, nd in zip(leaves, need) if nd]
             grads = iter(torch.autograd.grad(-phi, wrt, allow_unused=True)) if wrt else iter(())
-        out = [next(grads) if nd else None for nd in need]
+        out = []
+        for t, nd in zip(tensors, need):
+            gr = next(grads) if nd else None
+            out.append(None if gr is None else gr.to(t.dtype))
         return (None, None, *out)
 
 
