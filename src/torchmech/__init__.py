@@ -9,6 +9,6 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 from torchmech import de, mnn
 from torchmech.de import SaveAt, solve
-from torchmech.mnn import solve_linear_ode
+from torchmech.mnn import MechanisticBlock, solve_linear_ode
 
-__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "solve_linear_ode"]
+__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "solve_linear_ode", "MechanisticBlock"]
