@@ -17,7 +17,15 @@ def register(name: str, help: str, add_arguments, run) -> None:
     _COMMANDS[name] = (help, add_arguments, run)
 
 
+def _builtin_commands() -> None:
+    from torchmech.discovery import command as discover
+
+    register("discover", "Discover governing equations from trajectories (default: Lorenz with 1% noise)",
+             discover.add_arguments, discover.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _builtin_commands()
     parser = argparse.ArgumentParser(
         prog="torchmech",
         description="Learn differential equations from data: Mechanistic Neural Networks, "
