@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-column", default=None, help="name of the time column in CSV input")
     p.add_argument("--id-column", default=None, help="name of the trajectory-id column in CSV input")
-    p.add_argument("--quick", action="store_true", help="a reduced training budget (for tests and smoke runs)")
+    p.add_argument("--quick", action="store_true", help="a reduced budget (for tests and smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -110,8 +110,7 @@ def _fit(method: str, library, ts, xs, threshold: float, quick: bool, progress: 
         return model.coefficients_.detach()
     from torchmech.discovery.mechanistic import fit_mechanistic
 
-    fit = fit_mechanistic(xs, ts, library, threshold=threshold, cycles=3 if quick else 4,
-                          iterations=30 if quick else 100, progress=progress)
+    fit = fit_mechanistic(xs, ts, library, threshold=threshold, cycles=3 if quick else 5, progress=progress)
     return fit.coefficients
 
 

@@ -14,7 +14,8 @@ from torchmech.mnn import solve_linear_ode
 class _Smoother(nn.Module):
     """Residual 1-D convolutional denoiser applied to every window (shared weights, any window count).
 
-    Its last layer starts at zero, so training starts from the raw data and only learns a correction.
+    Its last layer starts at zero, so training starts from the raw data and only learns a correction, and
+    the correction has zero mean over each window.
     """
 
     def __init__(self, D: int, hidden: int = 32, kernel: int = 5):
@@ -29,7 +30,9 @@ class _Smoother(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, W, D) -> (N, W, D)
-        return x + self.net(x.transpose(1, 2)).transpose(1, 2)
+        c = self.net(x.transpose(1, 2)).transpose(1, 2)
+        # Noise has zero mean: a correction that shifted a whole window would only bias the constant term.
+        return x + c - c.mean(1, keepdim=True)
 
 
 def make_windows(xs: list[Tensor], ts: list[Tensor], window: int, stride: int) -> tuple[Tensor, Tensor]:
@@ -61,7 +64,7 @@ class MechanisticFit:
 
 
 def fit_mechanistic(xs: list[Tensor], ts: list[Tensor], library, *, threshold: float, window: int = 32,
-                    stride: int | None = None, cycles: int = 5, denoise: str | None = "network",
+                    stride: int | None = None, cycles: int = 5, denoise: str | None = None,
                     iterations: int = 100, lr: float = 3e-3,
                     init_coefficients: Tensor | None = None, learn_step: bool = False,
                     weight_denoise: float = 10.0, progress: bool = True, seed: int | None = 0) -> MechanisticFit:
@@ -76,16 +79,21 @@ def fit_mechanistic(xs: list[Tensor], ts: list[Tensor], library, *, threshold: f
     gradient descent. The window's initial state is an unknown too: the first data point is as noisy as
     the others.
 
-    Training runs in ``cycles``; after each cycle but the last, coefficients with ``|c| < threshold`` are
-    removed for good (a persistent mask that multiplies the coefficients, so removed terms are zero).
+    Training runs in ``cycles``; after each cycle, coefficients with ``|c| < threshold`` are removed for
+    good (a persistent mask that multiplies the coefficients, so removed terms are zero), and a last exact
+    fit on the final support removes the bias of the terms that were thresholded away.
 
     Denoisers (``denoise``):
 
-    * ``"network"`` (default): the seed paper's choice, a shared residual convolutional network trained
-      jointly with the coefficients and the windows' initial states by Adam (``iterations`` steps per
-      cycle, learning rate ``lr``) on the data misfit plus ``weight_denoise`` times the denoiser's own
-      misfit; after each cycle the coefficients are re-solved exactly for the trained denoiser;
-    * ``None``: the raw data (fastest; exact least squares only).
+    * ``None`` (default): the library is evaluated on the data itself. The integral form already
+      averages the noise out of the misfit, and this is the most reliable choice we measured (Lorenz,
+      1000 samples: exact support in 6/6 noise seeds at 1% noise, 3/6 at 5%, median coefficient error
+      0.25% and 0.5%).
+    * ``"network"``: the seed paper's choice, a shared residual convolutional network trained jointly
+      with the coefficients and the windows' initial states by Adam (``iterations`` steps per cycle,
+      learning rate ``lr``) on the data misfit plus ``weight_denoise`` times the denoiser's own misfit;
+      after each cycle the coefficients are re-solved exactly for the trained denoiser. In the same
+      measurement it did not beat ``None`` (it lets spurious small terms survive), so it is opt-in.
 
     Args:
         xs, ts: trajectories ``(T_i, D)`` and their increasing times ``(T_i,)``.
@@ -195,10 +203,11 @@ def fit_mechanistic(xs: list[Tensor], ts: list[Tensor], library, *, threshold: f
             with torch.no_grad():
                 state = smoother(Xn)
         raw, _, misfit = least_squares(state, raw, mask)
-        xi = raw * to_raw * mask
-        if cycle < cycles - 1:
-            mask = mask & (xi.abs() >= threshold)
+        mask = mask & ((raw * to_raw).abs() >= threshold)
         history.append(dict(cycle=cycle + 1, misfit=misfit, support=int(mask.sum())))
         cycle_bar.set_postfix(misfit=f"{misfit:.2e}", terms=int(mask.sum()))
+    # Debias: the exact fit on the final support (the last threshold removed terms after the last fit).
+    raw, _, misfit = least_squares(state, raw, mask)
+    history.append(dict(cycle="final", misfit=misfit, support=int(mask.sum())))
     xi = (raw * to_raw * mask).detach()
     return MechanisticFit(xi, mask, history, float(log_step.exp()))
