@@ -333,18 +333,21 @@ def assemble(p: Problem) -> BandedSystem:
         m_var[..., :-1, :] += sL[..., :K]
         m_var[..., 1:, :] += sL[..., K:]
     if p.central and T >= 3:
+        # The central row has three non-zeros (u_t[K-2], u_{t+1}[K-1], u_{t+2}[K-2]); add their nine
+        # products directly instead of forming a dense 3K x 3K Gram per step.
         cs = central_stencil(p.steps, K, T)
-        Gc = ws2.unsqueeze(-1) * (cs.unsqueeze(-1) * cs.unsqueeze(-2))  # (..., T-2|1, 3K, 3K)
-        Gc = _expand_time(Gc, T - 2, bs, 2)
+        idx = (K - 2, K - 1, K - 2)
+        v = [cs[..., K - 2], cs[..., 2 * K - 1], cs[..., 3 * K - 2]]  # (..., T-2 | 1) each
+        ws2t = ws2.squeeze(-1)
+        soff2 = torch.zeros(bs + (T - 2, K, K), dtype=dt, device=dev)
         for a in range(3):
-            sdiag[..., a: T - 2 + a, :, :] += Gc[..., a * K:(a + 1) * K, a * K:(a + 1) * K]
-        soff1[..., :-1, :, :] += Gc[..., :K, K:2 * K]
-        soff1[..., 1:, :, :] += Gc[..., K:2 * K, 2 * K:]
-        soff2 = Gc[..., :K, 2 * K:].clone()
+            sdiag[..., a: T - 2 + a, idx[a], idx[a]] += ws2t * v[a] * v[a]
+        soff1[..., :-1, idx[0], idx[1]] += ws2t * v[0] * v[1]
+        soff1[..., 1:, idx[1], idx[2]] += ws2t * v[1] * v[2]
+        soff2[..., idx[0], idx[2]] += ws2t * v[0] * v[2]
         if m_var is not None:
-            sc = _expand_time(ws2 * cs, T - 2, bs, 1)
             for a in range(3):
-                m_var[..., a: T - 2 + a, :] -= sc[..., a * K:(a + 1) * K]
+                m_var[..., a: T - 2 + a, idx[a]] -= ws2t * v[a]
     diag = diag + _per_variable(sdiag, D)
     off1 = _per_variable(soff1, D)
     off2 = _per_variable(soff2, D) if soff2 is not None else None
