@@ -214,7 +214,9 @@ def _choose(method: str, p: Problem) -> str:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "auto":
         return method
-    return "parallel"
+    # Measured on CPU (benchmarks/mnn_solver.py): for short grids the sequential sweep has fewer, larger
+    # operations and wins; from a few dozen points on, cyclic reduction's O(log T) depth pays off.
+    return "banded" if p.T < 24 else "parallel"
 
 
 def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Tensor, *,
