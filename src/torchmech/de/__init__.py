@@ -1,6 +1,7 @@
 """Numerical differential equations: terms, explicit RK solvers, step control, solve loop, adjoints."""
 
 from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.brownian import AbstractBrownian, BrownianIncrement, BrownianInterval, VirtualBrownianTree
 from torchmech.de.controllers import (
     AbstractController,
     ConstantStep,
@@ -34,4 +35,5 @@ __all__ = [
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
     "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm",
     "AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint",
+    "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
 ]

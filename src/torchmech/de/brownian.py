@@ -1,0 +1,373 @@
+"""Brownian motion for SDE solvers: BrownianInterval (exact, cached) and VirtualBrownianTree (constant memory)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["AbstractBrownian", "BrownianInterval", "VirtualBrownianTree", "BrownianIncrement"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, k: int) -> int:
+    """SplitMix64 of ``seed`` and a stream index ``k``: a child seed in [0, 2**63)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (k + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+class BrownianIncrement(tuple):
+    """``(W, H)``: Brownian increment and space-time Levy area over an interval, each of ``shape``.
+
+    ``H = (1/h) int_s^u (W_r - W_s - (r - s)/h W_{s,u}) dr`` with ``h = u - s``; ``H ~ N(0, h/12)``
+    independent of ``W``. The double integral ``int_s^u (W_r - W_s) dr = h (W/2 + H)``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, W: Tensor, H: Tensor):
+        return tuple.__new__(cls, (W, H))
+
+    @property
+    def W(self) -> Tensor:
+        return self[0]
+
+    @property
+    def H(self) -> Tensor:
+        return self[1]
+
+
+def _split(W: Tensor, H: Tensor | None, h1: float, h2: float, Z: Tensor):
+    """Exact conditional split of an interval of length ``h1 + h2`` with increment ``W`` (and
+    Levy area ``H``) at an interior point, using fresh standard normals ``Z`` ((1 or 4, *shape)).
+
+    Returns ``(W1, H1, W2, H2)`` (``H1 = H2 = None`` without Levy area). With Levy area the
+    conditional sample uses Matheron's rule on the linear relation
+    ``W = W1 + W2``, ``H = (h1 H1 + h2 H2)/h + (h2 W1 - h1 W2)/(2h)``.
+    """
+    h = h1 + h2
+    if H is None:
+        W1 = (h1 / h) * W + math.sqrt(h1 * h2 / h) * Z[0]
+        return W1, None, W - W1, None
+    a1, b1 = math.sqrt(h1) * Z[0], math.sqrt(h1 / 12.0) * Z[1]
+    a2, b2 = math.sqrt(h2) * Z[2], math.sqrt(h2 / 12.0) * Z[3]
+    rW = W - (a1 + a2)
+    rH = H - ((h1 * b1 + h2 * b2) / h + (h2 * a1 - h1 * a2) / (2.0 * h))
+    c = 6.0 * h1 * h2 / (h * h)
+    W1 = a1 + (h1 / h) * rW + c * rH
+    H1 = b1 + (h1 * h1 / (h * h)) * rH
+    W2 = a2 + (h2 / h) * rW - c * rH
+    H2 = b2 + (h2 * h2 / (h * h)) * rH
+    return W1, H1, W2, H2
+
+
+def _merge(W1: Tensor, H1: Tensor | None, h1: float, W2: Tensor, H2: Tensor | None, h2: float):
+    """Increment and Levy area of the union of two adjacent intervals (inverse of :func:`_split`)."""
+    W = W1 + W2
+    if H1 is None:
+        return W, None
+    h = h1 + h2
+    return W, (h1 * H1 + h2 * H2) / h + (h2 * W1 - h1 * W2) / (2.0 * h)
+
+
+def _check_levy(levy_area: Any, name: str) -> bool:
+    if levy_area is None or levy_area is False:
+        return False
+    if levy_area in ("space-time", "space_time", True):
+        return True
+    raise ValueError(f"{name}: levy_area must be None or 'space-time', got {levy_area!r}")
+
+
+class AbstractBrownian:
+    """A Brownian motion on ``[t0, t1]`` with samples of ``shape`` (leading axis = batch).
+
+    Use as the control of a :class:`~torchmech.de.terms.ControlTerm`: ``evaluate(s, u)`` (or
+    ``bm(s, u)``) returns the increment ``W(u) - W(s)`` of ``shape``. ``s`` and ``u`` are floats,
+    0-d tensors, or per-sample (B,) tensors with ``B == shape[0]`` (row ``b`` of the result is the
+    increment over sample ``b``'s interval). ``u < s`` gives ``-(W(s) - W(u))``.
+    With ``levy_area=True`` it returns a :class:`BrownianIncrement` ``(W, H)``.
+    """
+
+    t0: float
+    t1: float
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    has_levy_area: bool
+
+    def _query(self, s: float, u: float, levy: bool):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_common(self, name, t0, t1, shape, dtype, device, seed):
+        try:
+            t0, t1 = float(t0), float(t1)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: t0 and t1 must be real numbers, got {t0!r}, {t1!r}") from exc
+        if not (math.isfinite(t0) and math.isfinite(t1)) or not t0 < t1:
+            raise ValueError(f"{name}: need finite t0 < t1, got t0={t0}, t1={t1}")
+        if isinstance(shape, int):
+            shape = (shape,)
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError as exc:
+            raise TypeError(f"{name}: shape must be a tuple of ints, got {shape!r}") from exc
+        if len(shape) == 0 or any(s < 1 for s in shape):
+            raise ValueError(f"{name}: shape must be a non-empty tuple of positive ints, got {shape}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"{name}: dtype must be a floating torch.dtype, got {dtype!r}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{name}: seed must be an int or None, got {type(seed).__name__}")
+        self.t0, self.t1, self.shape, self.dtype = t0, t1, shape, dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.seed = seed & _MASK64
+        self._gen = torch.Generator(device=self.device)
+
+    def _normals(self, seed: int, k: int) -> Tensor:
+        self._gen.manual_seed(seed)
+        return torch.randn((k,) + self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
+
+    def _check_t(self, t: float, name: str) -> None:
+        if not (self.t0 <= t <= self.t1):
+            raise ValueError(
+                f"{type(self).__name__}: query time {name}={t!r} is outside the Brownian motion's "
+                f"interval [t0, t1] = [{self.t0}, {self.t1}]"
+            )
+
+    def _scalar(self, s: float, u: float, levy: bool):
+        self._check_t(s, "t0")
+        self._check_t(u, "t1")
+        if s == u:
+            z = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            return BrownianIncrement(z, z.clone()) if levy else z
+        if u < s:
+            out = self._query(u, s, levy)
+            return BrownianIncrement(-out[0], out[1]) if levy else -out
+        return self._query(s, u, levy)
+
+    def evaluate(self, t0: Any, t1: Any = None, levy_area: bool = False):
+        """Increment ``W(t1) - W(t0)`` (``W(t0) - W(self.t0)`` if ``t1`` is None), of ``shape``.
+
+        Args:
+            t0, t1: floats, 0-d tensors or per-sample (B,) tensors with ``B == shape[0]``.
+            levy_area: also return the space-time Levy area; needs ``levy_area='space-time'`` at
+                construction. Returns a :class:`BrownianIncrement` ``(W, H)`` then.
+        """
+        if levy_area and not self.has_levy_area:
+            raise ValueError(f"{type(self).__name__}: Levy area requested but the Brownian motion was built "
+                             "with levy_area=None; pass levy_area='space-time'")
+        if t1 is None:
+            t0, t1 = self.t0, t0
+        s_vec = isinstance(t0, Tensor) and t0.dim() > 0
+        u_vec = isinstance(t1, Tensor) and t1.dim() > 0
+        if not (s_vec or u_vec):
+            return self._scalar(float(t0), float(t1), levy_area)
+        B = self.shape[0]
+        ss = t0.detach().reshape(-1) if s_vec else None
+        uu = t1.detach().reshape(-1) if u_vec else None
+        for name, v in (("t0", ss), ("t1", uu)):
+            if v is not None and v.shape[0] != B:
+                raise ValueError(f"{type(self).__name__}.evaluate: per-sample {name} must have shape (B,) = "
+                                 f"({B},) matching shape[0], got {tuple(v.shape)}")
+        ss = ss if ss is not None else torch.full((B,), float(t0), dtype=torch.float64)
+        uu = uu if uu is not None else torch.full((B,), float(t1), dtype=torch.float64)
+        pairs = torch.stack([ss.to(torch.float64), uu.to(torch.float64)], dim=1).cpu()
+        if not torch.isfinite(pairs).all():
+            raise ValueError(f"{type(self).__name__}.evaluate: query times must be finite")
+        if bool((pairs == pairs[:1]).all()):
+            return self._scalar(float(pairs[0, 0]), float(pairs[0, 1]), levy_area)
+        uniq, inv = torch.unique(pairs, dim=0, return_inverse=True)
+        outs = [self._scalar(float(a), float(b), levy_area) for a, b in uniq.tolist()]
+        idx = inv.to(self.device)
+        rows = torch.arange(B, device=self.device)
+        if levy_area:
+            Ws = torch.stack([o[0] for o in outs])[idx, rows]
+            Hs = torch.stack([o[1] for o in outs])[idx, rows]
+            return BrownianIncrement(Ws, Hs)
+        return torch.stack(outs)[idx, rows]
+
+    def __call__(self, t0: Any, t1: Any = None, levy_area: bool = False):
+        return self.evaluate(t0, t1, levy_area=levy_area)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(t0={self.t0}, t1={self.t1}, shape={self.shape}, dtype={self.dtype}, "
+                f"device={self.device}, levy_area={'space-time' if self.has_levy_area else None})")
+
+
+class BrownianInterval(AbstractBrownian):
+    """Exact Brownian motion on ``[t0, t1]``, sampled lazily by Brownian-bridge splits and cached.
+
+    Every query ``evaluate(s, u)`` returns the exact increment ``W(u) - W(s)``: the first time a
+    point is queried, the cached piece of the path that contains it is split by sampling the
+    Brownian bridge (and, with ``levy_area='space-time'``, the bridge of the space-time Levy area)
+    conditional on that piece's increment. Values are therefore exactly consistent
+    (``W(s,u) = W(s,t) + W(t,u)`` to round-off), identical on re-query, and reproducible from
+    ``seed`` for the same sequence of queries (a different query order gives another, equally
+    valid, sample path). A query that continues from the previous one (as a solver's steps do)
+    costs O(1); memory grows with the number of distinct query points (use
+    :class:`VirtualBrownianTree` for constant memory).
+
+    Args:
+        t0, t1: interval, ``t0 < t1``.
+        shape: shape of one sample of W, e.g. ``(batch, channels)``.
+        dtype, device: of the returned tensors (default: torch default dtype, CPU).
+        seed: int; default draws one from torch's global generator (so ``torch.manual_seed``
+            makes it reproducible). Random streams are per device type: the same seed gives
+            different paths on CPU and CUDA.
+        levy_area: None or ``"space-time"``.
+    """
+
+    def __init__(self, t0: float, t1: float, shape: Sequence[int], dtype: torch.dtype | None = None,
+                 device: Any = None, seed: int | None = None, levy_area: str | None = None):
+        self._init_common("BrownianInterval", t0, t1, shape, dtype, device, seed)
+        self.has_levy_area = _check_levy(levy_area, "BrownianInterval")
+        h = self.t1 - self.t0
+        Z = self._normals(_mix(self.seed, 0), 2 if self.has_levy_area else 1)
+        W = math.sqrt(h) * Z[0]
+        H = math.sqrt(h / 12.0) * Z[1] if self.has_levy_area else None
+        # leaf i covers [knots[i], knots[i+1]] with increment W[i], Levy area H[i], seed seeds[i]
+        self._knots: list[float] = [self.t0, self.t1]
+        self._W: list[Tensor] = [W]
+        self._H: list[Tensor | None] = [H]
+        self._seeds: list[int] = [_mix(self.seed, 1)]
+        self._cursor = 0
+
+    @property
+    def num_pieces(self) -> int:
+        """Number of cached pieces of the path (grows with distinct query points)."""
+        return len(self._W)
+
+    def _find(self, t: float) -> int:
+        """Index of the knot equal to ``t`` (splitting the containing piece if needed)."""
+        k = self._knots
+        c = self._cursor
+        if c < len(k) and k[c] == t:
+            return c
+        if c + 1 < len(k) and k[c + 1] == t:
+            return c + 1
+        if c + 1 < len(k) and k[c] < t < k[c + 1]:
+            i = c
+        else:
+            j = bisect.bisect_left(k, t)
+            if k[j] == t:
+                return j
+            i = j - 1
+        # split piece i = [k[i], k[i+1]] at t
+        l, r = k[i], k[i + 1]
+        seed = self._seeds[i]
+        Z = self._normals(_mix(seed, 0), 4 if self.has_levy_area else 1)
+        W1, H1, W2, H2 = _split(self._W[i], self._H[i], t - l, r - t, Z)
+        k.insert(i + 1, t)
+        self._W[i:i + 1] = [W1, W2]
+        self._H[i:i + 1] = [H1, H2]
+        self._seeds[i:i + 1] = [_mix(seed, 1), _mix(seed, 2)]
+        return i + 1
+
+    def _query(self, s: float, u: float, levy: bool):
+        i = self._find(s)
+        j = self._find(u)  # u > s: inserting u never shifts the index of s
+        self._cursor = j
+        W, H = self._W[i], self._H[i]
+        hacc = self._knots[i + 1] - self._knots[i]
+        for m in range(i + 1, j):
+            hm = self._knots[m + 1] - self._knots[m]
+            W, H = _merge(W, H, hacc, self._W[m], self._H[m], hm)
+            hacc += hm
+        if levy:
+            return BrownianIncrement(W, H)
+        return W
+
+
+class VirtualBrownianTree(AbstractBrownian):
+    """Brownian motion with constant memory: values are regenerated from the seed on each query.
+
+    ``W(t)`` is found by bisecting ``[t0, t1]`` down to pieces of length ``<= tol``, sampling each
+    midpoint exactly (Brownian bridge, and the Levy-area bridge with ``levy_area='space-time'``)
+    from seeds that depend only on the node, so any query order gives the same path. Inside a
+    final piece the path is the conditional mean given that piece's increment (and Levy area):
+    values at the dyadic grid of spacing ~``tol`` are exact, and the path between them is an
+    O(sqrt(tol)) approximation. Increments are exactly consistent (``W(s,u) = W(u) - W(s)``);
+    the Levy area is that of the returned (piecewise polynomial) path. Cost per query is
+    O(log2((t1 - t0) / tol)) normal draws of ``shape``.
+
+    Args:
+        t0, t1, shape, dtype, device, seed, levy_area: as :class:`BrownianInterval`.
+        tol: resolution of the dyadic tree (default ``(t1 - t0) * 2**-16``).
+    """
+
+    def __init__(self, t0: float, t1: float, shape: Sequence[int], tol: float | None = None,
+                 dtype: torch.dtype | None = None, device: Any = None, seed: int | None = None,
+                 levy_area: str | None = None):
+        self._init_common("VirtualBrownianTree", t0, t1, shape, dtype, device, seed)
+        self.has_levy_area = _check_levy(levy_area, "VirtualBrownianTree")
+        span = self.t1 - self.t0
+        tol = span * 2.0 ** -16 if tol is None else tol
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not (0 < tol):
+            raise ValueError(f"VirtualBrownianTree: tol must be a positive float, got {tol!r}")
+        self.tol = float(tol)
+        self.depth = max(0, math.ceil(math.log2(span / self.tol)))
+        # internal computations in float64, results cast to dtype
+        self._dtype_out = self.dtype
+        self.dtype = torch.float64
+        Z = self._normals(_mix(self.seed, 0), 2)
+        self._root_W = math.sqrt(span) * Z[0]
+        self._root_H = math.sqrt(span / 12.0) * Z[1] if self.has_levy_area else None
+        self.dtype = self._dtype_out
+        self._cache: dict[float, tuple[Tensor, Tensor]] = {}
+
+    def _normals64(self, seed: int, k: int) -> Tensor:
+        self._gen.manual_seed(seed)
+        return torch.randn((k,) + self.shape, generator=self._gen, dtype=torch.float64, device=self.device)
+
+    def _point(self, t: float) -> tuple[Tensor, Tensor]:
+        """(W(t) - W(t0), int_{t0}^t (W(r) - W(t0)) dr), float64."""
+        if t in self._cache:
+            return self._cache[t]
+        levy = self.has_levy_area
+        lo, hi = self.t0, self.t1
+        W, H, seed = self._root_W, self._root_H, _mix(self.seed, 1)
+        Wl = torch.zeros_like(W)
+        Il = torch.zeros_like(W)
+        for _ in range(self.depth):
+            if t == lo or t == hi:
+                break
+            mid = 0.5 * (lo + hi)
+            h1, h2 = mid - lo, hi - mid
+            Z = self._normals64(_mix(seed, 0), 4 if levy else 1)
+            W1, H1, W2, H2 = _split(W, H, h1, h2, Z)
+            if t < mid:
+                W, H, hi, seed = W1, H1, mid, _mix(seed, 1)
+            else:
+                Il = Il + h1 * (Wl + 0.5 * W1 + (H1 if levy else 0.0))
+                Wl = Wl + W1
+                W, H, lo, seed = W2, H2, mid, _mix(seed, 2)
+        h = hi - lo
+        x = t - lo
+        # conditional-mean path inside the final piece: Wl + (x/h) W + 6 x (h - x)/h^2 H
+        Wt = Wl + (x / h) * W
+        It = Il + x * Wl + (x * x / (2 * h)) * W
+        if levy:
+            Wt = Wt + (6.0 * x * (h - x) / (h * h)) * H
+            It = It + (6.0 * (h * x * x / 2.0 - x ** 3 / 3.0) / (h * h)) * H
+        if len(self._cache) >= 4:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[t] = (Wt, It)
+        return Wt, It
+
+    def _query(self, s: float, u: float, levy: bool):
+        Ws, Is = self._point(s)
+        Wu, Iu = self._point(u)
+        W = Wu - Ws
+        if not levy:
+            return W.to(self.dtype)
+        h = u - s
+        H = (Iu - Is) / h - Ws - 0.5 * W
+        return BrownianIncrement(W.to(self.dtype), H.to(self.dtype))
