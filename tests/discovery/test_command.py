@@ -1,0 +1,114 @@
+"""`torchmech discover`: the default run, CSV/NPZ input, and a clear message for every malformed input."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+from torchmech.cli import main
+
+
+def lorenz_arrays(n=600, t1=6.0, y0=(-8, 8, 27)):
+    def f(_t, s):
+        x, y, z = s
+        return [10 * (y - x), x * (28 - z) - y, x * y - 8 / 3 * z]
+
+    t = np.linspace(0, t1, n)
+    return t, solve_ivp(f, (0, t1), y0, t_eval=t, rtol=1e-10, atol=1e-10).y.T
+
+
+def write_csv(path, header, rows):
+    with open(path, "w") as fh:
+        fh.write(",".join(header) + "\n")
+        for r in rows:
+            fh.write(",".join(str(v) for v in r) + "\n")
+    return str(path)
+
+
+def test_default_run_quick(tmp_path, capsys):
+    assert main(["discover", "--quick", "--method", "mnn", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "true equations" in out and "exact recovery" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["methods"]["mnn"]["metrics"]["exact"] is True
+    assert report["methods"]["mnn"]["trajectory_r2"] > 0.9
+    assert (tmp_path / "discover.png").stat().st_size > 1000
+
+
+def test_csv_with_two_trajectories(tmp_path, capsys):
+    rows = []
+    for k, y0 in enumerate([(-8, 8, 27), (1, 1, 1)]):
+        t, x = lorenz_arrays(y0=y0)
+        rows += [(k, ti, *xi) for ti, xi in zip(t, x)]
+    path = write_csv(tmp_path / "lorenz.csv", ["trajectory", "time", "u", "v", "w"], rows)
+    code = main(["discover", path, "--method", "mnn", "--quick", "--no-progress", "--out", str(tmp_path / "o")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "u' = " in out and "w' = " in out and "held out" in out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["variables"] == ["u", "v", "w"]
+
+
+def test_npz_input(tmp_path, capsys):
+    t, x = lorenz_arrays()
+    path = tmp_path / "d.npz"
+    np.savez(path, t=t, x=x)
+    assert main(["discover", str(path), "--method", "mnn", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "x' = " in capsys.readouterr().out
+
+
+def _bad(tmp_path, capsys, args, match):
+    code = main(["discover", *args, "--method", "mnn", "--quick", "--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert match in err, err
+
+
+def test_missing_time_column(tmp_path, capsys):
+    p = write_csv(tmp_path / "a.csv", ["a", "b"], [(i, i) for i in range(50)])
+    _bad(tmp_path, capsys, [p], "no time column")
+
+
+def test_non_monotonic_times(tmp_path, capsys):
+    rows = [(i if i != 20 else 5, i) for i in range(50)]
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "a.csv", ["t", "x"], rows)], "not increasing")
+
+
+def test_duplicated_times(tmp_path, capsys):
+    rows = [(i if i != 21 else 20, i) for i in range(50)]
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "a.csv", ["t", "x"], rows)], "duplicated time")
+
+
+def test_nan_values(tmp_path, capsys):
+    rows = [(i, "nan" if i == 7 else i) for i in range(50)]
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "a.csv", ["t", "x"], rows)], "NaN or infinite value(s)")
+
+
+def test_too_few_samples(tmp_path, capsys):
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "a.csv", ["t", "x"], [(i, i) for i in range(8)])],
+         "at least 32 are needed")
+
+
+def test_not_a_number_and_ragged_rows(tmp_path, capsys):
+    rows = [(i, "abc" if i == 3 else i) for i in range(50)]
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "a.csv", ["t", "x"], rows)], "'abc' is not a number")
+    p = tmp_path / "b.csv"
+    p.write_text("t,x\n0,1\n1,2,3\n")
+    _bad(tmp_path, capsys, [str(p)], "3 fields, expected 2")
+
+
+def test_missing_file_unknown_type_and_bad_npz(tmp_path, capsys):
+    _bad(tmp_path, capsys, [str(tmp_path / "nope.csv")], "no such file")
+    p = tmp_path / "d.txt"
+    p.write_text("1")
+    _bad(tmp_path, capsys, [str(p)], "unknown file type")
+    q = tmp_path / "d.npz"
+    np.savez(q, time=np.arange(40.0))
+    _bad(tmp_path, capsys, [str(q)], "missing array(s) ['t', 'x']")
+
+
+def test_unknown_system_and_bad_noise(tmp_path, capsys):
+    _bad(tmp_path, capsys, ["--system", "lorenzz"], "unknown system")
+    _bad(tmp_path, capsys, ["--noise", "-1"], "--noise must be")
