@@ -1,0 +1,74 @@
+"""Derivative estimators against analytic derivatives, on regular and irregular grids."""
+
+import pytest
+import torch
+
+from torchmech.discovery.differentiation import FiniteDifference, SavitzkyGolay, SmoothingSpline, TotalVariation
+
+
+def signal(t):
+    x = torch.stack([torch.sin(t), torch.exp(-t / 3)], -1)
+    dx = torch.stack([torch.cos(t), -torch.exp(-t / 3) / 3], -1)
+    return x, dx
+
+
+@pytest.mark.parametrize(
+    "est, tol",
+    [(FiniteDifference(2), 2e-3), (FiniteDifference(4), 1e-6), (SavitzkyGolay(9, 3), 1e-4),
+     (SmoothingSpline(), 1e-2)],
+)
+def test_clean_irregular_grid(est, tol):
+    g = torch.Generator().manual_seed(0)
+    t = torch.sort(torch.rand(400, generator=g, dtype=torch.float64))[0] * 6
+    x, dx = signal(t)
+    d = est(x, t)
+    assert d.shape == x.shape and d.dtype == x.dtype
+    assert (d - dx).abs().max() < tol
+
+
+def test_finite_difference_exact_for_polynomials():
+    t = torch.tensor([0.0, 0.3, 0.5, 1.2, 1.3, 2.0], dtype=torch.float64)
+    x = (1 + 2 * t - t**2)[:, None]
+    assert torch.allclose(FiniteDifference(2)(x, t)[:, 0], 2 - 2 * t, atol=1e-12)
+
+
+def test_total_variation_clean_and_noisy():
+    t = torch.linspace(0, 6, 300, dtype=torch.float64)
+    x = torch.sin(t)[:, None]
+    d = TotalVariation(1e-6)(x, t)[:, 0]
+    assert (d - torch.cos(t))[5:-5].abs().max() < 1e-2
+    g = torch.Generator().manual_seed(0)
+    noisy = x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    err_tv = (TotalVariation(1e-3)(noisy, t)[15:-15, 0] - torch.cos(t[15:-15])).abs().mean()
+    err_fd = (FiniteDifference(2)(noisy, t)[15:-15, 0] - torch.cos(t[15:-15])).abs().mean()
+    err_sp = (SmoothingSpline()(noisy, t)[15:-15, 0] - torch.cos(t[15:-15])).abs().mean()
+    assert err_tv < 0.06 and err_sp < 0.03 and err_fd > 5 * err_tv
+
+
+def test_batched_scalar_step_and_dtype():
+    t = torch.linspace(0, 3, 60)
+    x, dx = signal(t)
+    xb = torch.stack([x, 2 * x])  # (2, T, D) float32
+    for est in (SavitzkyGolay(7, 3), SmoothingSpline(lam=1e-8), TotalVariation(1e-7)):
+        d = est(xb, float(t[1] - t[0]))
+        assert d.shape == (2, 60, 2) and d.dtype == torch.float32
+        assert torch.allclose(d[1], 2 * d[0], rtol=1e-4, atol=1e-4)
+        assert (d[0, 3:-3] - dx[3:-3]).abs().max() < 2e-2
+
+
+def test_bad_inputs():
+    x = torch.zeros(10, 2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        FiniteDifference()(x, torch.zeros(10))
+    with pytest.raises(ValueError, match=r"t: expected shape \(10,\)"):
+        FiniteDifference()(x, torch.arange(9.0))
+    with pytest.raises(ValueError, match="at least 9 time samples"):
+        SavitzkyGolay(9, 3)(x[:5], torch.arange(5.0))
+    with pytest.raises(ValueError, match="x: expected finite"):
+        FiniteDifference()(torch.full((10, 2), float("nan")), 0.1)
+    with pytest.raises(ValueError, match="window"):
+        SavitzkyGolay(8, 3)
+    with pytest.raises(ValueError, match="alpha"):
+        TotalVariation(-1.0)
+    with pytest.raises(ValueError, match="time step"):
+        FiniteDifference()(x, -0.1)

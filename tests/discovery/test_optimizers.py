@@ -1,0 +1,79 @@
+"""Sparse regression: exact recovery on noise-free problems, batching, ensembles and input checks."""
+
+import pytest
+import torch
+
+from torchmech.discovery.optimizers import SR3, STLSQ, EnsembleOptimizer
+
+
+def sparse_problem(B=6, T=200, F=10, D=3, seed=0, dtype=torch.float64, uneven=True):
+    g = torch.Generator().manual_seed(seed)
+    Theta = torch.randn(B, T, F, generator=g, dtype=dtype)
+    if uneven:  # feature scales from 0.1 to 10
+        Theta = Theta * torch.logspace(-1, 1, F, dtype=dtype)
+    support = torch.rand(B, F, D, generator=g) < 0.3
+    values = (torch.rand(B, F, D, generator=g, dtype=dtype) + 0.5) * torch.randn(B, F, D, generator=g, dtype=dtype).sign()
+    Xi = torch.where(support, values, torch.zeros_like(values))
+    return Theta, Theta @ Xi, Xi
+
+
+@pytest.mark.parametrize("opt", [STLSQ(0.2), STLSQ(0.2, alpha=1e-8), STLSQ(0.2, normalize_columns=False),
+                                 SR3(0.2), SR3(0.2, thresholder="l1")])
+def test_exact_recovery_batched(opt):
+    Theta, dX, Xi = sparse_problem()
+    coef = opt.fit(Theta, dX).coef_
+    assert coef.shape == Xi.shape
+    assert torch.equal(coef != 0, Xi != 0)
+    assert torch.allclose(coef, Xi, atol=1e-6)
+    single = type(opt)(**{k: v for k, v in vars(opt).items() if k in ("threshold",)}).fit(Theta[2], dX[2]).coef_
+    assert single.shape == Xi[2].shape and torch.equal(single != 0, Xi[2] != 0)
+
+
+def test_float32_mask_and_per_problem_threshold():
+    Theta, dX, Xi = sparse_problem(dtype=torch.float32)
+    coef = STLSQ(0.2).fit(Theta, dX).coef_
+    assert coef.dtype == torch.float32 and torch.equal(coef != 0, Xi != 0)
+    assert torch.allclose(coef, Xi, atol=1e-4)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[0] = False
+    assert (STLSQ(0.2).fit(Theta, dX, mask=mask).coef_[:, 0] == 0).all()
+    big = STLSQ(torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 100.0])).fit(Theta, dX).coef_
+    assert (big[5] == 0).all() and torch.equal(big[0] != 0, Xi[0] != 0)
+
+
+def test_ensemble_inclusion_probabilities():
+    Theta, dX, Xi = sparse_problem(B=3, uneven=False)
+    g = torch.Generator().manual_seed(1)
+    noisy = dX + 0.05 * dX.std() * torch.randn(dX.shape, generator=g, dtype=dX.dtype)
+    ens = EnsembleOptimizer(STLSQ(0.2), n_models=40, seed=0).fit(Theta, noisy)
+    p = ens.inclusion_probabilities_
+    assert p.shape == Xi.shape and ens.coefs_.shape == (3, 40, 10, 3)
+    assert (p[Xi != 0] > 0.9).all() and (p[Xi == 0] < 0.1).all()
+    assert torch.equal(ens.coef_ != 0, Xi != 0)
+    assert (ens.coef_ - Xi).abs().max() < 0.05
+    lib = EnsembleOptimizer(SR3(0.2), n_models=30, bagging=False, library_bagging=True, n_drop=2, seed=0)
+    q = lib.fit(Theta[0], dX[0]).inclusion_probabilities_
+    assert q.shape == (10, 3) and ((q >= 0) & (q <= 1)).all()
+    assert (q[Xi[0] != 0] > 0.8).all() and q[Xi[0] == 0].mean() < 0.2
+    thresholded = EnsembleOptimizer(STLSQ(0.2), n_models=10, seed=0, inclusion_threshold=0.99).fit(Theta, noisy)
+    assert (thresholded.coef_[thresholded.inclusion_probabilities_ < 0.99] == 0).all()
+
+
+def test_bad_inputs():
+    Theta, dX, _ = sparse_problem()
+    with pytest.raises(ValueError, match="threshold"):
+        STLSQ(-1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        STLSQ(0.1, alpha=-1)
+    with pytest.raises(ValueError, match="dX: expected shape"):
+        STLSQ().fit(Theta, dX[:, :5])
+    with pytest.raises(ValueError, match="Theta: expected finite"):
+        STLSQ().fit(torch.full_like(Theta, float("nan")), dX)
+    with pytest.raises(TypeError, match="Theta: expected a torch.Tensor"):
+        STLSQ().fit(Theta.numpy(), dX)
+    with pytest.raises(ValueError, match="thresholder"):
+        SR3(thresholder="l2")
+    with pytest.raises(TypeError, match="base"):
+        EnsembleOptimizer(base="stlsq")
+    with pytest.raises(ValueError, match="n_drop"):
+        EnsembleOptimizer(library_bagging=True, n_drop=10).fit(Theta, dX)
