@@ -11,6 +11,15 @@ from torchmech.de.controllers import (
     rms_norm,
 )
 from torchmech.de.events import Event
+from torchmech.de.interpolation import (
+    AbstractInterpolation,
+    CubicHermiteInterpolation,
+    LinearInterpolation,
+    NaturalCubicSpline,
+    RectilinearInterpolation,
+    fill_missing,
+    observational_intensity,
+)
 from torchmech.de.integrate import SaveAt, Solution, Status, solve
 from torchmech.de.solvers import (
     RK4,
@@ -36,4 +45,6 @@ __all__ = [
     "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm",
     "AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint",
     "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
+    "AbstractInterpolation", "LinearInterpolation", "RectilinearInterpolation", "CubicHermiteInterpolation",
+    "NaturalCubicSpline", "fill_missing", "observational_intensity",
 ]
