@@ -1,0 +1,28 @@
+"""Equation discovery: feature libraries, derivative estimators, sparse regression, SINDy, metrics."""
+
+from torchmech.discovery import metrics
+from torchmech.discovery.base import BaseDiscovery, as_trajectories, format_equations, sympy_to_coefficients
+from torchmech.discovery.differentiation import (
+    Differentiator,
+    FiniteDifference,
+    SavitzkyGolay,
+    SmoothingSpline,
+    TotalVariation,
+)
+from torchmech.discovery.library import (
+    ConcatLibrary,
+    CustomLibrary,
+    FourierLibrary,
+    Library,
+    PolynomialLibrary,
+    TensorLibrary,
+)
+from torchmech.discovery.optimizers import SR3, STLSQ, EnsembleOptimizer, SparseOptimizer
+from torchmech.discovery.sindy import SINDy, fit_sindy_batch
+
+__all__ = [
+    "BaseDiscovery", "SINDy", "fit_sindy_batch", "as_trajectories", "format_equations", "sympy_to_coefficients",
+    "Library", "PolynomialLibrary", "FourierLibrary", "CustomLibrary", "ConcatLibrary", "TensorLibrary",
+    "Differentiator", "FiniteDifference", "SavitzkyGolay", "SmoothingSpline", "TotalVariation",
+    "SparseOptimizer", "STLSQ", "SR3", "EnsembleOptimizer", "metrics",
+]

@@ -1,0 +1,143 @@
+"""SINDy: recovery of known systems, data layouts, controls, sympy export, simulation and batching."""
+
+import pytest
+import sympy
+import torch
+
+from torchmech import systems
+from torchmech.discovery import (
+    SINDy,
+    STLSQ,
+    EnsembleOptimizer,
+    FiniteDifference,
+    PolynomialLibrary,
+    fit_sindy_batch,
+    metrics,
+    sympy_to_coefficients,
+)
+
+
+def data(name, n, noise=0.0):
+    s = systems.get(name)
+    t = torch.linspace(*s.t_span, n, dtype=torch.float64)
+    return s, t, systems.simulate(s, t, noise=noise, seed=0)
+
+
+@pytest.mark.parametrize("name, degree, threshold, n", [("lorenz", 2, 0.2, 2000), ("van_der_pol", 3, 0.1, 1000),
+                                                        ("lotka_volterra", 2, 0.1, 1000)])
+def test_recovers_known_systems_from_clean_data(name, degree, threshold, n):
+    s, t, tr = data(name, n)
+    lib = PolynomialLibrary(degree)
+    model = SINDy(lib, FiniteDifference(2), STLSQ(threshold)).fit(tr.x, t, variable_names=list(s.variables))
+    true = s.true_coefficients(lib)
+    assert model.coefficients_.shape == true.shape
+    assert bool(metrics.exact_recovery(model.coefficients_, true))
+    assert float(metrics.coefficient_error(model.coefficients_, true, "max")) < 0.01
+    assert model.complexity == int((true != 0).sum())
+    assert model.feature_names_ == lib.feature_names(list(s.variables))
+
+
+def test_equations_sympy_round_trip_and_score():
+    s, t, tr = data("lorenz", 1500)
+    model = SINDy(optimizer=STLSQ(0.2)).fit(tr.x[0], t)
+    assert model.equations(precision=1)[0] == "x' = -10.0 x + 10.0 y"
+    exprs = model.to_sympy()
+    x, y, z = sympy.symbols("x y z")
+    assert exprs[2].coeff(x * y) == pytest.approx(1.0, rel=1e-2)
+    back = sympy_to_coefficients(exprs, model.library, ["x", "y", "z"])
+    assert torch.allclose(back, model.coefficients_, rtol=1e-12, atol=0)
+    # the sympy form evaluates like predict
+    f = sympy.lambdify((x, y, z), exprs, "math")
+    p = tr.x[0, 100]
+    assert torch.allclose(torch.tensor(f(*p.tolist()), dtype=torch.float64), model.predict(p), rtol=1e-10)
+    assert model.score(tr.x[1], t) > 0.999
+    assert model.score(tr.x[1], t, metric="mse") < 1.0
+
+
+def test_simulate_matches_held_out_data_float32_and_batch():
+    s, t, tr = data("van_der_pol", 800)
+    model = SINDy(PolynomialLibrary(3), optimizer=STLSQ(0.1)).fit(tr.x[0], t)
+    held = tr.x_clean[1]
+    sim = model.simulate(held[0], t)
+    assert sim.shape == held.shape
+    assert float(metrics.trajectory_r2(sim, held)) > 0.999
+    sim32 = model.simulate(tr.x_clean[:, 0].float(), t.float())
+    assert sim32.dtype == torch.float32 and sim32.shape == (2, 800, 2)
+    assert (sim32[1] - held.float()).abs().max() < 1e-2
+    assert model.score(tr.x_clean[1:], t, metric="trajectory_r2") > 0.999
+
+
+def test_data_layouts_agree():
+    s, t, tr = data("lotka_volterra", 600)
+    opt = STLSQ(0.1)
+    a = SINDy(optimizer=opt).fit(tr.x, t).coefficients_  # (B, T, D) batch
+    b = SINDy(optimizer=opt).fit([tr.x[0], tr.x[1]], [t, t]).coefficients_  # list
+    c = SINDy(optimizer=opt).fit(list(tr.x.numpy()), float(t[1] - t[0])).coefficients_  # arrays, time step
+    assert torch.allclose(a, b) and torch.allclose(a, c, atol=1e-8)
+    d = SINDy(optimizer=opt).fit(tr.x_clean[0], t, x_dot=s.vector_field(t, tr.x_clean[0])).coefficients_
+    assert torch.allclose(d, s.true_coefficients(PolynomialLibrary(2)), atol=1e-8)
+
+
+def test_control_input():
+    # x' = -x + u, u(t) = sin(t): the control enters the library as a variable
+    t = torch.linspace(0, 10, 2001, dtype=torch.float64)
+    u = torch.sin(t)[:, None]
+    x = (0.5 * (torch.sin(t) - torch.cos(t)) + 1.5 * torch.exp(-t))[:, None]
+    model = SINDy(PolynomialLibrary(2), FiniteDifference(4), STLSQ(0.05)).fit(x, t, u=u)
+    assert model.feature_names_ == ["1", "x", "u", "x^2", "x*u", "u^2"]
+    assert model.equations(2) == ["x' = -1.00 x + 1.00 u"]
+    sim = model.simulate(x[0], t, u=u)
+    assert (sim - x).abs().max() < 1e-3
+    sim_fn = model.simulate(x[0], t, u=lambda s: torch.sin(s)[:, None])
+    assert (sim_fn - x).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="u: the model was fitted with 1 control"):
+        model.predict(x)
+
+
+def test_ensemble_inclusion_probabilities_exposed():
+    s, t, tr = data("lorenz", 1000, noise=0.01)
+    model = SINDy(optimizer=EnsembleOptimizer(STLSQ(0.5), n_models=20, seed=0)).fit(tr.x, t)
+    p = model.inclusion_probabilities_
+    true = s.true_coefficients(model.library)
+    assert p.shape == true.shape and (p[true != 0] == 1).all()
+    assert bool(metrics.exact_recovery(model.coefficients_, true))
+
+
+def test_batched_independent_problems():
+    # two Lotka-Volterra parameter sets and one damped oscillator (all D = 2) in one call
+    t = torch.linspace(0, 10, 1000, dtype=torch.float64)
+    lv = systems.simulate("lotka_volterra", t, y0=[[5.0, 2.0], [5.0, 2.0]], params={"alpha": torch.tensor([1.5, 1.0])})
+    osc = systems.simulate("damped_oscillator", t, y0=[1.0, 0.0])
+    x = torch.cat([lv.x, osc.x[None]])
+    lib = PolynomialLibrary(2)
+    C = fit_sindy_batch(x, t, lib, FiniteDifference(2), STLSQ(0.05))
+    assert C.shape == (3, 2, 6)
+    true = torch.stack([systems.get("lotka_volterra").true_coefficients(lib, params={"alpha": a}) for a in (1.5, 1.0)]
+                       + [systems.get("damped_oscillator").true_coefficients(lib)])
+    assert metrics.exact_recovery(C, true).all()
+    assert (metrics.coefficient_error(C, true, "max") < 0.01).all()
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="optimizer"):
+        SINDy(optimizer="stlsq")
+    with pytest.raises(TypeError, match="library"):
+        SINDy(library=PolynomialLibrary)
+    model = SINDy()
+    with pytest.raises(RuntimeError, match="call fit"):
+        model.equations()
+    with pytest.raises(ValueError, match=r"t: expected shape \(50,\)"):
+        model.fit(torch.randn(50, 2), torch.arange(40.0))
+    with pytest.raises(ValueError, match="x\\[0\\]: expected finite"):
+        model.fit(torch.full((50, 2), float("nan")), 0.1)
+    with pytest.raises(ValueError, match="fewer than the 10 library features"):
+        model.fit(torch.randn(5, 3), 0.1)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        model.fit(torch.randn(50), 0.1)
+    with pytest.raises(ValueError, match="variable_names: expected 2 names"):
+        model.fit(torch.randn(50, 2), 0.1, variable_names=["a"])
+    model.fit(torch.randn(50, 2, dtype=torch.float64), 0.1)
+    with pytest.raises(ValueError, match=r"x0: expected shape \(2,\)"):
+        model.simulate(torch.zeros(3), torch.linspace(0, 1, 5))
+    with pytest.raises(ValueError, match="metric"):
+        model.score(torch.randn(50, 2), 0.1, metric="aic")
