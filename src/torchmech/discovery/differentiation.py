@@ -169,6 +169,12 @@ def _series(x: torch.Tensor, t: torch.Tensor):
     return xs, ts
 
 
+def _progress(n: int, show: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(range(n), desc=desc, disable=not show, leave=False)
+
+
 def _unseries(d: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     out = torch.from_numpy(np.ascontiguousarray(d)).reshape(shape[:-2] + (shape[-1], shape[-2])).movedim(-1, -2)
@@ -181,13 +187,15 @@ class SmoothingSpline(Differentiator):
     Args:
         lam: smoothing parameter (>= 0); ``None`` chooses it per series by generalised
             cross-validation.
+        progress: show a tqdm bar over the series.
 
     Runs on CPU in float64 (one spline per series); the result follows ``x``'s dtype/device.
     """
 
     min_points = 5
 
-    def __init__(self, lam: float | None = None):
+    def __init__(self, lam: float | None = None, progress: bool = False):
+        self.progress = bool(progress)
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0):
             raise ValueError(f"lam: expected None or a number >= 0, got {lam!r}")
         self.lam = lam
@@ -197,7 +205,7 @@ class SmoothingSpline(Differentiator):
 
         xs, ts = _series(x, t)
         out = np.empty_like(xs)
-        for i in range(xs.shape[0]):
+        for i in _progress(xs.shape[0], self.progress, "smoothing splines"):
             spl = make_smoothing_spline(ts[i], xs[i], lam=self.lam)
             out[i] = spl.derivative()(ts[i])
         return _unseries(out, x)
@@ -225,13 +233,16 @@ class TotalVariation(Differentiator):
         max_iter: maximal lagged-diffusivity iterations.
         tol: stop when the relative change of y is below ``tol``.
         eps: smoothing of |.| in the TV term, relative to the largest |u_{i+1} - u_i| of the data.
+        progress: show a tqdm bar over the series.
 
     Runs on CPU in float64 (scipy banded solver per series); the result follows ``x``.
     """
 
     min_points = 3
 
-    def __init__(self, alpha: float = 1e-3, max_iter: int = 100, tol: float = 1e-8, eps: float = 1e-6):
+    def __init__(self, alpha: float = 1e-3, max_iter: int = 100, tol: float = 1e-8, eps: float = 1e-6,
+                 progress: bool = False):
+        self.progress = bool(progress)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
             raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -296,7 +307,7 @@ class TotalVariation(Differentiator):
     def _differentiate(self, x, t):
         xs, ts = _series(x, t)
         out = np.empty_like(xs)
-        for i in range(xs.shape[0]):
+        for i in _progress(xs.shape[0], self.progress, "TV differentiation"):
             out[i] = self._one(xs[i], ts[i])
         return _unseries(out, x)
 
