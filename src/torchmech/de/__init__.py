@@ -28,18 +28,25 @@ from torchmech.de.solvers import (
     ButcherTableau,
     Dopri5,
     Dopri8,
+    SRA1,
+    AbstractSDESolver,
     Euler,
+    EulerHeun,
+    EulerMaruyama,
     ExplicitRK,
+    Milstein,
+    ReversibleHeun,
+    StochasticHeun,
     Heun,
     Midpoint,
     Ralston,
     Tsit5,
 )
-from torchmech.de.terms import AbstractTerm, ControlTerm, MultiTerm, ODETerm
+from torchmech.de.terms import AbstractTerm, ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = [
     "solve", "SaveAt", "Solution", "Status", "Event",
-    "AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm",
+    "AbstractTerm", "ODETerm", "ControlTerm", "DiagonalControlTerm", "MultiTerm",
     "AbstractSolver", "ButcherTableau", "ExplicitRK",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
     "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm",
@@ -47,4 +54,5 @@ __all__ = [
     "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
     "AbstractInterpolation", "LinearInterpolation", "RectilinearInterpolation", "CubicHermiteInterpolation",
     "NaturalCubicSpline", "fill_missing", "observational_intensity",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "EulerHeun", "SRA1", "ReversibleHeun",
 ]

@@ -286,6 +286,9 @@ class _Integrator:
                                                  lambda t, y: self.deriv(t, y))
         dt = torch.where(done, torch.zeros_like(dt), dt)
         nfev = torch.where(done & finite0, zeros_i, zeros_i + 1 + extra)
+        init_vf = getattr(self.solver, "init_vf", None)  # solvers with extra state (ReversibleHeun)
+        if init_vf is not None:
+            vf0 = init_vf(y0, vf0)
         state = {
             "t": t0, "y": y0, "dt": dt, "vf": vf0, "done": done, "status": status,
             "num_steps": zeros_i, "num_accepted": zeros_i, "num_rejected": zeros_i, "num_fevals": nfev,

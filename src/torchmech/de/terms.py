@@ -9,7 +9,7 @@ from torch import Tensor
 
 from torchmech.de._tree import bcast
 
-__all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm"]
+__all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "DiagonalControlTerm", "MultiTerm"]
 
 
 class AbstractTerm:
@@ -123,6 +123,25 @@ class ControlTerm(AbstractTerm):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.f] if isinstance(self.f, torch.nn.Module) else []
+
+
+class DiagonalControlTerm(ControlTerm):
+    """The term ``g(t, y, args) * dX(t)`` with an elementwise product (diagonal noise).
+
+    Args:
+        f: callable ``f(t, y, args)`` returning the diagonal of the matrix per sample, shape
+            (B, *state), the same shape as ``y``.
+        control: as :class:`ControlTerm`, with increments of shape (B, *state).
+    """
+
+    def prod(self, vf: Tensor, control: Tensor) -> Tensor:
+        """Elementwise product ``vf * dX``, both (B, *state)."""
+        if control.shape != vf.shape:
+            raise ValueError(
+                "DiagonalControlTerm: diagonal noise needs the control increment to have the state's shape "
+                f"{tuple(vf.shape)} (g(t, y) shape), got {tuple(control.shape)}"
+            )
+        return vf * control
 
 
 class MultiTerm(AbstractTerm):

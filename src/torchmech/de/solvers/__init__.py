@@ -11,9 +11,19 @@ from torchmech.de.solvers.explicit import (
     Ralston,
     Tsit5,
 )
+from torchmech.de.solvers.sde import (
+    SRA1,
+    AbstractSDESolver,
+    EulerHeun,
+    EulerMaruyama,
+    Milstein,
+    ReversibleHeun,
+    StochasticHeun,
+)
 from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, StepResult
 
 __all__ = [
     "AbstractSolver", "ButcherTableau", "ExplicitRK", "StepResult",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "EulerHeun", "SRA1", "ReversibleHeun",
 ]

@@ -1,0 +1,253 @@
+"""SDE solvers: Euler-Maruyama, Milstein, stochastic Heun, Euler-Heun, SRA1 and Reversible Heun.
+
+Every solver here works on ``MultiTerm(ODETerm(drift), ControlTerm(diffusion, brownian))``:
+``dy = f(t, y) dt + g(t, y) dW``. Noise types are expressed by the diffusion term:
+
+- general: ``ControlTerm(g, bm)`` with ``g(t, y, args)`` of shape (B, *state, m), ``bm`` of shape (B, m);
+- scalar: the general case with ``m = 1``;
+- additive: general (or diagonal) with ``g`` independent of ``y``;
+- diagonal: ``DiagonalControlTerm(g, bm)`` with ``g`` and ``bm`` both of shape (B, *state).
+
+Each solver has ``sde_type`` ("ito", "stratonovich", or "any" where both coincide, as for
+additive noise) saying which calculus it converges to. All are fixed-step (``ConstantStep`` or
+``StepTo``); the dense output between steps is linear.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchmech.de.solvers.rk import AbstractSolver, StepResult
+from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
+
+__all__ = [
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "EulerHeun", "SRA1", "ReversibleHeun",
+]
+
+
+def sde_terms(terms: Any, solver: str) -> tuple[ODETerm, ControlTerm]:
+    """Split ``MultiTerm(ODETerm(f), ControlTerm(g, bm))`` into (drift, diffusion) or raise TypeError."""
+    if (isinstance(terms, MultiTerm) and len(terms.terms) == 2 and isinstance(terms.terms[0], ODETerm)
+            and isinstance(terms.terms[1], ControlTerm)):
+        return terms.terms[0], terms.terms[1]
+    got = type(terms).__name__
+    if isinstance(terms, MultiTerm):
+        got += "(" + ", ".join(type(t).__name__ for t in terms.terms) + ")"
+    raise TypeError(f"{solver}: terms must be MultiTerm(ODETerm(drift), ControlTerm(diffusion, brownian)) "
+                    f"(or DiagonalControlTerm for diagonal noise), got {got}")
+
+
+class AbstractSDESolver(AbstractSolver):
+    """Base of the SDE solvers: fixed step, no error estimate, linear dense output.
+
+    Attributes:
+        sde_type: "ito", "stratonovich" or "any".
+        strong_order, weak_order: convergence orders for the noise types the solver supports
+            (general multidimensional noise may be lower: see each solver).
+    """
+
+    sde_type: str = "ito"
+    strong_order: float = 0.5
+    weak_order: float = 1.0
+    error_order = None
+    order = 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EulerMaruyama(AbstractSDESolver):
+    """Euler-Maruyama, ``y1 = y0 + f h + g dW`` (Ito). Strong order 0.5 (1.0 for additive noise),
+    weak order 1. Any noise type. One drift and one diffusion evaluation per step."""
+
+    sde_type = "ito"
+    strong_order = 0.5
+    weak_order = 1.0
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        sde_terms(terms, "EulerMaruyama")
+        control = terms.contr(t0, t1)
+        y1 = y0 + terms.prod(vf0, control)
+        vf1 = terms.vf(t1, y1, args)
+        return StepResult(y1, None, vf1, (y1 - y0,), 1)
+
+
+class Milstein(AbstractSDESolver):
+    """Milstein's method for diagonal noise, Ito or Stratonovich. Strong order 1, weak order 1.
+
+    ``y1 = y0 + f h + g dW + 1/2 g (dg/dy) (dW^2 - h)`` (Ito) or ``... + 1/2 g (dg/dy) dW^2``
+    (Stratonovich), elementwise, where ``g (dg/dy)`` is a vector-Jacobian product of ``g`` with
+    itself (exact for diagonal noise, in which ``g_i`` depends on ``y_i`` only). Needs a
+    :class:`~torchmech.de.terms.DiagonalControlTerm` diffusion differentiable in ``y``.
+
+    Args:
+        sde_type: "ito" (default) or "stratonovich".
+    """
+
+    strong_order = 1.0
+    weak_order = 1.0
+
+    def __init__(self, sde_type: str = "ito"):
+        if sde_type not in ("ito", "stratonovich"):
+            raise ValueError(f"Milstein: sde_type must be 'ito' or 'stratonovich', got {sde_type!r}")
+        self.sde_type = sde_type
+
+    def __repr__(self) -> str:
+        return f"Milstein(sde_type={self.sde_type!r})"
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        drift, diff = sde_terms(terms, "Milstein")
+        if not isinstance(diff, DiagonalControlTerm):
+            raise TypeError("Milstein: only diagonal noise is supported; use DiagonalControlTerm(g, bm) with g and "
+                            f"bm of the state's shape (got {type(diff).__name__})")
+        h, dW = terms.contr(t0, t1)
+        f0, g0 = vf0
+        with torch.enable_grad():
+            yy = y0 if y0.requires_grad else y0.detach().requires_grad_(True)
+            g = diff.vf(t0, yy, args)
+            (gdg,) = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=torch.is_grad_enabled(),
+                                         allow_unused=True)
+        if gdg is None:  # g independent of y
+            gdg = torch.zeros_like(y0)
+        corr = dW * dW
+        if self.sde_type == "ito":
+            corr = corr - h.reshape(h.shape + (1,) * (dW.dim() - 1))
+        y1 = y0 + drift.prod(f0, h) + diff.prod(g0, dW) + 0.5 * gdg * corr
+        vf1 = terms.vf(t1, y1, args)
+        return StepResult(y1, None, vf1, (y1 - y0,), 2)
+
+
+class StochasticHeun(AbstractSDESolver):
+    """Heun's method (explicit trapezoid on drift and diffusion), converging to the Stratonovich
+    solution. Strong order 1 for commutative (e.g. diagonal, scalar, additive) noise, 0.5 in
+    general; weak order 1. Two evaluations per step."""
+
+    sde_type = "stratonovich"
+    strong_order = 1.0
+    weak_order = 1.0
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        sde_terms(terms, "StochasticHeun")
+        control = terms.contr(t0, t1)
+        k0 = terms.prod(vf0, control)
+        vf_p = terms.vf(t1, y0 + k0, args)
+        y1 = y0 + 0.5 * (k0 + terms.prod(vf_p, control))
+        vf1 = terms.vf(t1, y1, args)
+        return StepResult(y1, None, vf1, (y1 - y0,), 2)
+
+
+class EulerHeun(AbstractSDESolver):
+    """Euler-Heun: Euler on the drift, Heun on the diffusion (Stratonovich).
+
+    ``y' = y0 + g0 dW``, ``y1 = y0 + f0 h + (g0 + g(t1, y')) dW / 2``. Strong order 0.5 in
+    general, 1 for commutative noise. One drift and two diffusion evaluations per step.
+    """
+
+    sde_type = "stratonovich"
+    strong_order = 0.5
+    weak_order = 1.0
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        drift, diff = sde_terms(terms, "EulerHeun")
+        h, dW = terms.contr(t0, t1)
+        f0, g0 = vf0
+        gdW = diff.prod(g0, dW)
+        g_p = diff.vf(t1, y0 + gdW, args)
+        y1 = y0 + drift.prod(f0, h) + 0.5 * (gdW + diff.prod(g_p, dW))
+        vf1 = terms.vf(t1, y1, args)
+        return StepResult(y1, None, vf1, (y1 - y0,), 2)
+
+
+class SRA1(AbstractSDESolver):
+    """Rossler's SRA1 stochastic Runge-Kutta method for additive noise (strong order 1.5, weak 2).
+
+    Uses the space-time Levy area ``H`` of the Brownian motion (build it with
+    ``levy_area="space-time"``): with ``I10/h = dW/2 + H``,
+
+    ``H2 = y0 + 3/4 f(t0, y0) h + 3/2 g(t1) I10/h``,
+    ``y1 = y0 + (f(t0, y0)/3 + 2 f(t0 + 3h/4, H2)/3) h + g(t1) (dW - I10/h) + g(t0) I10/h``.
+
+    The diffusion must not depend on ``y`` (additive noise); it may depend on ``t``.
+    Ito and Stratonovich coincide for additive noise (``sde_type = "any"``).
+    """
+
+    sde_type = "any"
+    strong_order = 1.5
+    weak_order = 2.0
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        drift, diff = sde_terms(terms, "SRA1")
+        bm = diff.control
+        if not getattr(bm, "has_levy_area", False):
+            raise ValueError("SRA1: the Brownian motion must provide the space-time Levy area; build it with "
+                             "levy_area='space-time'")
+        h = t1 - t0
+        W, H = bm.evaluate(t0, t1, levy_area=True)
+        i10 = 0.5 * W + H  # I10 / h
+        f0, g0 = vf0
+        g1 = diff.vf(t1, y0, args)
+        H2 = y0 + drift.prod(f0, 0.75 * h) + 1.5 * diff.prod(g1, i10)
+        f2 = drift.vf(t0 + 0.75 * h, H2, args)
+        y1 = (y0 + drift.prod(f0 / 3.0 + (2.0 / 3.0) * f2, h) + diff.prod(g1, W - i10) + diff.prod(g0, i10))
+        vf1 = terms.vf(t1, y1, args)
+        return StepResult(y1, None, vf1, (y1 - y0,), 3)
+
+
+class _RevState(tuple):
+    """(vector field at (t, y_hat), y_hat): Reversible Heun's extra state, carried in the vf slot."""
+
+    __slots__ = ()
+
+
+class ReversibleHeun(AbstractSDESolver):
+    """Reversible Heun (Kidger et al., 2021), Stratonovich; algebraically reversible.
+
+    Carries ``(y, y_hat)``; with ``y_hat_0 = y_0`` and ``v(t, z) = f(t, z) dt + g(t, z) dW``:
+    ``y_hat_{n+1} = 2 y_n - y_hat_n + v(t_n, y_hat_n)``,
+    ``y_{n+1} = y_n + (v(t_n, y_hat_n) + v(t_{n+1}, y_hat_{n+1})) / 2``.
+    The step can be inverted exactly (up to round-off), which
+    :class:`~torchmech.de.reversible_adjoint.ReversibleAdjoint` uses for O(1)-memory exact
+    gradients. Strong order 0.5 in general (1 for additive noise), weak order 1; one evaluation
+    of drift and diffusion per step. Also a second-order method for ODEs (``ODETerm``).
+    """
+
+    sde_type = "stratonovich"
+    strong_order = 0.5
+    weak_order = 1.0
+
+    @staticmethod
+    def init_vf(y0: Tensor, vf0: Any) -> _RevState:
+        """Initial extra state: ``y_hat_0 = y_0`` with its vector field (called by the solve loop)."""
+        return _RevState((vf0, y0))
+
+    @staticmethod
+    def split_state(y0: Tensor, vf0: Any) -> tuple[Any, Tensor]:
+        """(vector field at y_hat, y_hat) from the loop's cached ``vf0``."""
+        if isinstance(vf0, _RevState):
+            return vf0[0], vf0[1]
+        return vf0, y0
+
+    def forward_step(self, terms, t0, t1, y0, z0, vz0, args, control):
+        """One step from ``(y0, y_hat0)`` with ``vz0 = vf(t0, y_hat0)``; returns (y1, z1, vz1)."""
+        k0 = terms.prod(vz0, control)
+        z1 = 2 * y0 - z0 + k0
+        vz1 = terms.vf(t1, z1, args)
+        y1 = y0 + 0.5 * (k0 + terms.prod(vz1, control))
+        return y1, z1, vz1
+
+    def backward_step(self, terms, t0, t1, y1, z1, vz1, args, control):
+        """Exact inverse of :meth:`forward_step`: from (y1, y_hat1, vf1) to (y0, y_hat0, vf0)."""
+        k1 = terms.prod(vz1, control)
+        z0 = 2 * y1 - z1 - k1
+        vz0 = terms.vf(t0, z0, args)
+        y0 = y1 - 0.5 * (terms.prod(vz0, control) + k1)
+        return y0, z0, vz0
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        vz0, z0 = self.split_state(y0, vf0)
+        control = terms.contr(t0, t1)
+        y1, z1, vz1 = self.forward_step(terms, t0, t1, y0, z0, vz0, args, control)
+        return StepResult(y1, None, _RevState((vz1, z1)), (y1 - y0,), 1)
