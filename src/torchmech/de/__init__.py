@@ -42,6 +42,7 @@ from torchmech.de.solvers import (
     Ralston,
     Tsit5,
 )
+from torchmech.de.reversible_adjoint import ReversibleAdjoint
 from torchmech.de.terms import AbstractTerm, ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = [
@@ -50,7 +51,7 @@ __all__ = [
     "AbstractSolver", "ButcherTableau", "ExplicitRK",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
     "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm",
-    "AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint",
+    "AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint", "ReversibleAdjoint",
     "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
     "AbstractInterpolation", "LinearInterpolation", "RectilinearInterpolation", "CubicHermiteInterpolation",
     "NaturalCubicSpline", "fill_missing", "observational_intensity",
