@@ -8,7 +8,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 from torchmech import de, mnn
-from torchmech.de import SaveAt, solve
+from torchmech.de import SaveAt, cdeint, solve
 from torchmech.mnn import MechanisticBlock, solve_linear_ode
 
-__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "solve_linear_ode", "MechanisticBlock"]
+__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "cdeint", "solve_linear_ode", "MechanisticBlock"]

@@ -2,6 +2,7 @@
 
 from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
 from torchmech.de.brownian import AbstractBrownian, BrownianIncrement, BrownianInterval, VirtualBrownianTree
+from torchmech.de.cde import cdeint
 from torchmech.de.controllers import (
     AbstractController,
     ConstantStep,
@@ -46,7 +47,7 @@ from torchmech.de.reversible_adjoint import ReversibleAdjoint
 from torchmech.de.terms import AbstractTerm, ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = [
-    "solve", "SaveAt", "Solution", "Status", "Event",
+    "solve", "SaveAt", "Solution", "Status", "Event", "cdeint",
     "AbstractTerm", "ODETerm", "ControlTerm", "DiagonalControlTerm", "MultiTerm",
     "AbstractSolver", "ButcherTableau", "ExplicitRK",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",

@@ -1,0 +1,82 @@
+"""torchcde-style entry points (``import torchmech.compat.torchcde as torchcde``) over torchmech.de.
+
+Coefficient functions return packed tensors as torchcde does, and the interpolation classes take
+them back: ``X = CubicSpline(natural_cubic_coeffs(x, t), t)``; then ``cdeint(X, func, z0, X.interval)``.
+Packed layouts: linear -> the NaN-filled data (..., T, C); cubic -> (..., T-1, 4C) holding the
+per-piece polynomial coefficients ``a, b, c, d`` of ``a + b u + c u^2 + d u^3``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchmech.de.cde import cdeint
+from torchmech.de.interpolation import (
+    AbstractInterpolation,
+    CubicHermiteInterpolation,
+    NaturalCubicSpline,
+    _check_data,
+    fill_missing,
+)
+from torchmech.de.interpolation import LinearInterpolation as _Linear
+
+__all__ = [
+    "cdeint", "linear_interpolation_coeffs", "natural_cubic_coeffs", "natural_cubic_spline_coeffs",
+    "hermite_cubic_coefficients_with_backward_differences", "LinearInterpolation", "CubicSpline",
+]
+
+
+def _times(t, x):
+    T = x.shape[-2]
+    return torch.arange(T, dtype=x.dtype, device=x.device) if t is None else torch.as_tensor(t).to(x)
+
+
+def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """(..., T, C) data with NaNs filled by linear interpolation (the linear path's coefficients)."""
+    ts, x = _check_data(_times(t, x), x, "linear_interpolation_coeffs")
+    return fill_missing(ts, x)
+
+
+def _pack(X: AbstractInterpolation) -> Tensor:
+    return torch.cat([X.a, X.b, X.c, X.d], dim=-1)
+
+
+def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """Natural cubic spline coefficients (..., T-1, 4C) of data (..., T, C) (NaN = missing)."""
+    return _pack(NaturalCubicSpline(_times(t, x), x))
+
+
+natural_cubic_spline_coeffs = natural_cubic_coeffs
+
+
+def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """Cubic Hermite (backward differences) coefficients (..., T-1, 4C) of data (..., T, C)."""
+    return _pack(CubicHermiteInterpolation(_times(t, x), x))
+
+
+class LinearInterpolation(_Linear):
+    """torchcde's ``LinearInterpolation(coeffs, t=None)`` from :func:`linear_interpolation_coeffs`."""
+
+    def __init__(self, coeffs: Tensor, t: Tensor | None = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"LinearInterpolation: unsupported arguments {sorted(kwargs)}")
+        super().__init__(_times(t, coeffs), coeffs)
+
+
+class CubicSpline(AbstractInterpolation):
+    """torchcde's ``CubicSpline(coeffs, t=None)`` from packed cubic coefficients (..., T-1, 4C)."""
+
+    def __init__(self, coeffs: Tensor, t: Tensor | None = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"CubicSpline: unsupported arguments {sorted(kwargs)}")
+        if not isinstance(coeffs, Tensor) or coeffs.dim() < 2 or coeffs.shape[-1] % 4:
+            raise ValueError("CubicSpline: coeffs must have shape (..., T-1, 4C) from natural_cubic_coeffs or "
+                             f"hermite_cubic_coefficients_with_backward_differences, got "
+                             f"{tuple(coeffs.shape) if isinstance(coeffs, Tensor) else type(coeffs).__name__}")
+        T = coeffs.shape[-2] + 1
+        ts = torch.arange(T, dtype=coeffs.dtype, device=coeffs.device) if t is None else torch.as_tensor(t).to(coeffs)
+        if ts.shape != (T,):
+            raise ValueError(f"CubicSpline: t must have shape ({T},), got {tuple(ts.shape)}")
+        self.ts = ts
+        self.a, self.b, self.c, self.d = coeffs.chunk(4, dim=-1)
