@@ -10,5 +10,6 @@ except PackageNotFoundError:  # running from a source tree without installation
 from torchmech import de, mnn
 from torchmech.de import SaveAt, cdeint, solve
 from torchmech.mnn import MechanisticBlock, solve_linear_ode
+from torchmech.compat.torchsde import sdeint, sdeint_adjoint
 
-__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "cdeint", "solve_linear_ode", "MechanisticBlock"]
+__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "cdeint", "sdeint", "sdeint_adjoint", "solve_linear_ode", "MechanisticBlock"]

@@ -51,7 +51,11 @@ class ReversibleAdjoint(AbstractAdjoint):
             params = [p for p in self.adjoint_params if isinstance(p, torch.Tensor)]
         else:
             params = [p for m in integ.terms.modules() for p in m.parameters() if p.requires_grad]
-        seen = {id(p) for p in params}
+        uniq: dict = {}
+        for p in params:  # drift and diffusion may share a module: count each tensor once
+            uniq.setdefault(id(p), p)
+        params = list(uniq.values())
+        seen = set(uniq)
         for leaf in tree_leaves(integ.args):
             if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
                 params.append(leaf)

@@ -1,0 +1,236 @@
+"""torchsde-style entry points (``import torchmech.compat.torchsde as torchsde``) over torchmech.de.solve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchmech.de.adjoint import CheckpointAdjoint, DirectAdjoint
+from torchmech.de.brownian import AbstractBrownian, BrownianInterval, VirtualBrownianTree
+from torchmech.de.controllers import StepTo
+from torchmech.de.integrate import SaveAt, solve
+from torchmech.de.reversible_adjoint import ReversibleAdjoint
+from torchmech.de.solvers.sde import SRA1, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
+from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
+
+__all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "VirtualBrownianTree"]
+
+_NOISE = ("diagonal", "scalar", "additive", "general")
+_METHODS = ("euler", "milstein", "srk", "euler_heun", "heun", "reversible_heun")
+
+
+def _make_solver(method: str, sde_type: str, noise_type: str):
+    if method == "midpoint":
+        raise ValueError("sdeint: method 'midpoint' is not implemented; use 'heun' or 'reversible_heun' "
+                         "(Stratonovich) instead")
+    if method not in _METHODS:
+        raise ValueError(f"sdeint: unknown method {method!r}; expected one of {list(_METHODS)}")
+    if method == "milstein":
+        if noise_type != "diagonal":
+            raise ValueError(f"sdeint: method 'milstein' supports noise_type 'diagonal' only, got {noise_type!r}")
+        return Milstein(sde_type)
+    if method == "srk" and noise_type != "additive":
+        raise ValueError(f"sdeint: method 'srk' (SRA1) supports noise_type 'additive' only, got {noise_type!r}")
+    solver = {"euler": EulerMaruyama, "srk": SRA1, "euler_heun": EulerHeun, "heun": StochasticHeun,
+              "reversible_heun": ReversibleHeun}[method]()
+    if solver.sde_type not in ("any", sde_type):
+        raise ValueError(f"sdeint: method {method!r} solves {solver.sde_type} SDEs but sde.sde_type is {sde_type!r}")
+    return solver
+
+
+def _grid(ts: Tensor, dt: float) -> Tensor:
+    """Steps of size dt from each ts[i] to ts[i+1] (the last one shortened), as torchsde does."""
+    pts = [float(ts[0])]
+    for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        k = 1
+        while a + k * dt < b - 1e-12 * max(1.0, abs(b)):
+            pts.append(a + k * dt)
+            k += 1
+        pts.append(b)
+    return torch.tensor(pts, dtype=torch.float64)
+
+
+class _Fn(torch.nn.Module):
+    """Wraps sde.f / sde.g (torchsde signature f(t, y), scalar t) as f(t, y, args) with (B,) t."""
+
+    def __init__(self, sde: torch.nn.Module, name: str):
+        super().__init__()
+        self.sde, self.name = sde, name
+
+    def forward(self, t, y, args):
+        tt = t[0] if bool((t == t[0]).all()) else t
+        return getattr(self.sde, self.name)(tt, y)
+
+
+class _LogQP(torch.nn.Module):
+    """Drift and diffusion of ``[y, log_ratio]`` with ``d log_ratio = |(f - h) / g|^2 / 2 dt``."""
+
+    def __init__(self, sde, names):
+        super().__init__()
+        self.sde, self.names = sde, names
+
+    def drift(self, t, z, args):
+        tt = t[0] if bool((t == t[0]).all()) else t
+        y = z[:, :-1]
+        f = getattr(self.sde, self.names["drift"])(tt, y)
+        h = getattr(self.sde, self.names["prior_drift"])(tt, y)
+        g = getattr(self.sde, self.names["diffusion"])(tt, y)
+        u = (f - h) / g
+        return torch.cat([f, 0.5 * (u * u).sum(-1, keepdim=True)], dim=-1)
+
+    def diffusion(self, t, z, args):
+        tt = t[0] if bool((t == t[0]).all()) else t
+        g = getattr(self.sde, self.names["diffusion"])(tt, z[:, :-1])
+        return torch.cat([g, torch.zeros_like(g[:, :1])], dim=-1)
+
+
+def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
+    if not isinstance(sde, torch.nn.Module):
+        raise TypeError(f"sdeint: sde must be an nn.Module with f and g, got {type(sde).__name__}")
+    sde_type = getattr(sde, "sde_type", None)
+    noise_type = getattr(sde, "noise_type", None)
+    if sde_type not in ("ito", "stratonovich"):
+        raise ValueError(f"sdeint: sde.sde_type must be 'ito' or 'stratonovich', got {sde_type!r}")
+    if noise_type not in _NOISE:
+        raise ValueError(f"sdeint: sde.noise_type must be one of {_NOISE}, got {noise_type!r}")
+    names = {"drift": "f", "diffusion": "g", "prior_drift": "h", **(names or {})}
+    for key in ("drift", "diffusion"):
+        if not hasattr(sde, names[key]):
+            raise ValueError(f"sdeint: sde has no method {names[key]!r} ({key})")
+    if adaptive:
+        raise ValueError("sdeint: adaptive=True is not supported; use fixed steps (dt)")
+    if not isinstance(y0, Tensor) or y0.dim() != 2:
+        raise ValueError(f"sdeint: y0 must have shape (batch, state), got "
+                         f"{tuple(y0.shape) if isinstance(y0, Tensor) else type(y0).__name__}")
+    ts = torch.as_tensor(ts, dtype=y0.dtype, device=y0.device)
+    if ts.dim() != 1 or ts.shape[0] < 2 or not bool((ts.diff() > 0).all()):
+        raise ValueError(f"sdeint: ts must be strictly increasing of shape (T,) with T >= 2, got {tuple(ts.shape)}")
+    if method is None:
+        method = "srk" if noise_type == "additive" else ("euler" if sde_type == "ito" else "heun")
+    solver = _make_solver(method, sde_type, noise_type)
+    B, d = y0.shape
+    with torch.no_grad():
+        g0 = getattr(sde, names["diffusion"])(ts[0], y0)
+    if noise_type == "diagonal":
+        if g0.shape != y0.shape:
+            raise ValueError(f"sdeint: diagonal noise needs g(t, y) of shape {tuple(y0.shape)}, got {tuple(g0.shape)}")
+        m = d
+    else:
+        if g0.dim() != 3 or g0.shape[:2] != y0.shape:
+            raise ValueError(f"sdeint: {noise_type} noise needs g(t, y) of shape (batch, state, brownian) = "
+                             f"({B}, {d}, m), got {tuple(g0.shape)}")
+        m = g0.shape[2]
+        if noise_type == "scalar" and m != 1:
+            raise ValueError(f"sdeint: scalar noise needs g(t, y) of shape ({B}, {d}, 1), got {tuple(g0.shape)}")
+    if bm is None:
+        bm = BrownianInterval(float(ts[0]), float(ts[-1]), (B, m), dtype=y0.dtype, device=y0.device,
+                              levy_area="space-time" if method == "srk" else None)
+    if not isinstance(bm, AbstractBrownian):
+        raise TypeError(f"sdeint: bm must be a torchmech BrownianInterval/VirtualBrownianTree, got {type(bm).__name__}")
+    if bm.shape != (B, m):
+        raise ValueError(f"sdeint: bm.shape must be ({B}, {m}), got {bm.shape}")
+    if logqp:
+        if noise_type != "diagonal":
+            raise ValueError("sdeint: logqp=True supports diagonal noise only")
+        if not hasattr(sde, names["prior_drift"]):
+            raise ValueError(f"sdeint: logqp=True needs the prior drift method {names['prior_drift']!r}")
+        lq = _LogQP(sde, names)
+        bm_aug = _Padded(bm)
+        terms = MultiTerm(ODETerm(lq.drift), DiagonalControlTerm(lq.diffusion, bm_aug))
+        y0 = torch.cat([y0, torch.zeros_like(y0[:, :1])], dim=-1)
+    else:
+        drift = _Fn(sde, names["drift"])
+        diff = _Fn(sde, names["diffusion"])
+        diff_term = DiagonalControlTerm(diff, bm) if noise_type == "diagonal" else ControlTerm(diff, bm)
+        terms = MultiTerm(ODETerm(drift), diff_term)
+    grid = _grid(ts.detach().cpu().double(), float(dt)).to(dtype=y0.dtype, device=y0.device)
+    return terms, solver, y0, ts, grid
+
+
+class _Padded:
+    """A Brownian motion with one extra zero channel (for the log-ratio state of logqp)."""
+
+    def __init__(self, bm):
+        self.bm = bm
+
+    def evaluate(self, t0, t1=None):
+        w = self.bm.evaluate(t0, t1)
+        return torch.cat([w, torch.zeros_like(w[:, :1])], dim=-1)
+
+
+def _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint):
+    terms, solver, y0a, ts, grid = _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp)
+    sol = solve(terms, solver, float(ts[0]), float(ts[-1]), y0a, controller=StepTo(grid),
+                saveat=SaveAt(ts=ts), adjoint=adjoint, max_steps=grid.shape[0] + 1)
+    ys = sol.ys.transpose(0, 1)  # (T, B, d) time-first as torchsde
+    if logqp:
+        lr = ys[..., -1]
+        ys = ys[..., :-1]
+        out = (ys, lr.diff(dim=0))  # (T-1, B) KL per output interval
+    else:
+        out = ys
+    if extra:
+        return (*out, sol) if isinstance(out, tuple) else (out, sol)
+    return out
+
+
+def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = None, dt: float = 1e-3,
+           adaptive: bool = False, rtol: float = 1e-5, atol: float = 1e-4, dt_min: float = 1e-5,
+           options: dict | None = None, names: dict | None = None, logqp: bool = False, extra: bool = False):
+    """Solve an SDE given as a torchsde-style module; gradients by direct backpropagation.
+
+    Args:
+        sde: ``nn.Module`` with ``sde_type`` ("ito"/"stratonovich"), ``noise_type`` ("diagonal",
+            "scalar", "additive", "general"), ``f(t, y)`` (drift, (B, d)) and ``g(t, y)``
+            (diffusion: (B, d) for diagonal noise, else (B, d, m)); ``h(t, y)`` (prior drift)
+            for ``logqp``. ``t`` is a 0-d tensor.
+        y0: (B, d) initial state.
+        ts: (T,) increasing output times; the solve starts at ``ts[0]``.
+        bm: a :class:`~torchmech.de.brownian.BrownianInterval` or ``VirtualBrownianTree`` of shape
+            (B, m) on ``[ts[0], ts[-1]]`` (default: a new ``BrownianInterval``).
+        method: "euler" (Ito), "milstein" (diagonal), "srk" (additive; SRA1), "euler_heun", "heun",
+            "reversible_heun" (Stratonovich). Default: "srk" for additive noise, else "euler"
+            (Ito) / "heun" (Stratonovich).
+        dt: step size; steps land exactly on every ``ts``.
+        names: rename ``drift``/``diffusion``/``prior_drift`` methods, e.g. ``{"drift": "f_post"}``.
+        logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B).
+        extra: also return the torchmech ``Solution``.
+        adaptive, rtol, atol, dt_min, options: torchsde arguments; adaptive stepping is not supported.
+
+    Returns:
+        ys (T, B, d) time-first; with ``logqp`` a tuple ``(ys, log_ratio)``.
+    """
+    if options:
+        raise ValueError(f"sdeint: unsupported options {sorted(options)}")
+    return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, DirectAdjoint())
+
+
+def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = None,
+                   adjoint_method: str | None = None, dt: float = 1e-3, adaptive: bool = False,
+                   adjoint_adaptive: bool = False, rtol: float = 1e-5, atol: float = 1e-4, adjoint_rtol: float = 1e-5,
+                   adjoint_atol: float = 1e-4, dt_min: float = 1e-5, options: dict | None = None,
+                   adjoint_options: dict | None = None, adjoint_params=None, names: dict | None = None,
+                   logqp: bool = False, extra: bool = False):
+    """As :func:`sdeint`, with memory-efficient gradients.
+
+    ``method="reversible_heun"`` (with ``adjoint_method`` None or "adjoint_reversible_heun") uses
+    :class:`~torchmech.de.reversible_adjoint.ReversibleAdjoint`: exact gradients, memory independent
+    of the number of steps. Other methods use checkpointing (exact gradients, O(sqrt(steps))
+    memory) instead of torchsde's stochastic adjoint SDE.
+    """
+    if adjoint_adaptive:
+        raise ValueError("sdeint_adjoint: adjoint_adaptive=True is not supported")
+    if options or adjoint_options:
+        raise ValueError("sdeint_adjoint: options/adjoint_options are not supported")
+    if method == "reversible_heun":
+        if adjoint_method not in (None, "adjoint_reversible_heun", "reversible_heun"):
+            raise ValueError(f"sdeint_adjoint: with method 'reversible_heun' adjoint_method must be "
+                             f"'adjoint_reversible_heun', got {adjoint_method!r}")
+        if logqp:
+            raise ValueError("sdeint_adjoint: logqp with reversible_heun is not supported; use sdeint")
+        adjoint = ReversibleAdjoint(adjoint_params=adjoint_params)
+    else:
+        adjoint = CheckpointAdjoint()
+    return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint)
