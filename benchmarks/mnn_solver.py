@@ -16,8 +16,7 @@ Every configuration runs in its own subprocess so that its peak memory is its ow
 Timing: wall clock of forward+backward, the first run in the child is a warm-up; the median of the following
 `--repeat` runs is reported (fewer repeats when one run takes over 2 s). Combinations predicted (from the
 largest smaller one already measured) to take over --skip-over (dense: --dense-skip-over) seconds per run are
-skipped and listed; one whose
-first run exceeds it is reported from that single run, marked "(1 run)".
+skipped and listed; one whose first run exceeds it is reported from that single run, marked "(1 run)".
 
     .venv/bin/python benchmarks/mnn_solver.py            # full grid, CPU
     .venv/bin/python benchmarks/mnn_solver.py --quick    # B in {1, 64}, T in {100, 1000}
