@@ -11,5 +11,6 @@ from torchmech import de, mnn
 from torchmech.de import SaveAt, cdeint, solve
 from torchmech.mnn import MechanisticBlock, solve_linear_ode
 from torchmech.compat.torchsde import sdeint, sdeint_adjoint
+from torchmech.compat.torchdiffeq import odeint, odeint_adjoint, odeint_event
 
-__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "cdeint", "sdeint", "sdeint_adjoint", "solve_linear_ode", "MechanisticBlock"]
+__all__ = ["__version__", "de", "mnn", "solve", "SaveAt", "cdeint", "sdeint", "sdeint_adjoint", "odeint", "odeint_adjoint", "odeint_event", "solve_linear_ode", "MechanisticBlock"]

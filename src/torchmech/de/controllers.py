@@ -152,6 +152,9 @@ class PIDController(AbstractController):
         jump_ts: discontinuity times (K,) or (B, K) of the vector field: a step ends one ulp before
             the jump and the next starts one ulp after it, with the vector field re-evaluated
             there (so no stage straddles the discontinuity).
+        force_dtmin: if True, a step of size ``dtmin`` is accepted whatever its error estimate
+            (torchdiffeq's ``min_step`` semantics) instead of ending the sample with
+            ``DT_UNDERFLOW``. Needs ``dtmin``.
     """
 
     adaptive = True
@@ -160,7 +163,7 @@ class PIDController(AbstractController):
                  icoeff: float = 1.0, dcoeff: float = 0.0, dtmin: float | None = None,
                  dtmax: float | None = None, factormin: float = 0.2, factormax: float = 10.0,
                  safety: float = 0.9, norm: Callable[[Tensor], Tensor] = rms_norm,
-                 step_ts: Tensor | None = None, jump_ts: Tensor | None = None):
+                 step_ts: Tensor | None = None, jump_ts: Tensor | None = None, force_dtmin: bool = False):
         for name, val, strict in (("rtol", rtol, True), ("atol", atol, False)):
             v = torch.as_tensor(val)
             bad = (v <= 0).any() if strict else (v < 0).any()
@@ -182,6 +185,9 @@ class PIDController(AbstractController):
         self.factormin, self.factormax, self.safety = factormin, factormax, safety
         self.norm = norm
         self.step_ts, self.jump_ts = step_ts, jump_ts
+        if force_dtmin and dtmin is None:
+            raise ValueError("PIDController: force_dtmin=True needs dtmin")
+        self.force_dtmin = bool(force_dtmin)
 
     def _tol(self, val, y: Tensor, name: str) -> Tensor:
         key = (name, y.dtype, y.device, tuple(y.shape))
@@ -282,6 +288,8 @@ class PIDController(AbstractController):
             e = self.norm(err.detach() / scale)
             finite = torch.isfinite(e)
             accept = (e <= 1) & finite
+            if self.force_dtmin:
+                accept = accept | (h.abs() <= self.dtmin * (1 + 1e-6))
             tiny = torch.finfo(e.dtype).tiny ** 0.5
             e_safe = torch.where(finite, e, torch.ones_like(e)).clamp(min=tiny)
             k = float(error_order)

@@ -1,0 +1,636 @@
+"""torchdiffeq-style entry points (``import torchmech.compat.torchdiffeq as torchdiffeq``) over torchmech.de.solve.
+
+``odeint(func, y0, t)`` follows torchdiffeq's semantics: ``func(t, y)`` gets a scalar (0-dim) time
+and a state shaped like ``y0`` (a tensor of any shape, or a tuple of tensors); the result is
+time-first, ``(len(t), *y0.shape)`` (a tuple of such tensors for a tuple state); the whole state
+is integrated with one shared step size (it is solved as one flattened sample ``(1, N)`` by
+:func:`torchmech.de.solve`). The error norm, tolerances and step-size rule are torchdiffeq's:
+``norm(err / (atol + rtol * max(|y0|, |y1|))) <= 1`` with an RMS norm over the whole state (the
+max of per-tensor RMS norms for a tuple state).
+
+Differences worth knowing: values between steps of the adaptive methods come from torchmech's
+interpolants (Dopri5/Tsit5 fourth-order continuous extensions, cubic Hermite otherwise), so they
+agree with torchdiffeq to the tolerance, not bit for bit; times are held in the state's dtype
+(torchdiffeq keeps float64 time internally); failures raise ``RuntimeError`` (torchdiffeq:
+``AssertionError``); the Adams methods are not provided.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.controllers import PIDController, StepTo
+from torchmech.de.events import Event
+from torchmech.de.integrate import SaveAt, Status, solve
+from torchmech.de.solvers import explicit as _ex
+from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, StepResult
+from torchmech.de.terms import AbstractTerm, ODETerm
+
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVERS"]
+
+# --- tableaux that torchdiffeq uses and torchmech.de does not name --------------------------------
+
+# Runge-Kutta-Fehlberg 2(1): second-order solution, first-order embedded one.
+FEHLBERG2 = ButcherTableau(
+    c=[0.0, 0.5, 1.0], a=[[0.5], [1 / 256, 255 / 256]], b=[1 / 512, 255 / 256, 1 / 512], order=2,
+    b_error=[-1 / 512, 0.0, 1 / 512], embedded_order=1,
+)
+# Heun's third-order method.
+HEUN3 = ButcherTableau(c=[0.0, 1 / 3, 2 / 3], a=[[1 / 3], [0.0, 2 / 3]], b=[0.25, 0.0, 0.75], order=3)
+# Kutta's 3/8 rule: torchdiffeq's "rk4".
+RK4_38 = ButcherTableau(c=[0.0, 1 / 3, 2 / 3, 1.0], a=[[1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]],
+                        b=[1 / 8, 3 / 8, 3 / 8, 1 / 8], order=4)
+HEUN2 = ButcherTableau(c=[0.0, 1.0], a=[[1.0]], b=[0.5, 0.5], order=2)
+
+_ADAPTIVE: dict[str, Callable[[], AbstractSolver]] = {
+    "dopri5": _ex.Dopri5, "dopri8": _ex.Dopri8, "bosh3": _ex.Bosh3, "tsit5": _ex.Tsit5,
+    "adaptive_heun": _ex.Heun, "fehlberg2": lambda: ExplicitRK(FEHLBERG2),
+}
+_FIXED: dict[str, Callable[[], AbstractSolver]] = {
+    "euler": _ex.Euler, "midpoint": lambda: ExplicitRK(ButcherTableau(c=[0.0, 0.5], a=[[0.5]], b=[0.0, 1.0], order=2)),
+    "heun2": lambda: ExplicitRK(HEUN2), "heun3": lambda: ExplicitRK(HEUN3), "rk4": lambda: ExplicitRK(RK4_38),
+}
+_NOT_PROVIDED = {
+    "explicit_adams": "a multistep Adams-Bashforth method",
+    "implicit_adams": "a multistep Adams-Bashforth-Moulton method",
+    "fixed_adams": "a multistep Adams-Bashforth-Moulton method",
+    "scipy_solver": "a wrapper around scipy.integrate.solve_ivp",
+}
+#: Method names accepted by :func:`odeint`.
+SOLVERS = tuple(_ADAPTIVE) + tuple(_FIXED)
+
+_ADAPTIVE_OPTIONS = ("first_step", "min_step", "max_step", "safety", "ifactor", "dfactor", "max_num_steps",
+                     "step_t", "jump_t", "norm")
+_FIXED_OPTIONS = ("step_size", "grid_constructor", "perturb", "interp")
+
+
+# --- state flattening --------------------------------------------------------------------------
+
+class _Layout:
+    """Maps a tensor or tuple-of-tensors state to one flat vector (N,) and back."""
+
+    def __init__(self, y0: Any):
+        if isinstance(y0, Tensor):
+            self.shapes = None
+            parts = [y0]
+        elif isinstance(y0, tuple):
+            if len(y0) == 0:
+                raise ValueError("odeint: y0 is an empty tuple; expected a tensor or a tuple of tensors")
+            for i, p in enumerate(y0):
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"odeint: y0[{i}] must be a torch.Tensor, got {type(p).__name__}")
+            self.shapes = [p.shape for p in y0]
+            parts = list(y0)
+        else:
+            raise TypeError(f"odeint: y0 must be a torch.Tensor or a tuple of tensors, got {type(y0).__name__}")
+        for i, p in enumerate(parts):
+            where = "y0" if self.shapes is None else f"y0[{i}]"
+            if not p.is_floating_point():
+                raise TypeError(f"odeint: {where} must be a floating-point tensor, got dtype {p.dtype}")
+            if p.dtype != parts[0].dtype or p.device != parts[0].device:
+                raise TypeError(f"odeint: all tensors of a tuple y0 must share dtype and device; y0[0] is "
+                                f"{parts[0].dtype} on {parts[0].device}, {where} is {p.dtype} on {p.device}")
+        self.shape = parts[0].shape if self.shapes is None else None
+        self.sizes = [p.numel() for p in parts]
+        self.dtype, self.device = parts[0].dtype, parts[0].device
+
+    @property
+    def is_tuple(self) -> bool:
+        return self.shapes is not None
+
+    def flatten(self, y: Any, what: str = "func") -> Tensor:
+        """State-like value -> (N,)."""
+        if self.shapes is None:
+            if not isinstance(y, Tensor) or y.numel() != self.sizes[0]:
+                got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"odeint: {what} must return a tensor shaped like y0 {tuple(self.shape)}, got {got}")
+            return y.reshape(-1)
+        if not isinstance(y, (tuple, list)) or len(y) != len(self.shapes):
+            raise ValueError(f"odeint: {what} must return a tuple of {len(self.shapes)} tensors (like y0), "
+                             f"got {type(y).__name__}")
+        for i, (p, s) in enumerate(zip(y, self.shapes)):
+            if not isinstance(p, Tensor) or p.numel() != s.numel():
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"odeint: {what} output [{i}] must have shape {tuple(s)}, got {got}")
+        return torch.cat([p.reshape(-1) for p in y])
+
+    def unflatten(self, flat: Tensor) -> Any:
+        """(..., N) -> state with the leading axes kept: (..., *shape) or a tuple of those."""
+        lead = flat.shape[:-1]
+        if self.shapes is None:
+            return flat.reshape(lead + tuple(self.shape))
+        return tuple(p.reshape(lead + tuple(s)) for p, s in zip(flat.split(self.sizes, dim=-1), self.shapes))
+
+
+class _FlatFunc(torch.nn.Module):
+    """torchdiffeq ``func(t, y)`` (scalar t, y like y0) as a torchmech vector field on (1, N)."""
+
+    def __init__(self, func: Callable, layout: _Layout):
+        super().__init__()
+        self.func = func
+        self.layout = layout
+
+    def forward(self, t: Tensor, y: Tensor, args: Any) -> Tensor:
+        out = self.func(t[0], self.layout.unflatten(y[0]))
+        return self.layout.flatten(out, "func").unsqueeze(0)
+
+
+class _NudgeTerm(AbstractTerm):
+    """Evaluates the inner term one ulp inside ``[t0, t1]`` at the step ends (torchdiffeq's ``perturb``)."""
+
+    def __init__(self, inner: AbstractTerm, t0: Tensor, t1: Tensor):
+        self.inner, self.t0, self.t1 = inner, t0, t1
+
+    def vf(self, t, y, args):
+        t = torch.where(t == self.t0, torch.nextafter(self.t0, self.t1),
+                        torch.where(t == self.t1, torch.nextafter(self.t1, self.t0), t))
+        return self.inner.vf(t, y, args)
+
+    def contr(self, t0, t1):
+        return self.inner.contr(t0, t1)
+
+    def prod(self, vf, control):
+        return self.inner.prod(vf, control)
+
+
+class _Perturbed(AbstractSolver):
+    """A fixed-step solver whose stages at the step ends see times nudged one ulp into the step.
+
+    The first stage is re-evaluated at ``nextafter(t0, t1)`` (one extra evaluation per step), and a
+    stage at ``t1`` sees ``nextafter(t1, t0)``: with the grid on the discontinuities of ``func``,
+    no stage evaluates ``func`` on the far side of one.
+    """
+
+    def __init__(self, inner: AbstractSolver):
+        self.inner = inner
+        self.order = inner.order
+        self.error_order = None
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        nudged = _NudgeTerm(terms, t0, t1)
+        vf0 = nudged.vf(t0, y0, args)
+        res = self.inner.step(nudged, t0, t1, y0, args, vf0, dense)
+        return res._replace(nfev=res.nfev + 1)
+
+
+# --- argument checking -------------------------------------------------------------------------
+
+def _check_t(t: Any, layout: _Layout, min_len: int = 1) -> Tensor:
+    if not isinstance(t, Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=layout.dtype)
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(f"odeint: t must be a 1-D tensor of times, got {type(t).__name__}") from exc
+    if not t.is_floating_point():
+        raise TypeError(f"odeint: t must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] < min_len:
+        raise ValueError(f"odeint: t must be a 1-D tensor with at least {min_len} time(s), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("odeint: t must be finite")
+    t = t.to(device=layout.device)
+    if t.shape[0] > 1:
+        d = t.diff()
+        if not (bool((d > 0).all()) or bool((d < 0).all())):
+            raise ValueError(f"odeint: t must be strictly increasing or strictly decreasing, got {t.tolist()[:20]}")
+    return t
+
+
+def _tol(name: str, tol: Any, layout: _Layout) -> float | Tensor:
+    """Tolerance as a float or a (1, N) tensor over the flattened state."""
+    if isinstance(tol, Tensor) and tol.requires_grad:
+        raise ValueError(f"odeint: {name} must not require grad")
+    if layout.is_tuple and (isinstance(tol, (tuple, list)) or (isinstance(tol, Tensor) and tol.dim() > 0)):
+        tols = list(tol)
+        if len(tols) != len(layout.shapes):
+            raise ValueError(f"odeint: a per-tensor {name} must have one entry per tensor of y0 "
+                             f"({len(layout.shapes)}), got {len(tols)}")
+        parts = []
+        for i, (v, s) in enumerate(zip(tols, layout.shapes)):
+            v = torch.as_tensor(v, dtype=layout.dtype, device=layout.device)
+            try:
+                parts.append(v.expand(s).reshape(-1))
+            except RuntimeError:
+                raise ValueError(f"odeint: {name}[{i}] of shape {tuple(v.shape)} does not broadcast to "
+                                 f"y0[{i}]'s shape {tuple(s)}") from None
+        out = torch.cat(parts)[None]
+    elif isinstance(tol, Tensor) and tol.numel() > 1:
+        v = tol.to(dtype=layout.dtype, device=layout.device)
+        try:
+            out = v.expand(layout.shape).reshape(1, -1)
+        except RuntimeError:
+            raise ValueError(f"odeint: {name} of shape {tuple(v.shape)} does not broadcast to y0's shape "
+                             f"{tuple(layout.shape)}") from None
+    else:
+        try:
+            out = float(tol)
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(f"odeint: {name} must be a float, a tensor or (tuple y0) a tuple, "
+                            f"got {type(tol).__name__}") from exc
+    vals = torch.as_tensor(out)
+    if not torch.isfinite(vals).all() or (vals < 0).any():
+        raise ValueError(f"odeint: {name} must be finite and >= 0, got {tol}")
+    if name == "rtol":  # rtol = 0 (pure absolute control): a positive value far below any atol
+        tiny = torch.finfo(layout.dtype).tiny
+        out = max(out, tiny) if isinstance(out, float) else out.clamp(min=tiny)
+    return out
+
+
+def _method(method: Any) -> str:
+    if method is None:
+        return "dopri5"
+    if not isinstance(method, str):
+        raise TypeError(f"odeint: method must be a string such as 'dopri5', got {type(method).__name__}")
+    if method in _NOT_PROVIDED:
+        raise ValueError(f"odeint: method {method!r} ({_NOT_PROVIDED[method]}) is not provided by torchmech; "
+                         f"use one of {list(SOLVERS)}")
+    if method not in _ADAPTIVE and method not in _FIXED:
+        raise ValueError(f"odeint: invalid method {method!r}; expected one of {list(SOLVERS)}")
+    return method
+
+
+def _check_options(method: str, options: Any) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"odeint: options must be a dict, got {type(options).__name__}")
+    allowed = _ADAPTIVE_OPTIONS if method in _ADAPTIVE else _FIXED_OPTIONS
+    kind = "adaptive" if method in _ADAPTIVE else "fixed-grid"
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"odeint: option {key!r} is not supported for the {kind} method {method!r}; "
+                             f"supported options: {list(allowed)}")
+    return dict(options)
+
+
+def _norm(user_norm: Any, layout: _Layout) -> Callable[[Tensor], Tensor]:
+    """Error norm on (1, N): torchdiffeq's RMS (mixed RMS/max for tuples) or the user's on unflattened y."""
+    if user_norm is None:
+        if not layout.is_tuple:
+            return lambda x: x.pow(2).mean(dim=1).sqrt()
+        sizes = layout.sizes
+        return lambda x: torch.stack([p.pow(2).mean(dim=1).sqrt() for p in x.split(sizes, dim=1)]).amax(dim=0)
+    if not callable(user_norm):
+        raise TypeError(f"odeint: options['norm'] must be callable, got {type(user_norm).__name__}")
+
+    def norm(x: Tensor) -> Tensor:
+        val = torch.as_tensor(user_norm(layout.unflatten(x[0])), dtype=x.dtype, device=x.device)
+        if val.numel() != 1:
+            raise ValueError(f"odeint: options['norm'] must return a scalar, got shape {tuple(val.shape)}")
+        return val.reshape(1)
+
+    return norm
+
+
+def _times(v: Any, name: str, layout: _Layout) -> Tensor:
+    v = torch.as_tensor(v, dtype=layout.dtype, device=layout.device)
+    if v.dim() != 1:
+        raise ValueError(f"odeint: options[{name!r}] must be a 1-D tensor of times, got shape {tuple(v.shape)}")
+    return v
+
+
+def _positive(v: Any, name: str) -> float:
+    try:
+        x = float(v)
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(f"odeint: options[{name!r}] must be a number, got {type(v).__name__}") from exc
+    if not x > 0:
+        raise ValueError(f"odeint: options[{name!r}] must be > 0, got {v}")
+    return x
+
+
+# --- problem setup -----------------------------------------------------------------------------
+
+class _Setup:
+    """Everything ``solve`` needs for one torchdiffeq-style call."""
+
+    def __init__(self, func, y0, t, rtol, atol, method, options, min_t_len=1):
+        if not callable(func):
+            raise TypeError(f"odeint: func must be callable func(t, y), got {type(func).__name__}")
+        self.layout = _Layout(y0)
+        self.method = _method(method)
+        self.options = _check_options(self.method, options)
+        self.t = _check_t(t, self.layout, min_t_len)
+        self.func = func
+        self.f = _FlatFunc(func, self.layout)
+        self.y0_flat = self.layout.flatten(y0 if isinstance(y0, Tensor) else y0, "y0").unsqueeze(0)
+        self.fixed = self.method in _FIXED
+        self.max_steps = 2 ** 31 - 1
+        o = self.options
+        if self.fixed:
+            self.solver = _FIXED[self.method]()
+            if "perturb" in o:
+                if not isinstance(o["perturb"], bool):
+                    raise TypeError(f"odeint: options['perturb'] must be a bool, got {o['perturb']!r}")
+                if o["perturb"]:
+                    self.solver = _Perturbed(self.solver)
+            self.interp = o.get("interp", "linear")
+            if self.interp not in ("linear", "cubic"):
+                raise ValueError(f"odeint: options['interp'] must be 'linear' or 'cubic', got {self.interp!r}")
+            if "step_size" in o and "grid_constructor" in o:
+                raise ValueError("odeint: options 'step_size' and 'grid_constructor' are mutually exclusive")
+            self.controller = None  # built from the grid
+        else:
+            self.solver = _ADAPTIVE[self.method]()
+            min_step = o.get("min_step", 0.0)
+            max_step = o.get("max_step", math.inf)
+            dtmin = float(min_step) if float(min_step) > 0 else None
+            dtmax = None if math.isinf(float(max_step)) else _positive(max_step, "max_step")
+            if "max_num_steps" in o:
+                m = o["max_num_steps"]
+                if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                    raise ValueError(f"odeint: options['max_num_steps'] must be a positive int, got {m!r}")
+                self.max_steps = m
+            self.first_step = None
+            if o.get("first_step") is not None:
+                self.first_step = _positive(o["first_step"], "first_step")
+            try:
+                self.controller = PIDController(
+                    rtol=_tol("rtol", rtol, self.layout), atol=_tol("atol", atol, self.layout),
+                    dtmin=dtmin, dtmax=dtmax, force_dtmin=dtmin is not None,
+                    safety=float(o.get("safety", 0.9)), factormax=float(o.get("ifactor", 10.0)),
+                    factormin=float(o.get("dfactor", 0.2)), norm=_norm(o.get("norm"), self.layout),
+                    step_ts=None if o.get("step_t") is None else _times(o["step_t"], "step_t", self.layout),
+                    jump_ts=None if o.get("jump_t") is None else _times(o["jump_t"], "jump_t", self.layout),
+                )
+            except ValueError as exc:
+                raise ValueError(f"odeint: invalid options for {self.method!r}: {exc}") from None
+        if self.fixed:
+            # tolerances are not used by fixed-grid methods but must still be valid
+            _tol("rtol", rtol, self.layout)
+            _tol("atol", atol, self.layout)
+
+    def grid(self) -> Tensor:
+        """Fixed-grid methods: the step grid (M,) from t[0] to t[-1] (torchdiffeq's construction)."""
+        t, o = self.t, self.options
+        if "grid_constructor" in o:
+            gc = o["grid_constructor"]
+            if not callable(gc):
+                raise TypeError("odeint: options['grid_constructor'] must be callable (func, y0, t) -> grid")
+            y0 = self.layout.unflatten(self.y0_flat[0])
+            g = gc(self.func, y0, t)
+            if not isinstance(g, Tensor) or g.dim() != 1:
+                raise ValueError("odeint: grid_constructor must return a 1-D tensor of times")
+            g = g.to(dtype=t.dtype, device=t.device)
+            if g[0] != t[0] or g[-1] != t[-1]:
+                raise ValueError(f"odeint: grid_constructor's grid must start at t[0]={float(t[0])} and end at "
+                                 f"t[-1]={float(t[-1])}, got [{float(g[0])}, ..., {float(g[-1])}]")
+        elif o.get("step_size") is not None:
+            h = _positive(o["step_size"], "step_size")
+            span = float((t[-1] - t[0]).abs())
+            n = int(math.ceil(span / h + 1))
+            d = 1.0 if t.shape[0] < 2 or t[-1] > t[0] else -1.0
+            g = t[0] + d * h * torch.arange(n, dtype=t.dtype, device=t.device)
+            g[-1] = t[-1]
+        else:
+            g = t.detach().clone()
+        if g.shape[0] > 1:
+            d = 1.0 if g[-1] > g[0] else -1.0
+            step = d * g.diff()
+            if bool((step < 0).any()) or not bool(torch.isfinite(g).all()):
+                raise ValueError("odeint: the fixed-step grid must be finite and monotonic from t[0] to t[-1]")
+            keep = torch.ones_like(g, dtype=torch.bool)
+            keep[1:] = step > 0  # drop repeated points (zero-length steps change nothing)
+            g = g[keep]
+        return g
+
+
+def _interp_fixed(setup: _Setup, grid: Tensor, Y: Tensor) -> Tensor:
+    """Values at ``setup.t`` (T, N) from grid values ``Y`` (M, N): linear or cubic Hermite per step."""
+    t = setup.t.to(Y.dtype)
+    g = grid.to(Y.dtype)
+    if g.shape[0] == 1:
+        return Y[:1].expand(t.shape[0], Y.shape[1])
+    d = 1.0 if g[-1] > g[0] else -1.0
+    k = torch.searchsorted(d * g, d * t, right=False).clamp(1, g.shape[0] - 1)  # step (k-1, k) holds t
+    exact_end = g[k] == t
+    exact_start = g[k - 1] == t
+    ta, tb = g[k - 1], g[k]
+    ya, yb = Y[k - 1], Y[k]
+    s = ((t - ta) / (tb - ta))[:, None]
+    if setup.interp == "linear":
+        val = ya + s * (yb - ya)
+    else:
+        need = sorted(set((k - 1).tolist()) | set(k.tolist()))
+        fs = {}
+        perturb = isinstance(setup.solver, _Perturbed)
+        for i in need:
+            ti = g[i]
+            if perturb and i + 1 < g.shape[0]:
+                ti = torch.nextafter(ti, g[i + 1])
+            fs[i] = setup.f(ti.reshape(1), Y[i:i + 1], None)[0]
+        fa = torch.stack([fs[int(i)] for i in (k - 1)])
+        fb = torch.stack([fs[int(i)] for i in k])
+        h = (tb - ta)[:, None]
+        h00 = (1 + 2 * s) * (1 - s) ** 2
+        h10 = s * (1 - s) ** 2
+        h01 = s ** 2 * (3 - 2 * s)
+        h11 = s ** 2 * (s - 1)
+        val = h00 * ya + h10 * h * fa + h01 * yb + h11 * h * fb
+    val = torch.where(exact_start[:, None], ya, val)
+    return torch.where(exact_end[:, None], yb, val)
+
+
+def _run(setup: _Setup, adjoint) -> Tensor:
+    """Solve on the output times; returns (T, N)."""
+    t = setup.t
+    y0 = setup.y0_flat
+    if setup.fixed:
+        grid = setup.grid()
+        if grid.shape[0] == 1:
+            return y0.expand(t.shape[0], y0.shape[1])
+        sol = solve(setup.f, setup.solver, grid[0], grid[-1], y0, saveat=SaveAt(ts=grid),
+                    controller=StepTo(grid), adjoint=adjoint, max_steps=grid.shape[0] + 1)
+        return _interp_fixed(setup, grid, sol.ys[0])
+    if t.shape[0] == 1:
+        return y0
+    sol = solve(setup.f, setup.solver, t[0], t[-1], y0, dt0=setup.first_step, saveat=SaveAt(ts=t),
+                controller=setup.controller, adjoint=adjoint, max_steps=setup.max_steps)
+    return sol.ys[0]
+
+
+def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tensor]:
+    """Integrate from t[0] until ``event_fn(t, y)`` changes sign; returns (event_t (), [y0, y_event] (2, N))."""
+    if not callable(event_fn):
+        raise TypeError(f"odeint: event_fn must be callable event_fn(t, y), got {type(event_fn).__name__}")
+    if setup.fixed:
+        raise ValueError(f"odeint: event_fn needs an adaptive method ({list(_ADAPTIVE)}), got {setup.method!r}")
+    layout = setup.layout
+    t = setup.t
+    direction = -1.0 if t.shape[0] > 1 and t[1] < t[0] else 1.0
+
+    def cond(tt, y, args):
+        g = event_fn(tt[0], layout.unflatten(y[0]))
+        g = torch.as_tensor(g, dtype=y.dtype, device=y.device)
+        if g.numel() != 1:
+            raise ValueError(f"odeint: event_fn must return a scalar, got shape {tuple(g.shape)}")
+        return g.reshape(1)
+
+    t0 = t[0]
+    y = setup.y0_flat
+    g0 = cond(t0.reshape(1), y, None)
+    if bool(g0 == 0):
+        return t0, torch.cat([y, y])
+    event = Event(cond)
+    span = 1.0
+    steps_left = setup.max_steps
+    tc = t0
+    while True:
+        t1 = tc + direction * span
+        sol = solve(setup.f, setup.solver, tc, t1, y, dt0=setup.first_step, saveat=SaveAt(t1=True),
+                    controller=setup.controller, adjoint=adjoint, event=event,
+                    max_steps=max(1, min(steps_left, 2 ** 62)), throw=False)
+        status = int(sol.status[0])
+        steps_left -= int(sol.stats["num_steps"][0])
+        if status == Status.EVENT:
+            return sol.event_t[0], torch.cat([setup.y0_flat, sol.ys[:, -1]])
+        if status != Status.SUCCESS or steps_left <= 0:
+            reason = {Status.MAX_STEPS: "max_num_steps exceeded before the event",
+                      Status.DT_UNDERFLOW: "step size underflow", Status.NONFINITE: "non-finite state"}
+            raise RuntimeError(f"odeint: integration stopped before the event: "
+                               f"{reason.get(Status(status), 'max_num_steps exceeded before the event')}")
+        tc = sol.t_final[0]
+        y = sol.ys[:, -1]
+        span *= 2.0
+
+
+# --- public API --------------------------------------------------------------------------------
+
+def odeint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
+           options: dict | None = None, event_fn: Callable | None = None):
+    """Solve ``dy/dt = func(t, y)`` with ``y(t[0]) = y0``; torchdiffeq's ``odeint``.
+
+    Args:
+        func: ``func(t, y)`` with scalar (0-dim) ``t`` and ``y`` shaped like ``y0``; returns ``dy/dt``
+            of the same shape (a tuple for a tuple state).
+        y0: initial state, a tensor of any shape ``S`` or a tuple of tensors.
+        t: (T,) strictly increasing or strictly decreasing output times; ``t[0]`` is the initial time.
+        rtol, atol: floats, tensors broadcastable to ``y0``, or (tuple ``y0``) one entry per tensor.
+        method: ``'dopri5'`` (default), ``'dopri8'``, ``'bosh3'``, ``'tsit5'``, ``'adaptive_heun'``,
+            ``'fehlberg2'`` (adaptive) or ``'euler'``, ``'midpoint'``, ``'heun2'``, ``'heun3'``, ``'rk4'``
+            (fixed grid; ``'rk4'`` is Kutta's 3/8 rule as in torchdiffeq).
+        options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``safety``, ``ifactor``,
+            ``dfactor``, ``max_num_steps``, ``step_t``, ``jump_t``, ``norm``. Fixed-grid methods:
+            ``step_size`` (default: step on ``t``), ``grid_constructor(func, y0, t)``, ``perturb``,
+            ``interp`` (``'linear'`` default or ``'cubic'``). Any other key raises ``ValueError``.
+        event_fn: optional ``event_fn(t, y) -> scalar``; integration then runs from ``t[0]`` (in the
+            direction of ``t[1]`` if given) until its sign changes.
+
+    Returns:
+        ``(T, *S)`` solution at ``t`` (tuple of those for a tuple ``y0``); with ``event_fn``,
+        ``(event_t, solution)`` where ``solution`` is ``(2, *S)``: ``[y0, y(event_t)]``.
+    """
+    setup = _Setup(func, y0, t, rtol, atol, method, options)
+    adjoint = DirectAdjoint()
+    if event_fn is not None:
+        event_t, ys = _run_event(setup, event_fn, adjoint)
+        return event_t.to(setup.t.dtype), setup.layout.unflatten(ys)
+    return setup.layout.unflatten(_run(setup, adjoint))
+
+
+def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9,
+                   method: str | None = None, options: dict | None = None, event_fn: Callable | None = None,
+                   adjoint_rtol: Any = None, adjoint_atol: Any = None, adjoint_method: str | None = None,
+                   adjoint_options: dict | None = None, adjoint_params: Any = None):
+    """:func:`odeint` with gradients from the continuous adjoint (O(1) memory in the number of steps).
+
+    Same arguments and result as :func:`odeint`, plus:
+
+    Args:
+        adjoint_rtol, adjoint_atol: scalar tolerances of the backward solve (default ``rtol``/``atol``;
+            per-component tolerances are not supported for the backward solve).
+        adjoint_method: adaptive method of the backward solve (default ``method``; ``'tsit5'`` when
+            ``method`` is a fixed-grid method).
+        adjoint_options: ``{'norm': 'seminorm'}`` leaves the parameter adjoint out of the error norm
+            (Kidger et al. 2021, fewer backward steps); ``{'max_num_steps': n}`` bounds the backward
+            solve. Other keys raise ``ValueError``; the forward ``options`` are not reused backwards.
+        adjoint_params: tensors to differentiate with respect to; default ``func.parameters()``
+            (``func`` must then be an ``nn.Module``; pass ``adjoint_params=()`` for none).
+
+    Gradients flow to ``y0`` and ``adjoint_params`` (not to ``t``). With ``event_fn`` the solve is
+    differentiated by checkpointed recomputation instead (memory O(sqrt(steps))), which gives the
+    exact gradient of the event time and state.
+    """
+    if adjoint_params is None:
+        if not isinstance(func, torch.nn.Module):
+            raise ValueError("odeint_adjoint: func must be an nn.Module to collect the adjoint parameters; "
+                             "alternatively pass them as adjoint_params (adjoint_params=() for none)")
+        adjoint_params = tuple(func.parameters())
+    adjoint_params = tuple(adjoint_params)
+    for i, p in enumerate(adjoint_params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"odeint_adjoint: adjoint_params[{i}] must be a tensor, got {type(p).__name__}")
+    setup = _Setup(func, y0, t, rtol, atol, method, options)
+    if event_fn is not None:
+        event_t, ys = _run_event(setup, event_fn, CheckpointAdjoint())
+        return event_t.to(setup.t.dtype), setup.layout.unflatten(ys)
+
+    def scalar_tol(name, v, default):
+        v = default if v is None else v
+        if isinstance(v, (tuple, list)) or (isinstance(v, Tensor) and v.numel() != 1):
+            raise ValueError(f"odeint_adjoint: {name} must be a scalar (per-component backward tolerances "
+                             "are not supported)")
+        if isinstance(default, Tensor) and default.numel() != 1 and v is default:
+            raise ValueError(f"odeint_adjoint: {name} defaults to the forward tolerance, which is not a scalar; "
+                             f"pass a scalar {name}")
+        return float(v)
+
+    a_rtol = scalar_tol("adjoint_rtol", adjoint_rtol, rtol)
+    a_atol = scalar_tol("adjoint_atol", adjoint_atol, atol)
+    a_method = adjoint_method if adjoint_method is not None else (setup.method if not setup.fixed else "tsit5")
+    if not isinstance(a_method, str):
+        raise TypeError(f"odeint_adjoint: adjoint_method must be a string, got {type(a_method).__name__}")
+    if a_method in _FIXED:
+        raise ValueError(f"odeint_adjoint: adjoint_method {a_method!r} is fixed-grid; the backward solve needs an "
+                         f"adaptive method ({list(_ADAPTIVE)})")
+    if a_method not in _ADAPTIVE:
+        raise ValueError(f"odeint_adjoint: invalid adjoint_method {a_method!r}; expected one of {list(_ADAPTIVE)}")
+    ao = {} if adjoint_options is None else adjoint_options
+    if not isinstance(ao, dict):
+        raise TypeError(f"odeint_adjoint: adjoint_options must be a dict, got {type(ao).__name__}")
+    for key in ao:
+        if key not in ("norm", "max_num_steps"):
+            raise ValueError(f"odeint_adjoint: adjoint option {key!r} is not supported; supported: "
+                             "'norm' ('seminorm' only), 'max_num_steps'")
+    seminorm = False
+    if "norm" in ao:
+        if ao["norm"] != "seminorm":
+            raise ValueError(f"odeint_adjoint: adjoint_options['norm'] must be 'seminorm', got {ao['norm']!r}")
+        seminorm = True
+    max_steps = ao.get("max_num_steps", setup.max_steps)
+    adjoint = BacksolveAdjoint(rtol=max(a_rtol, torch.finfo(setup.layout.dtype).tiny), atol=a_atol,
+                               solver=_ADAPTIVE[a_method](), seminorm=seminorm,
+                               adjoint_params=adjoint_params, max_steps=max_steps)
+    return setup.layout.unflatten(_run(setup, adjoint))
+
+
+def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Callable = odeint, **kwargs):
+    """Integrate from ``t0`` until ``event_fn(t, y)`` crosses zero; torchdiffeq's ``odeint_event``.
+
+    Args:
+        func, y0: as :func:`odeint`.
+        t0: scalar start time.
+        event_fn: ``event_fn(t, y) -> scalar``; the event is its first sign change.
+        reverse_time: integrate towards decreasing time.
+        odeint_interface: :func:`odeint` or :func:`odeint_adjoint`.
+        **kwargs: passed to ``odeint_interface`` (rtol, atol, method, options, ...).
+
+    Returns:
+        ``(event_t, solution)``: the event time (0-dim, differentiable by the implicit function
+        theorem) and ``(2, *y0.shape)`` holding ``[y0, y(event_t)]`` (tuples for a tuple state).
+    """
+    if odeint_interface not in (odeint, odeint_adjoint):
+        raise ValueError("odeint_event: odeint_interface must be torchmech's odeint or odeint_adjoint")
+    t0 = torch.as_tensor(t0)
+    if t0.numel() != 1:
+        raise ValueError(f"odeint_event: t0 must be a scalar, got shape {tuple(t0.shape)}")
+    if not t0.is_floating_point():
+        t0 = t0.to(torch.get_default_dtype())
+    t0 = t0.reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

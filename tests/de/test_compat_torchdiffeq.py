@@ -1,0 +1,350 @@
+"""torchmech.compat.torchdiffeq: torchdiffeq's documented odeint/odeint_adjoint/odeint_event semantics."""
+
+import math
+
+import pytest
+import torch
+
+import torchmech
+from torchmech.compat import torchdiffeq as tdq
+
+D = torch.float64
+ADAPTIVE = ["dopri5", "dopri8", "bosh3", "tsit5", "adaptive_heun", "fehlberg2"]
+FIXED = ["euler", "midpoint", "heun2", "heun3", "rk4"]
+
+
+def decay(t, y):
+    return -y
+
+
+def test_exposed_at_top_level():
+    assert torchmech.odeint is tdq.odeint
+    assert torchmech.odeint_adjoint is tdq.odeint_adjoint
+    assert torchmech.odeint_event is tdq.odeint_event
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3)])
+def test_time_first_output_any_shape(shape):
+    y0 = torch.linspace(0.5, 1.5, max(1, math.prod(shape)), dtype=D).reshape(shape)
+    t = torch.linspace(0, 1, 5, dtype=D)
+    calls = []
+
+    def f(tt, y):
+        calls.append((tt.shape, y.shape))
+        return -y
+
+    out = tdq.odeint(f, y0, t)
+    assert out.shape == (5,) + shape
+    assert torch.equal(out[0], y0)
+    expect = y0[None] * torch.exp(-t).reshape((5,) + (1,) * len(shape))
+    torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-8)
+    assert all(ts == () and ys == shape for ts, ys in calls)  # scalar t, y like y0
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_accuracy(method):
+    t = torch.linspace(0, 2, 6, dtype=D)
+    low = method in ("adaptive_heun", "fehlberg2")  # second order: keep the step count small
+    tol = 1e-6 if low else 1e-8
+    out = tdq.odeint(decay, torch.ones(2, dtype=D), t, method=method, rtol=tol, atol=tol * 1e-2)
+    err = (out - torch.exp(-t)[:, None]).abs().max()
+    assert err < 100 * tol, (method, err)
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("heun2", 2), ("heun3", 3), ("rk4", 4)])
+def test_fixed_methods_order(method, order):
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    errs = []
+    for h in (0.1, 0.05):
+        out = tdq.odeint(decay, torch.ones(1, dtype=D), t, method=method, options={"step_size": h})
+        errs.append((out[-1, 0] - math.exp(-1)).abs().item())
+    assert abs(math.log2(errs[0] / errs[1]) - order) < 0.3, (method, errs)
+
+
+def test_fixed_grid_defaults_to_t_and_linear_interp():
+    # Euler on the grid t itself
+    t = torch.tensor([0.0, 0.5, 1.5], dtype=D)
+    out = tdq.odeint(decay, torch.ones((), dtype=D), t, method="euler")
+    torch.testing.assert_close(out, torch.tensor([1.0, 0.5, 0.5 * (1 - 1.0)], dtype=D))
+    # step_size grid 0, .4, .8, 1.0 (last step shortened); output at 0.6 is the linear interpolant
+    t = torch.tensor([0.0, 0.6, 1.0], dtype=D)
+    out = tdq.odeint(decay, torch.ones((), dtype=D), t, method="euler", options={"step_size": 0.4})
+    y = [1.0, 0.6, 0.36, 0.36 * 0.8]
+    torch.testing.assert_close(out, torch.tensor([1.0, 0.5 * (y[1] + y[2]), y[3]], dtype=D))
+
+
+def test_fixed_cubic_interp_and_grid_constructor():
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=D)
+    seen = {}
+
+    def grid(func, y0, tt):
+        seen["t"] = tt
+        return torch.tensor([0.0, 0.5, 1.0], dtype=D)
+
+    lin = tdq.odeint(decay, torch.ones(1, dtype=D), t, method="rk4", options={"grid_constructor": grid})
+    cub = tdq.odeint(decay, torch.ones(1, dtype=D), t, method="rk4",
+                     options={"grid_constructor": grid, "interp": "cubic"})
+    assert torch.equal(seen["t"], t)
+    assert torch.equal(lin[-1], cub[-1])  # grid points are exact, interpolation only in between
+    exact = math.exp(-0.3)
+    assert abs(cub[1, 0] - exact) < abs(lin[1, 0] - exact) / 10
+    with pytest.raises(ValueError, match="grid_constructor's grid must start at t\\[0\\]"):
+        tdq.odeint(decay, torch.ones(1, dtype=D), t, method="rk4",
+                   options={"grid_constructor": lambda f, y, tt: torch.tensor([0.1, 1.0], dtype=D)})
+
+
+def test_perturb_keeps_stages_off_the_discontinuity():
+    # f jumps at t = 1 (f = 1 for t <= 1, 0 after); the grid has a point at 1
+    f = lambda t, y: torch.ones_like(y) * (t <= 1).to(y.dtype)  # noqa: E731
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=D)
+    plain = tdq.odeint(f, torch.zeros(1, dtype=D), t, method="euler")
+    pert = tdq.odeint(f, torch.zeros(1, dtype=D), t, method="euler", options={"perturb": True})
+    assert plain[-1, 0] == 2.0  # the step from 1 saw f(1) = 1
+    assert pert[-1, 0] == 1.0  # ... and with perturb f(1 + ulp) = 0
+
+
+def test_tuple_state_and_reversed_time():
+    f = lambda t, y: (y[1].reshape(2), -y[0].reshape(1, 2))  # noqa: E731
+    y0 = (torch.tensor([1.0, 2.0], dtype=D), torch.zeros(1, 2, dtype=D))
+    t = torch.linspace(0, 3, 7, dtype=D)
+    x, v = tdq.odeint(f, y0, t, rtol=1e-9, atol=1e-11)
+    assert x.shape == (7, 2) and v.shape == (7, 1, 2)
+    torch.testing.assert_close(x, torch.cos(t)[:, None] * y0[0], rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(v[:, 0], -torch.sin(t)[:, None] * y0[0], rtol=1e-7, atol=1e-8)
+    # backwards from t = 3
+    tr = t.flip(0)
+    xr, vr = tdq.odeint(f, (x[-1], v[-1]), tr, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(xr, torch.cos(tr)[:, None] * y0[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(xr[-1], y0[0], rtol=1e-6, atol=1e-7)
+
+
+def test_tensor_and_tuple_tolerances():
+    y0 = torch.tensor([1.0, 2.0], dtype=D)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    a = tdq.odeint(decay, y0, t, rtol=1e-5, atol=1e-7)
+    b = tdq.odeint(decay, y0, t, rtol=torch.full((2,), 1e-5, dtype=D), atol=torch.tensor(1e-7))
+    assert torch.equal(a, b)
+    # a looser tolerance on one component changes the steps (and the result)
+    c = tdq.odeint(decay, y0, t, rtol=torch.tensor([1e-5, 1e-2], dtype=D), atol=1e-7)
+    assert not torch.equal(a, c)
+    f = lambda t, y: (-y[0], -y[1])  # noqa: E731
+    tu = tdq.odeint(f, (y0[:1], y0[1:]), t, rtol=(1e-5, 1e-5), atol=(1e-7, torch.tensor([1e-7], dtype=D)))
+    torch.testing.assert_close(torch.cat(tu, dim=1), a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one entry per tensor of y0"):
+        tdq.odeint(f, (y0[:1], y0[1:]), t, rtol=(1e-5,))
+    with pytest.raises(ValueError, match="rtol must not require grad"):
+        tdq.odeint(decay, y0, t, rtol=torch.tensor(1e-5, requires_grad=True))
+
+
+def _counting(fn):
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return fn(t, y)
+
+    return f, calls
+
+
+def test_adaptive_options_are_used():
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    y0 = torch.ones(1, dtype=D)
+    f, calls = _counting(decay)
+    tdq.odeint(f, y0, t, options={"max_step": 0.01})
+    assert calls[0] >= 100 * 6  # dopri5: six new evaluations per step, >= 100 steps
+    f, calls = _counting(decay)
+    out = tdq.odeint(f, y0, t, rtol=1e-12, atol=1e-14, options={"min_step": 0.5})
+    assert calls[0] < 30 and abs(out[-1, 0] - math.exp(-1)) < 1e-3  # steps of 0.5 forced through
+    f, calls = _counting(decay)
+    tdq.odeint(f, y0, t, options={"first_step": 1e-3, "ifactor": 1.5})
+    f2, calls2 = _counting(decay)
+    tdq.odeint(f2, y0, t, options={"first_step": 1e-3})
+    assert calls[0] > calls2[0]  # a smaller growth factor takes more steps
+    seen = []
+
+    def norm(x):
+        seen.append(tuple(p.shape for p in x))
+        return max(p.abs().max() for p in x)
+
+    g = lambda t, y: (-y[0], -y[1])  # noqa: E731
+    tdq.odeint(g, (y0, torch.ones(2, 2, dtype=D)), t, options={"norm": norm})
+    assert seen and all(s == ((1,), (2, 2)) for s in seen)
+
+
+def test_step_t_and_jump_t():
+    f = lambda t, y: torch.where(t < 0.5, torch.ones_like(y), -torch.ones_like(y))  # noqa: E731
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    g, plain = _counting(f)
+    out = tdq.odeint(g, torch.zeros(1, dtype=D), t, rtol=1e-8, atol=1e-10)
+    h, jumped = _counting(f)
+    out_j = tdq.odeint(h, torch.zeros(1, dtype=D), t, rtol=1e-8, atol=1e-10,
+                       options={"jump_t": torch.tensor([0.5], dtype=D)})
+    assert abs(out_j[-1, 0]) < 1e-12 and abs(out[-1, 0]) < 1e-6
+    assert jumped[0] < plain[0]
+    seen = []
+    k = lambda t, y: (seen.append(float(t)), -y)[1]  # noqa: E731
+    tdq.odeint(k, torch.ones(1, dtype=D), t, options={"step_t": torch.tensor([0.123], dtype=D)})
+    assert any(abs(s - 0.123) < 1e-15 for s in seen)
+
+
+def test_max_num_steps_raises():
+    stiff = lambda t, y: -1e6 * (y - torch.cos(t))  # noqa: E731
+    with pytest.raises(RuntimeError, match="MAX_STEPS"):
+        tdq.odeint(stiff, torch.zeros(1, dtype=D), torch.tensor([0.0, 10.0], dtype=D),
+                   options={"max_num_steps": 50})
+
+
+def test_bad_inputs():
+    y0 = torch.ones(2, dtype=D)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    with pytest.raises(ValueError, match="option 'foo' is not supported"):
+        tdq.odeint(decay, y0, t, options={"foo": 1})
+    with pytest.raises(ValueError, match="option 'step_size' is not supported for the adaptive method"):
+        tdq.odeint(decay, y0, t, options={"step_size": 0.1})
+    with pytest.raises(ValueError, match="option 'max_num_steps' is not supported for the fixed-grid"):
+        tdq.odeint(decay, y0, t, method="rk4", options={"max_num_steps": 10})
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        tdq.odeint(decay, y0, t, method="rk4", options={"step_size": 0.1, "grid_constructor": lambda *a: t})
+    with pytest.raises(ValueError, match="interp"):
+        tdq.odeint(decay, y0, t, method="rk4", options={"interp": "quintic"})
+    for m in ("explicit_adams", "implicit_adams"):
+        with pytest.raises(ValueError, match=f"method '{m}'.*not provided"):
+            tdq.odeint(decay, y0, t, method=m)
+    with pytest.raises(ValueError, match="invalid method 'rk45'"):
+        tdq.odeint(decay, y0, t, method="rk45")
+    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+        tdq.odeint(decay, y0, torch.tensor([0.0, 1.0, 0.5], dtype=D))
+    with pytest.raises(ValueError, match="1-D tensor"):
+        tdq.odeint(decay, y0, torch.zeros(2, 2, dtype=D))
+    with pytest.raises(TypeError, match="y0 must be a floating-point tensor"):
+        tdq.odeint(decay, torch.ones(2, dtype=torch.int64), t)
+    with pytest.raises(TypeError, match="y0 must be a torch.Tensor or a tuple"):
+        tdq.odeint(decay, [1.0, 2.0], t)
+    with pytest.raises(ValueError, match="y0 must be finite"):
+        tdq.odeint(decay, torch.tensor([1.0, float("nan")], dtype=D), t)
+    with pytest.raises(ValueError, match="func must return a tensor shaped like y0"):
+        tdq.odeint(lambda t, y: y[:1], y0, t)
+    with pytest.raises(ValueError, match="event_fn must return a scalar"):
+        tdq.odeint(decay, y0, t, event_fn=lambda t, y: y)
+    with pytest.raises(ValueError, match="func must be an nn.Module"):
+        tdq.odeint_adjoint(decay, y0, t)
+    with pytest.raises(ValueError, match="adjoint_method 'rk4' is fixed-grid"):
+        tdq.odeint_adjoint(decay, y0, t, adjoint_params=(), adjoint_method="rk4")
+    with pytest.raises(ValueError, match="adjoint option 'step_t' is not supported"):
+        tdq.odeint_adjoint(decay, y0, t, adjoint_params=(), adjoint_options={"step_t": t})
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+@pytest.mark.parametrize("adjoint_options", [None, {"norm": "seminorm"}])
+def test_adjoint_gradients_match_direct(adjoint_options):
+    func = _MLP()
+    y0 = torch.tensor([[0.5, -1.0], [1.0, 0.3]], dtype=D, requires_grad=True)
+    t = torch.linspace(0, 1, 4, dtype=D)
+
+    def grads(fn, **kw):
+        out = fn(func, y0, t, rtol=1e-8, atol=1e-10, **kw)
+        loss = (out ** 2).sum()
+        return torch.autograd.grad(loss, [y0] + list(func.parameters()))
+
+    g_direct = grads(tdq.odeint)
+    g_adj = grads(tdq.odeint_adjoint, adjoint_options=adjoint_options)
+    for a, b in zip(g_direct, g_adj):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adjoint_params_explicit_and_fixed_method():
+    w = torch.tensor(0.7, dtype=D, requires_grad=True)
+    f = lambda t, y: -w * y  # noqa: E731
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    y0 = torch.tensor([2.0], dtype=D)
+    out = tdq.odeint_adjoint(f, y0, t, method="rk4", options={"step_size": 0.01}, adjoint_params=(w,),
+                             adjoint_rtol=1e-9, adjoint_atol=1e-11)
+    (g,) = torch.autograd.grad(out[-1, 0], w)
+    torch.testing.assert_close(g, -2.0 * torch.exp(-w.detach()), rtol=1e-6, atol=1e-8)
+
+
+def _ball():
+    g = 9.81
+
+    def f(t, y):
+        return (y[1], -g * torch.ones_like(y[1]))
+
+    return f, g
+
+
+def test_odeint_event_falling_ball_and_gradient():
+    f, g = _ball()
+    h0 = torch.tensor([2.0], dtype=D, requires_grad=True)
+    y0 = (h0, torch.zeros(1, dtype=D))
+    ev = lambda t, y: y[0][0]  # noqa: E731
+    for interface in (tdq.odeint, tdq.odeint_adjoint):
+        kw = {} if interface is tdq.odeint else {"adjoint_params": ()}
+        t_ev, (h, v) = tdq.odeint_event(f, y0, torch.tensor(0.0, dtype=D), event_fn=ev, odeint_interface=interface,
+                                        rtol=1e-9, atol=1e-11, **kw)
+        t_exact = math.sqrt(2 * 2.0 / g)
+        assert t_ev.dim() == 0 and abs(t_ev.item() - t_exact) < 1e-7
+        assert h.shape == (2, 1) and torch.equal(h[0], h0.detach()) and abs(h[1].item()) < 1e-7
+        (dt_dh,) = torch.autograd.grad(t_ev, h0)
+        assert abs(dt_dh.item() - 1 / math.sqrt(2 * g * 2.0)) < 1e-5
+
+
+def test_odeint_event_reverse_time_and_event_at_start():
+    # y' = 1 from y(0) = 0 backwards: y = t, event y = -0.75 at t = -0.75
+    f = lambda t, y: torch.ones_like(y)  # noqa: E731
+    t_ev, sol = tdq.odeint_event(f, torch.zeros(1, dtype=D), torch.tensor(0.0, dtype=D),
+                                 event_fn=lambda t, y: y[0] + 0.75, reverse_time=True)
+    assert abs(t_ev.item() + 0.75) < 1e-8 and abs(sol[1, 0].item() + 0.75) < 1e-8
+    t_ev, sol = tdq.odeint(f, torch.zeros(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
+                           event_fn=lambda t, y: y[0])
+    assert t_ev.item() == 0.0 and torch.equal(sol[1], sol[0])
+    # the event is far away: several integration windows
+    t_ev, sol = tdq.odeint_event(f, torch.zeros(1, dtype=D), 0.0, event_fn=lambda t, y: y[0] - 37.5)
+    assert abs(t_ev.item() - 37.5) < 1e-8
+
+
+def test_float32():
+    t = torch.linspace(0, 1, 5)
+    out = tdq.odeint(decay, torch.ones(3), t, rtol=1e-5, atol=1e-7)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.exp(-t)[:, None].expand(5, 3), rtol=1e-5, atol=1e-6)
+
+
+# -- against torchdiffeq itself, when installed --------------------------------------------------
+
+def _problem():
+    torch.manual_seed(1)
+    A = torch.randn(3, 3, dtype=D) * 0.5
+    return (lambda t, y: torch.tanh(y @ A) + torch.sin(t)), torch.randn(4, 3, dtype=D)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_fixed_grid_equals_torchdiffeq(method):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    f, y0 = _problem()
+    t = torch.linspace(0, 2, 7, dtype=D)
+    for opts in ({"step_size": 0.07}, {"step_size": 0.07, "interp": "cubic", "perturb": True}, None):
+        a = torchdiffeq.odeint(f, y0, t, method=method, options=opts)
+        b = tdq.odeint(f, y0, t, method=method, options=opts)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2"])
+def test_adaptive_close_to_torchdiffeq(method):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    f, y0 = _problem()
+    t = torch.linspace(2, 0, 7, dtype=D)
+    ref = torchdiffeq.odeint(f, y0, t, method="dopri8", rtol=1e-12, atol=1e-12)
+    a = torchdiffeq.odeint(f, y0, t, method=method, rtol=1e-6, atol=1e-8)
+    b = tdq.odeint(f, y0, t, method=method, rtol=1e-6, atol=1e-8)
+    err_a = (a - ref).abs().max()
+    err_b = (b - ref).abs().max()
+    assert err_b < max(3 * err_a, 1e-6), (err_a, err_b)
