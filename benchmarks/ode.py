@@ -1,0 +1,301 @@
+"""ODE solver benchmark: torchmech.de against torchdiffeq and torchode, both sides in one process.
+
+Workloads (issue 3):
+
+1. Van der Pol (mu = 2), batch 256 of random initial states in [-2, 2]^2, rtol = atol = 1e-5,
+   t in [0, 7.6], 200 save points, Dopri5 and Tsit5. torchmech and torchode step every sample on its
+   own; torchdiffeq steps the whole batch with one shared step (its only mode).
+2. Neural ODE training step: MLP 2-64-64-2 tanh, batch 512, t in [0, 1], 10 save points,
+   rtol = atol = 1e-4, Dopri5, loss = mean squared error against a fixed target; forward + backward
+   with each torchmech adjoint and with torchdiffeq's odeint / odeint_adjoint.
+
+Reported: wall time = median of --repeat runs after one warm-up run (the warm-up time is reported
+separately; for compiled modes it includes compilation), vector-field calls (batched calls, forward
+and backward solves together), mean accepted steps per sample (per-sample solvers) or shared steps
+(torchdiffeq), max abs deviation from a float64 reference at the save points, and ratios to
+torchdiffeq. Solver overhead on the MLP workload = 1 - (estimated time inside the vector field) /
+total, the vector-field time being n_grad_calls * (standalone MLP forward+backward time) +
+n_nograd_calls * (standalone forward time) at batch 512.
+
+    .venv/bin/python benchmarks/ode.py                 # everything available, float32, CPU
+    .venv/bin/python benchmarks/ode.py --quick         # fewer repeats
+    .venv/bin/python benchmarks/ode.py --compile       # also torch.compile modes (slow warm-up)
+    .venv/bin/python benchmarks/ode.py --device cuda
+
+Peers are optional: a missing torchdiffeq or torchode is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import torchmech.de as de
+
+try:
+    import torchdiffeq
+except ImportError:  # pragma: no cover - optional peer
+    torchdiffeq = None
+try:
+    import torchode
+except ImportError:  # pragma: no cover - optional peer
+    torchode = None
+
+MU = 2.0
+
+
+class Counter:
+    def __init__(self):
+        self.grad = 0
+        self.nograd = 0
+
+    @property
+    def total(self):
+        return self.grad + self.nograd
+
+    def hit(self):
+        if torch.is_grad_enabled():
+            self.grad += 1
+        else:
+            self.nograd += 1
+
+
+def vdp(y, count):
+    count.hit()
+    x, v = y[..., 0], y[..., 1]
+    return torch.stack([v, MU * (1 - x * x) * v - x], dim=-1)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat, device):
+    """(warm-up seconds, median seconds, last result)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return warm, statistics.median(times), out
+
+
+def fmt_t(s):
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+# -- Van der Pol -----------------------------------------------------------------------------------
+
+def vdp_runs(args, device, dtype):
+    torch.manual_seed(0)
+    B = 256
+    y0 = (torch.rand(B, 2, dtype=torch.float64) * 4 - 2).to(device=device, dtype=dtype)
+    ts = torch.linspace(0, 7.6, 200, dtype=dtype, device=device)
+    tol = 1e-5
+    ref = de.solve(lambda t, y, a: vdp(y, Counter()), de.Dopri8(), 0.0, 7.6, y0.double(),
+                   saveat=de.SaveAt(ts=ts.double()), controller=de.PIDController(1e-11, 1e-11), max_steps=100000).ys
+    rows = []
+
+    for name in ("Dopri5", "Tsit5"):
+        solver = getattr(de, name)()
+        cnt = Counter()
+
+        def ours(compile=False, solver=solver, cnt=cnt):
+            return de.solve(lambda t, y, a: vdp(y, cnt), solver, 0.0, 7.6, y0, saveat=de.SaveAt(ts=ts),
+                            controller=de.PIDController(tol, tol), **({"compile": True} if compile else {}))
+
+        modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+        for mode, comp in modes:
+            with torch.no_grad():
+                cnt.grad = cnt.nograd = 0
+                try:
+                    warm, med, sol = timed(lambda: ours(comp), args.repeat, device)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append((f"torchmech {name} ({mode})", None, None, None, None, None, repr(exc)[:80]))
+                    continue
+                calls = cnt.total // (args.repeat + 1)
+                err = (sol.ys.double() - ref).abs().max().item()
+                steps = sol.stats["num_accepted"].double().mean().item()
+                rows.append((f"torchmech {name} ({mode})", warm, med, calls, steps, err, ""))
+
+        if torchode is not None:
+            cnt_o = Counter()
+            term = torchode.ODETerm(lambda t, y: vdp(y, cnt_o))
+            meth = getattr(torchode, name)(term=term)
+            ctrl = torchode.IntegralController(atol=tol, rtol=tol, term=term)
+            solver_o = torchode.AutoDiffAdjoint(meth, ctrl)
+            t_eval = ts.expand(B, -1)
+            problem = torchode.InitialValueProblem(y0=y0, t_eval=t_eval)
+            variants = [("eager", solver_o)]
+            if args.compile:
+                variants.append(("compiled", torch.compile(solver_o)))
+            for mode, s in variants:
+                with torch.no_grad():
+                    cnt_o.grad = cnt_o.nograd = 0
+                    try:
+                        warm, med, sol = timed(lambda s=s: s.solve(problem), args.repeat, device)
+                    except Exception as exc:  # noqa: BLE001
+                        rows.append((f"torchode {name} ({mode})", None, None, None, None, None, repr(exc)[:80]))
+                        continue
+                    calls = cnt_o.total // (args.repeat + 1)
+                    err = (sol.ys.double() - ref).abs().max().item()
+                    steps = sol.stats["n_accepted"].double().mean().item()
+                    rows.append((f"torchode {name} ({mode})", warm, med, calls, steps, err, ""))
+        else:
+            rows.append((f"torchode {name}", None, None, None, None, None, "skipped: torchode not installed"))
+
+    if torchdiffeq is not None:
+        cnt_d = Counter()
+        with torch.no_grad():
+            warm, med, out = timed(lambda: torchdiffeq.odeint(lambda t, y: vdp(y, cnt_d), y0, ts, rtol=tol, atol=tol,
+                                                              method="dopri5"), args.repeat, device)
+        calls = cnt_d.total // (args.repeat + 1)
+        err = (out.transpose(0, 1).double() - ref).abs().max().item()
+        rows.append(("torchdiffeq dopri5 (shared step)", warm, med, calls, (calls - 2) / 6, err, ""))
+    else:
+        rows.append(("torchdiffeq dopri5", None, None, None, None, None, "skipped: torchdiffeq not installed"))
+    return rows
+
+
+# -- neural ODE training step ------------------------------------------------------------------------
+
+class MLP(torch.nn.Module):
+    def __init__(self, count):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                       torch.nn.Tanh(), torch.nn.Linear(64, 2))
+        self.count = count
+
+    def forward(self, t, y, args=None):
+        self.count.hit()
+        return self.net(y)
+
+
+def train_runs(args, device, dtype):
+    torch.manual_seed(0)
+    B = 512
+    cnt = Counter()
+    model = MLP(cnt).to(device=device, dtype=dtype)
+    y0 = torch.randn(B, 2, device=device, dtype=dtype)
+    ts = torch.linspace(0, 1, 10, device=device, dtype=dtype)
+    target = torch.randn(B, 10, 2, device=device, dtype=dtype)  # batch-first
+    tol = 1e-4
+    params = list(model.parameters())
+
+    # standalone vector-field costs at batch 512
+    def vf_fb():
+        y = y0.clone().requires_grad_(True)
+        out = model.net(y)
+        torch.autograd.grad(out.sum(), [y] + params)
+
+    def vf_f():
+        with torch.no_grad():
+            model.net(y0)
+
+    _, c_fb, _ = timed(vf_fb, 50, device)
+    _, c_f, _ = timed(vf_f, 50, device)
+
+    def step_ours(adjoint, compile=False):
+        def run():
+            model.zero_grad(set_to_none=True)
+            sol = de.solve(de.ODETerm(model), de.Dopri5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=ts),
+                           controller=de.PIDController(tol, tol), adjoint=adjoint, **({"compile": True} if compile else {}))
+            loss = (sol.ys - target).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+        return run
+
+    def step_td(fn, **kw):
+        def run():
+            model.zero_grad(set_to_none=True)
+            out = fn(model, y0, ts, rtol=tol, atol=tol, method="dopri5", **kw)
+            loss = (out.transpose(0, 1) - target).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+        return run
+
+    cases = [
+        ("torchmech DirectAdjoint", step_ours(de.DirectAdjoint())),
+        ("torchmech CheckpointAdjoint", step_ours(de.CheckpointAdjoint())),
+        ("torchmech BacksolveAdjoint(seminorm)", step_ours(de.BacksolveAdjoint(rtol=tol, atol=tol))),
+    ]
+    if args.compile:
+        cases.append(("torchmech DirectAdjoint (compiled)", step_ours(de.DirectAdjoint(), compile=True)))
+    if torchdiffeq is not None:
+        cases += [
+            ("torchdiffeq odeint", step_td(torchdiffeq.odeint)),
+            ("torchdiffeq odeint_adjoint", step_td(torchdiffeq.odeint_adjoint)),
+            ("torchdiffeq odeint_adjoint (seminorm)", step_td(torchdiffeq.odeint_adjoint,
+                                                              adjoint_options={"norm": "seminorm"})),
+        ]
+    rows = []
+    for name, fn in cases:
+        cnt.grad = cnt.nograd = 0
+        try:
+            warm, med, loss = timed(fn, args.repeat, device)
+        except Exception as exc:  # noqa: BLE001
+            rows.append((name, None, None, None, None, repr(exc)[:80]))
+            continue
+        n = args.repeat + 1
+        g, ng = cnt.grad / n, cnt.nograd / n
+        vf_time = g * c_fb + ng * c_f
+        overhead = max(0.0, 1 - vf_time / med)
+        rows.append((name, warm, med, round(g + ng), overhead, ""))
+    return rows, c_fb, c_f
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="3 repeats")
+    p.add_argument("--compile", action="store_true", help="also run torch.compile modes")
+    p.add_argument("--only", choices=["vdp", "train"], default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.repeat = 3
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"torchdiffeq {getattr(torchdiffeq, '__version__', 'missing')}, "
+          f"torchode {getattr(torchode, '__version__', 'missing')}; median of {args.repeat} after 1 warm-up")
+    if args.only in (None, "vdp"):
+        rows = vdp_runs(args, device, dtype)
+        base = next((r[2] for r in rows if r[0].startswith("torchdiffeq") and r[2]), None)
+        print("\nVan der Pol mu=2, B=256, y0 in [-2,2]^2, t in [0, 7.6], 200 saves, rtol=atol=1e-5\n")
+        print("| solver | warm-up | time | speed-up vs torchdiffeq | vf calls | steps/sample | max err |")
+        print("|---|---|---|---|---|---|---|")
+        for name, warm, med, calls, steps, err, note in rows:
+            if med is None:
+                print(f"| {name} | - | - | - | - | - | {note} |")
+                continue
+            ratio = f"{base / med:.2f}x" if base else "-"
+            print(f"| {name} | {fmt_t(warm)} | {fmt_t(med)} | {ratio} | {calls} | {steps:.1f} | {err:.1e} |")
+    if args.only in (None, "train"):
+        rows, c_fb, c_f = train_runs(args, device, dtype)
+        base = next((r[2] for r in rows if r[0] == "torchdiffeq odeint" and r[2]), None)
+        print(f"\nNeural ODE training step: MLP 2-64-64-2 tanh, B=512, t in [0,1], 10 saves, rtol=atol=1e-4, Dopri5 "
+              f"(MLP fwd+bwd {c_fb * 1e3:.2f} ms, fwd {c_f * 1e3:.2f} ms)\n")
+        print("| method | warm-up | time | speed-up vs torchdiffeq odeint | vf calls | solver overhead |")
+        print("|---|---|---|---|---|---|")
+        for name, warm, med, calls, overhead, note in rows:
+            if med is None:
+                print(f"| {name} | - | - | - | - | {note} |")
+                continue
+            ratio = f"{base / med:.2f}x" if base else "-"
+            print(f"| {name} | {fmt_t(warm)} | {fmt_t(med)} | {ratio} | {calls} | {overhead:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
