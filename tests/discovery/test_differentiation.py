@@ -72,3 +72,14 @@ def test_bad_inputs():
         TotalVariation(-1.0)
     with pytest.raises(ValueError, match="time step"):
         FiniteDifference()(x, -0.1)
+
+
+def test_total_variation_default_suits_order_one_time_scales():
+    # Lorenz derivatives vary on time scales of about 0.5: the default alpha must not over-smooth
+    from torchmech import systems
+    from torchmech.discovery import metrics
+
+    t = torch.linspace(0, 5, 1000, dtype=torch.float64)
+    tr = systems.simulate("lorenz", t, y0=[-8.0, 8.0, 27.0], noise=0.01, seed=0)
+    exact = systems.get("lorenz").vector_field(t, tr.x_clean)
+    assert float(metrics.derivative_r2(TotalVariation()(tr.x, t), exact)) > 0.99

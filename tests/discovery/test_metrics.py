@@ -43,3 +43,13 @@ def test_bad_inputs():
         metrics.coefficient_error(torch.ones(2, 2), torch.ones(2, 2), "sum")
     with pytest.raises(TypeError):
         metrics.exact_recovery([[1.0]], torch.ones(1, 1))
+
+
+def test_degenerate_cases_give_numbers_not_nan():
+    # constant reference: 1 for a perfect prediction, 0 otherwise (scikit-learn's convention)
+    const = torch.ones(10, 2)
+    assert float(metrics.r2_score(const, const)) == 1.0
+    assert float(metrics.r2_score(const + 1, const)) == 0.0
+    # no true terms: nothing on the true support can be wrong
+    for reduction in ("median", "mean", "max"):
+        assert float(metrics.coefficient_error(torch.ones(2, 3), torch.zeros(2, 3), reduction)) == 0.0

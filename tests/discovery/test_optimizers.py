@@ -77,3 +77,26 @@ def test_bad_inputs():
         EnsembleOptimizer(base="stlsq")
     with pytest.raises(ValueError, match="n_drop"):
         EnsembleOptimizer(library_bagging=True, n_drop=10).fit(Theta, dX)
+
+
+def test_threshold_tensor_shapes_are_read_without_guessing():
+    # B == D == 3: a (B,) tensor is one threshold per problem, never per target
+    Theta, dX, Xi = sparse_problem(B=3, D=3)
+    per_problem = STLSQ(torch.tensor([0.2, 100.0, 0.2])).fit(Theta, dX).coef_
+    assert (per_problem[1] == 0).all()
+    assert torch.equal(per_problem[0] != 0, Xi[0] != 0) and torch.equal(per_problem[2] != 0, Xi[2] != 0)
+    per_target = STLSQ(torch.tensor([[0.2, 0.2, 100.0]])).fit(Theta, dX).coef_  # (1, D)
+    assert (per_target[..., 2] == 0).all() and torch.equal(per_target[..., :2] != 0, Xi[..., :2] != 0)
+    unbatched = SR3(torch.tensor([0.2, 100.0, 0.2])).fit(Theta[0], dX[0]).coef_  # (D,) per target
+    assert (unbatched[:, 1] == 0).all() and torch.equal(unbatched[:, 0] != 0, Xi[0, :, 0] != 0)
+    with pytest.raises(ValueError, match=r"threshold: expected a number, \(3,\) per problem"):
+        STLSQ(torch.tensor([0.1, 0.2])).fit(Theta, dX)
+
+
+def test_ensemble_with_per_problem_threshold():
+    Theta, dX, Xi = sparse_problem(B=4)
+    ens = EnsembleOptimizer(STLSQ(torch.tensor([0.2, 0.2, 100.0, 0.2])), n_models=8, seed=0).fit(Theta, dX)
+    assert (ens.coef_[2] == 0).all() and (ens.inclusion_probabilities_[2] == 0).all()
+    for b in (0, 1, 3):
+        assert torch.equal(ens.coef_[b] != 0, Xi[b] != 0)
+        assert (ens.inclusion_probabilities_[b][Xi[b] != 0] == 1).all()

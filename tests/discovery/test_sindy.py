@@ -141,3 +141,12 @@ def test_bad_inputs():
         model.simulate(torch.zeros(3), torch.linspace(0, 1, 5))
     with pytest.raises(ValueError, match="metric"):
         model.score(torch.randn(50, 2), 0.1, metric="aic")
+
+
+def test_time_as_python_list():
+    s, t, tr = data("lotka_volterra", 600)
+    a = SINDy(optimizer=STLSQ(0.1)).fit(tr.x, t).coefficients_
+    b = SINDy(optimizer=STLSQ(0.1)).fit(tr.x, t.tolist()).coefficients_  # one grid as a list of numbers
+    step = float(t[1] - t[0])
+    c = SINDy(optimizer=STLSQ(0.1)).fit([tr.x[0], tr.x[1]], [step, step]).coefficients_  # one step per trajectory
+    assert torch.allclose(a, b) and torch.allclose(a, c, atol=1e-8)

@@ -74,6 +74,9 @@ def test_true_coefficients_lorenz_poly2():
     for (d, n), v in expected.items():
         E[d, names.index(n)] = v
     assert torch.allclose(C, E, atol=1e-14)
+    # the module-level shorthand, by name, with a parameter override
+    C2 = systems.true_coefficients("lorenz", lib, params={"rho": 10.0}, dtype=torch.float32)
+    assert C2.dtype == torch.float32 and C2[1, names.index("x")] == 10.0
 
 
 def test_true_coefficients_other_libraries_and_errors():
@@ -108,6 +111,8 @@ def test_bad_inputs():
         systems.simulate("lorenz", t, y0=[1.0, float("nan"), 2.0])
     with pytest.raises(ValueError, match="noise"):
         systems.simulate("lorenz", t, noise=-0.1)
+    with pytest.raises(TypeError, match="seed: expected None or an int"):
+        systems.simulate("lorenz", t, noise=0.1, seed="a")
     with pytest.raises(ValueError, match="strictly increasing"):
         systems.simulate("lorenz", torch.tensor([0.0, 1.0, 0.5]))
     with pytest.raises(ValueError, match="1-D time grid"):

@@ -68,8 +68,8 @@ def as_trajectories(
 
     Args:
         x: one trajectory (T, D), a batch (B, T, D), or a list of (T_i, D) (tensors or arrays).
-        t: times: (T,) (shared by all trajectories of equal length), (B, T), a list of (T_i,),
-            or a number (the constant time step).
+        t: times: (T,) (shared by all trajectories of equal length; a tensor, array or list of
+            numbers), (B, T), a list of (T_i,) grids, or a number (the constant time step).
         u: optional control inputs with the layout of ``x`` and M columns: (T, M), (B, T, M)
             or a list of (T_i, M).
         min_samples: smallest accepted T_i.
@@ -93,6 +93,10 @@ def as_trajectories(
             raise ValueError(f"x[{i}]: expected finite values, got NaN or infinite entries")
     xs = [a.to(dtype=ref.dtype, device=ref.device) for a in xs]
     n = len(xs)
+    if (isinstance(t, (list, tuple)) and len(t) == xs[0].shape[0]
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t)):
+        # a plain list of T numbers is one shared grid (a list of n numbers would be n time steps)
+        t = torch.tensor([float(v) for v in t], dtype=torch.float64)
     if isinstance(t, (list, tuple)):
         if len(t) != n:
             raise ValueError(f"t: expected one time grid per trajectory ({n}), got {len(t)}")

@@ -228,6 +228,11 @@ class TotalVariation(Differentiator):
     minimise): every iteration is one symmetric pentadiagonal solve, O(T). The derivative at the
     samples interpolates the midpoint slopes u linearly.
 
+    ``alpha`` carries units of time squared (the data are unit-free after scaling, the fit term is
+    an integral over time and the TV term is not): on signals whose features last about ``tau``
+    time units, values around ``1e-5 * tau**2`` to ``1e-3 * tau**2`` work; larger is smoother. The
+    default suits dynamics on time scales of order 1 (e.g. Lorenz at its usual parameters).
+
     Args:
         alpha: regularisation weight (> 0); larger is smoother.
         max_iter: maximal lagged-diffusivity iterations.
@@ -240,7 +245,7 @@ class TotalVariation(Differentiator):
 
     min_points = 3
 
-    def __init__(self, alpha: float = 1e-3, max_iter: int = 100, tol: float = 1e-8, eps: float = 1e-6,
+    def __init__(self, alpha: float = 1e-5, max_iter: int = 100, tol: float = 1e-8, eps: float = 1e-6,
                  progress: bool = False):
         self.progress = bool(progress)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):

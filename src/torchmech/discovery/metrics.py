@@ -65,6 +65,8 @@ def coefficient_error(found: torch.Tensor, true: torch.Tensor, reduction: str = 
         found, true: (..., D, F) coefficients.
         reduction: ``"median"``, ``"mean"`` or ``"max"`` over the true support per problem
             (-> (...)), or ``"none"`` (-> (..., D, F) with NaN off the true support).
+
+    A problem whose true support is empty has error 0 (there is no true coefficient to miss).
     """
     found, true = _pair(found, true)
     if reduction not in ("median", "mean", "max", "none"):
@@ -75,17 +77,20 @@ def coefficient_error(found: torch.Tensor, true: torch.Tensor, reduction: str = 
     if reduction == "none":
         return rel
     flat = rel.flatten(-2)
+    empty = ~on.flatten(-2).any(-1)
     if reduction == "median":
-        return flat.nanmedian(-1).values
+        return flat.nanmedian(-1).values.masked_fill(empty, 0.0)
     if reduction == "mean":
-        return flat.nanmean(-1)
+        return flat.nanmean(-1).masked_fill(empty, 0.0)
     return torch.where(torch.isnan(flat), torch.full_like(flat, -float("inf")), flat).amax(-1).clamp_min(0)
 
 
 def r2_score(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Coefficient of determination over the last two axes (T, D), pooled over variables.
 
-    ``1 - sum (pred - true)^2 / sum (true - mean_T(true))^2``; (..., T, D) -> (...).
+    ``1 - sum (pred - true)^2 / sum (true - mean_T(true))^2``; (..., T, D) -> (...). Where the
+    reference is constant (zero variance) the score is 1 for a perfect prediction and 0 otherwise
+    (the scikit-learn convention), never NaN.
     """
     if not isinstance(pred, torch.Tensor) or not isinstance(true, torch.Tensor):
         raise TypeError("pred/true: expected tensors")
@@ -94,7 +99,9 @@ def r2_score(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     true = true.to(device=pred.device, dtype=pred.dtype)
     ss_res = (pred - true).square().sum((-2, -1))
     ss_tot = (true - true.mean(-2, keepdim=True)).square().sum((-2, -1))
-    return 1 - ss_res / ss_tot
+    constant = ss_tot == 0
+    r2 = 1 - ss_res / torch.where(constant, torch.ones_like(ss_tot), ss_tot)
+    return torch.where(constant, (ss_res == 0).to(r2.dtype), r2)
 
 
 def derivative_r2(pred_dx: torch.Tensor, true_dx: torch.Tensor) -> torch.Tensor:

@@ -184,7 +184,8 @@ class SparseOptimizer:
         """
         Theta, dX, mask, sample_weight, batched = _check_problem(Theta, dX, mask, sample_weight)
         stats = _normalized_stats(Theta, dX, sample_weight)
-        coef = self._solve(stats, mask)
+        th = _threshold_tensor(getattr(self, "threshold", 0.0), Theta.shape[0], dX.shape[2], batched, Theta.device)
+        coef = self._solve(stats, mask, th)
         coef = coef.to(Theta.dtype)
         self.coef_ = coef if batched else coef[0]
         return self
@@ -196,7 +197,8 @@ class SparseOptimizer:
             support = support & mask
         return support
 
-    def _solve(self, stats: _Normalized, mask: torch.Tensor | None) -> torch.Tensor:
+    def _solve(self, stats: _Normalized, mask: torch.Tensor | None, threshold: torch.Tensor) -> torch.Tensor:
+        """Coefficients (B, F, D) in the original units; ``threshold`` is (B, 1, D) float64."""
         raise NotImplementedError
 
 
@@ -210,14 +212,28 @@ def _check_threshold(threshold, name="threshold"):
     return float(threshold)
 
 
-def _threshold_tensor(threshold, B, D, like):
-    th = torch.as_tensor(threshold, dtype=torch.float64, device=like.device)
+def _threshold_tensor(threshold, B: int, D: int, batched: bool, device) -> torch.Tensor:
+    """The threshold as a (B, 1, D) float64 tensor.
+
+    A number applies everywhere. A tensor is read without guessing: for a batched fit, shape (B,)
+    gives one value per problem and (B, D) (or (1, D), (B, 1)) one per problem and target; for an
+    unbatched fit, shape (D,) gives one value per target. Any shape broadcastable to (B, 1, D)
+    with three axes is also accepted.
+    """
+    th = torch.as_tensor(threshold, dtype=torch.float64, device=device)
+    if th.ndim == 1:
+        th = th[:, None, None] if batched else th[None, None, :]
+    elif th.ndim == 2:
+        th = th[:, None, :]
+    elif th.ndim > 3:
+        th = th.reshape(-1)  # forces the error below
     try:
-        if th.ndim == 1 and th.shape[0] == B and B != D:
-            th = th[:, None, None]
-        return torch.broadcast_to(th, (B, 1, D)) if th.ndim < 3 else torch.broadcast_to(th, (B, 1, D))
+        return torch.broadcast_to(th, (B, 1, D))
     except RuntimeError:
-        raise ValueError(f"threshold: expected a float or a tensor broadcastable to ({B}, 1, {D}), got {tuple(th.shape)}") from None
+        expected = f"a number, ({B},) per problem or ({B}, {D}) per problem and target" if batched else \
+            f"a number or ({D},) per target"
+        raise ValueError(f"threshold: expected {expected}, got a tensor of shape {tuple(torch.as_tensor(threshold).shape)}"
+                         ) from None
 
 
 class STLSQ(SparseOptimizer):
@@ -229,7 +245,8 @@ class STLSQ(SparseOptimizer):
 
     Args:
         threshold: smallest kept coefficient magnitude, in the units of the returned
-            coefficients (float, or a tensor broadcastable to (B, 1, D): per problem/target).
+            coefficients: a number, or a tensor of shape (B,) (one per problem of a batched
+            fit), (B, D) or (1, D) (per problem and target), or (D,) for an unbatched fit.
         alpha: ridge weight on the unit-RMS-column problem (dimensionless; 0 = plain least squares).
         max_iter: maximal thresholding rounds.
         normalize_columns: scale features to unit RMS before the ridge solve (better conditioned;
@@ -247,9 +264,8 @@ class STLSQ(SparseOptimizer):
         self.max_iter = max_iter
         self.normalize_columns = bool(normalize_columns)
 
-    def _solve(self, stats, mask):
-        B, F, D = stats.b.shape
-        th = _threshold_tensor(self.threshold, B, D, stats.b)
+    def _solve(self, stats, mask, threshold):
+        th = threshold
         support = self._initial_support(stats, mask)
         scale = stats.scale[:, :, None]  # (B, F, 1)
         if self.normalize_columns:
@@ -290,7 +306,7 @@ class SR3(SparseOptimizer):
     refit leaves below ``threshold`` are dropped (one more refit).
 
     Args:
-        threshold: see above (float or tensor broadcastable to (B, 1, D)).
+        threshold: see above; a number or a tensor shaped as for :class:`STLSQ`.
         nu: relaxation parameter (> 0) on the unit-RMS-column problem.
         thresholder: ``"l0"`` or ``"l1"``.
         max_iter: maximal iterations; tol: stop when max |w change| (normalised units) < tol.
@@ -321,7 +337,7 @@ class SR3(SparseOptimizer):
         self.tol = float(tol)
         self.unbias = bool(unbias)
 
-    def _solve(self, stats, mask):
+    def _solve(self, stats, mask, threshold):
         B, F, D = stats.b.shape
         allowed = self._initial_support(stats, mask)  # (B, F, D)
         m = allowed.to(torch.float64).transpose(1, 2)  # (B, D, F)
@@ -330,7 +346,7 @@ class SR3(SparseOptimizer):
         L, info = torch.linalg.cholesky_ex(H)
         rhs0 = stats.b.transpose(1, 2) * m  # (B, D, F)
         # threshold in normalised units: |w_orig| = |w_norm| / scale
-        cut = _threshold_tensor(self.threshold, B, D, stats.b).transpose(1, 2) * stats.scale[:, None, :]  # (B, D, F)
+        cut = threshold.transpose(1, 2) * stats.scale[:, None, :]  # (B, D, F)
         w = torch.cholesky_solve(rhs0[..., None], L)[..., 0]  # least-squares-like start
         w = self._prox(w, cut) * m
         self.n_iter_ = 0
@@ -461,7 +477,9 @@ class EnsembleOptimizer(SparseOptimizer):
         full_mask = offered[..., None].expand(B, M, F, D)
         if mask is not None:
             full_mask = full_mask & mask[:, None]
-        coefs = self.base._solve(stats, full_mask.reshape(B * M, F, D)).reshape(B, M, F, D)
+        # every model of problem b uses problem b's threshold (stats are model-major within problems)
+        th = _threshold_tensor(getattr(self.base, "threshold", 0.0), B, D, batched, dev).repeat_interleave(M, 0)
+        coefs = self.base._solve(stats, full_mask.reshape(B * M, F, D), th).reshape(B, M, F, D)
         coefs = coefs.to(Theta.dtype)
         avail = offered[..., None].expand(B, M, F, D)
         nan = torch.full_like(coefs, float("nan"))

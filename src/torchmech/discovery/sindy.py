@@ -122,8 +122,8 @@ def fit_sindy_batch(x: torch.Tensor, t: Any, library: Library | None = None,
         x: (B, T, D) trajectories; problem b is fitted on ``x[b]`` alone.
         t: (T,) shared times, (B, T) per-problem times, or a number (the time step).
         library, differentiation, optimizer: as in :class:`SINDy` (same defaults). The optimiser's
-            ``threshold`` may be a tensor of shape (B,) (one per problem) or broadcastable to
-            (B, 1, D).
+            ``threshold`` may be a tensor of shape (B,) (one per problem) or (B, D) (one per
+            problem and variable).
 
     Returns:
         (B, D, F) coefficients, ``x'_d = sum_f C[b, d, f] feature_f(x)`` for problem b.

@@ -10,7 +10,7 @@ from importlib import resources
 
 from torchmech.systems.system import System
 
-__all__ = ["get", "names", "register", "odebench_attribution"]
+__all__ = ["get", "names", "register", "odebench_attribution", "true_coefficients"]
 
 _BUILTIN: list[System] = [
     System(
@@ -227,3 +227,18 @@ def get(name: str | System) -> System:
             f"name: unknown system {name!r}{hint} (torchmech.systems.names() lists the {len(_REGISTRY)} known systems)"
         )
     return _REGISTRY[key]
+
+
+def true_coefficients(system, library, params=None, dtype=None, device=None):
+    """The ground-truth (D, F) coefficient matrix of a registered system in a feature library.
+
+    Shorthand for ``get(system).true_coefficients(library, params, dtype, device)``: row d holds
+    the coefficients of ``dx_d/dt`` on the library's features (written in the system's variable
+    names), the layout of ``SINDy.coefficients_``. ``dtype`` defaults to float64.
+
+    Raises:
+        ValueError: when the system's right-hand side is not a linear combination of the features.
+    """
+    import torch
+
+    return get(system).true_coefficients(library, params=params, dtype=dtype or torch.float64, device=device)

@@ -94,6 +94,8 @@ def simulate(
         dtype = tt.dtype if isinstance(t, torch.Tensor) and tt.is_floating_point() else torch.float64
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite number >= 0 (fraction of each variable's std), got {noise!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed: expected None or an int, got {type(seed).__name__}")
     D = system.dim
     if y0 is None:
         y = torch.tensor(system.y0, dtype=torch.float64)
@@ -130,7 +132,7 @@ def simulate(
     x_clean = torch.from_numpy(clean)
     x = x_clean
     if noise > 0:
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         eps = torch.randn(x_clean.shape, generator=gen, dtype=torch.float64)
         std = x_clean.std(dim=1, keepdim=True)
         x = x_clean + noise * std * eps
