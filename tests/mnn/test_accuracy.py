@@ -59,6 +59,22 @@ def test_harmonic_oscillator_matches_cos(central):
 
 @pytest.mark.parametrize("method", ["banded", "parallel"])
 @pytest.mark.parametrize("central", [True, False])
+def test_harmonic_oscillator_second_order_convergence(central, method):
+    """u'' + u = 0 over one period against cos t, for u, u' and u'' at h = 0.1, 0.05, 0.025."""
+    errs = []
+    for h in HS:
+        t, u = oscillator(h, 0.0, 1.0, central=central, method=method, t_end=2 * math.pi)
+        exact = torch.stack([torch.cos(t), -torch.sin(t), -torch.cos(t)], -1)
+        errs.append((u - exact).abs().max(0).values)
+    errs = torch.stack(errs)  # (len(HS), K)
+    # Measured: 1.99-2.01 for all three orders, with and without central rows; 5e-4..6.5e-4 at h = 0.025.
+    for k in range(3):
+        assert 1.85 < observed_order(HS, errs[:, k].tolist()) < 2.15, errs
+    assert (errs[-1] < 1e-3).all(), errs
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+@pytest.mark.parametrize("central", [True, False])
 def test_damped_oscillator_second_order_convergence(central, method):
     zeta, omega = 0.1, 2.0
     e0, e1 = [], []
@@ -151,12 +167,18 @@ def test_derivatives_are_consistent_with_values():
     assert (u[:, 1] - exact[:, 1]).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel"])
+def _float32_vs_float64(central, method):
+    """Damped oscillator, T = 1000, h = 0.01, float32 solve against the float64 one (banded, float64)."""
+    _, u64 = oscillator(0.01, 0.1, 2.0, central=central, method="banded", t_end=9.99)
+    _, u32 = oscillator(0.01, 0.1, 2.0, central=central, method=method, t_end=9.99, dtype=torch.float32)
+    return u32, u64
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel", "auto"])
 @pytest.mark.parametrize("central", [True, False])
 def test_float32_matches_float64(central, method):
-    """Damped oscillator, T = 1000, h = 0.01: float32 agrees with float64 (measured ~1.4e-7 relative)."""
-    _, u64 = oscillator(0.01, 0.1, 2.0, central=central, method=method, t_end=9.99)
-    _, u32 = oscillator(0.01, 0.1, 2.0, central=central, method=method, t_end=9.99, dtype=torch.float32)
+    """Damped oscillator, T = 1000, h = 0.01: float32 agrees with float64 (measured 1.4e-7..1.5e-7 relative)."""
+    u32, u64 = _float32_vs_float64(central, method)
     assert u64.shape == (1000, 3) and u32.dtype == torch.float32
     assert torch.isfinite(u32).all()
     rel = ((u32.double() - u64).norm() / u64.norm()).item()
@@ -165,6 +187,16 @@ def test_float32_matches_float64(central, method):
     for k in range(3):
         rel_k = ((u32[:, k].double() - u64[:, k]).abs().max() / u64[:, k].abs().max()).item()
         assert rel_k < 1e-3, (k, rel_k)
+
+
+@pytest.mark.xfail(strict=True, reason="the dense reference factorises in float32 with no refinement: measured "
+                                       "1.1e-2 relative (central) and 0.77 (no central rows) against float64")
+@pytest.mark.parametrize("central", [True, False])
+def test_float32_matches_float64_dense(central):
+    u32, u64 = _float32_vs_float64(central, "dense")
+    assert u32.dtype == torch.float32
+    rel = ((u32.double() - u64).norm() / u64.norm()).item()
+    assert rel < 1e-3, rel
 
 
 def test_float32_per_step_batched_matches_float64():
