@@ -224,7 +224,11 @@ class _Integrator:
         self.record_steps = saveat.steps
         self.has_jumps = isinstance(controller, PIDController) and controller.jump_ts is not None
         self.pbar = None
-        self.compiled = False  # set by solve(compile=True): steps run through _fast_core/_fast_save
+        from torchmech.de import _fast
+
+        # the lean loop of _fast handles the common case; everything else steps through self.step
+        self.fast = _fast.unsupported(self) is None
+        self.compiled = False  # set by solve(compile=True): the lean loop's step runs torch.compile'd
 
     def _check_ts(self, ts: Tensor) -> Tensor:
         B = self.B
@@ -554,8 +558,10 @@ class _Integrator:
         records = []
         if bool(state["done"].all()):
             return state, records, True
-        if self.compiled:
-            return _run_fast(self, state, n)
+        if self.fast:
+            from torchmech.de import _fast
+
+            return _fast.run(self, state, n, compiled=self.compiled)
         k = 0
         while n is None or k < n:
             state, rec = self.step(state)
@@ -566,152 +572,6 @@ class _Integrator:
             if done:
                 return state, records, True
         return state, records, False
-
-# -- compiled fast path ---------------------------------------------------------------------------
-# The same step as _Integrator.step, restricted to the common case (explicit RK, PIDController
-# without step_ts/jump_ts or ConstantStep, no events, no dense/steps saving, no progress bar) and
-# written as two pure tensor functions that torch.compile turns into a few fused kernels: the step
-# itself (stages, error norm, controller, bookkeeping) and the write of the save times it passed.
-# The host reads back two integers per step (all done?, most save times passed by a sample).
-
-def _fast_unsupported(integ: "_Integrator") -> str | None:
-    """Why ``integ`` cannot use the compiled path (None if it can)."""
-    from torchmech.de.solvers.rk import ExplicitRK
-
-    ctrl = integ.controller
-    if not isinstance(integ.solver, ExplicitRK) or hasattr(integ.solver, "init_vf"):
-        return f"solver {type(integ.solver).__name__} (only explicit Runge-Kutta solvers)"
-    if isinstance(ctrl, PIDController):
-        if ctrl.step_ts is not None or ctrl.jump_ts is not None:
-            return "PIDController step_ts/jump_ts"
-    elif type(ctrl) is not ConstantStep:
-        return f"controller {type(ctrl).__name__} (only PIDController and ConstantStep)"
-    if integ.event is not None:
-        return "events"
-    if integ.saveat.dense or integ.saveat.steps:
-        return "SaveAt(dense=True) / SaveAt(steps=True)"
-    if integ.progress:
-        return "progress=True"
-    return None
-
-
-_FAST_WINDOW = 8  # save times written inside the compiled step; more in one step take a second call
-
-
-def _fast_core(integ, buf, t, y, dt, vf, done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2):
-    from torchmech.de.controllers import _snap
-
-    d = integ.direction
-    ctrl = integ.controller
-    active = ~done
-    t_next = torch.where(active, _snap(t + dt, dt, integ.t1, d), t)
-    h = t_next - t
-    res = integ.solver.step(integ.terms, t, t_next, y, integ.args, vf, dense=integ.ts is not None)
-    finite = all_finite(res.y1) & all_finite(res.vf1)
-    if res.err is not None:
-        finite = finite & all_finite(res.err)
-    if ctrl.adaptive:
-        accept, dt_new, underflow, cstate = ctrl.adapt(t, t_next, dt, y, res.y1, res.err, {"e1": e1, "e2": e2},
-                                                      integ.solver.error_order)
-        e1, e2 = cstate["e1"], cstate["e2"]
-        limit = 10
-    else:
-        accept = torch.ones_like(done)
-        dt_new = dt
-        underflow = torch.zeros_like(done)
-        limit = 1
-    accept = accept & finite & active
-    nonfinite = torch.where(active & ~finite, nonfinite + 1, torch.where(accept, 0, nonfinite))
-    fail_nonfinite = active & ~finite & ((nonfinite >= limit) | underflow)
-    underflow = underflow & active & ~accept & ~fail_nonfinite
-    dt_new = torch.where(active, dt_new, dt)
-    y_new = where(accept, res.y1, y)
-    t_new = torch.where(accept, t_next, t)
-    vf_new = where(accept, res.vf1, vf)
-    new_done = done | (accept & (t_new == integ.t1))
-    nsteps = nsteps + active.to(torch.int64)
-    hit_max = active & ~new_done & (nsteps >= integ.max_steps) & ~underflow & ~fail_nonfinite
-    status = torch.where(hit_max, torch.full_like(status, int(Status.MAX_STEPS)), status)
-    status = torch.where(underflow, torch.full_like(status, int(Status.DT_UNDERFLOW)), status)
-    status = torch.where(fail_nonfinite, torch.full_like(status, int(Status.NONFINITE)), status)
-    new_done = new_done | hit_max | underflow | fail_nonfinite
-    nacc = nacc + accept.to(torch.int64)
-    nrej = nrej + (active & ~accept).to(torch.int64)
-    nfev = nfev + res.nfev * active.to(torch.int64)
-    if integ.ts is not None:
-        before = torch.searchsorted(integ._dts, (d * t)[:, None], right=True)[:, 0]
-        after = torch.searchsorted(integ._dts, (d * t_new)[:, None], right=True)[:, 0]
-        count = torch.where(accept, after - before, torch.zeros_like(before))
-        flags = torch.stack([new_done.all().to(torch.int64), count.max()])
-        buf = _fast_save(integ, buf, t, h, y, tuple(res.interp), before, count, min(_FAST_WINDOW, integ.ts.shape[1]))
-    else:
-        before = count = torch.zeros_like(nsteps)
-        flags = torch.stack([new_done.all().to(torch.int64), torch.zeros_like(nsteps[0])])
-    state = (t_new, y_new, dt_new, vf_new, new_done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2)
-    return state, buf, (t, h, y, tuple(res.interp), before, count), flags
-
-
-def _fast_save(integ, buf, t, h, y, qs, before, count, K: int):
-    """Write the (at most ``K``) save times each sample passed in this step into ``buf`` (B, T+1, ...)."""
-    T = integ.ts.shape[1]
-    ar = torch.arange(K, device=t.device)
-    used = ar[None] < count[:, None]
-    idx = torch.where(used, before[:, None] + ar[None], torch.full_like(used, T, dtype=before.dtype))
-    tw = integ._ts_pad.gather(1, idx)
-    safe_h = torch.where(h != 0, h, torch.ones_like(h))
-    theta = torch.where(used, (tw - t[:, None]) / safe_h[:, None], torch.zeros_like(tw))
-    vals = integ._interp(y.unsqueeze(1), tuple(q.unsqueeze(1) for q in qs), theta)
-    return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(name: str):
-    fn = _COMPILED.get(name)
-    if fn is None:
-        import torch._dynamo
-
-        # one compiled graph per problem structure; a few save-window sizes K per structure
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        fn = torch.compile({"core": _fast_core, "save": _fast_save}[name], dynamic=False)
-        _COMPILED[name] = fn
-    return fn
-
-
-_FAST_KEYS = ("t", "y", "dt", "vf", "done", "status", "nonfinite", "num_steps", "num_accepted", "num_rejected",
-              "num_fevals")
-
-
-def _run_fast(integ: "_Integrator", state: dict, n: int | None) -> tuple[dict, list, bool]:
-    """run_steps through the compiled core/save functions (see _fast_core)."""
-    core = _compiled("core")
-    save = _compiled("save")
-    cst = state["ctrl"]
-    ones = torch.ones_like(state["t"])
-    tensors = tuple(state[k].contiguous() for k in _FAST_KEYS) + (cst.get("e1", ones), cst.get("e2", ones))
-    buf = state.get("ys_ts")
-    k = 0
-    all_done = False
-    W = _FAST_WINDOW
-    while n is None or k < n:
-        tensors, buf, sv, flags = core(integ, buf, *tensors)
-        all_done, kmax = flags.tolist()
-        if kmax > W:  # rare: a step passed more save times than the compiled window holds
-            K = 1 << (int(kmax - W) - 1).bit_length()  # a power of two: few specialisations
-            t, h, y, qs, before, count = sv
-            buf = save(integ, buf, t, h, y, qs, before + W, (count - W).clamp(min=0), K)
-        k += 1
-        if all_done:
-            break
-    new = dict(state)
-    new.update(zip(_FAST_KEYS, tensors[:11]))
-    if "e1" in cst:
-        new["ctrl"] = dict(cst, e1=tensors[11], e2=tensors[12])
-    if buf is not None:
-        new["ys_ts"] = buf
-    return new, [], bool(all_done)
-
 
 def _check_y0(y0: Any) -> Tensor:
     if not isinstance(y0, Tensor):
@@ -809,7 +669,9 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
     if not isinstance(compile, bool):
         raise TypeError(f"solve: compile must be a bool, got {type(compile).__name__}")
     if compile:
-        why = _fast_unsupported(integ)
+        from torchmech.de import _fast
+
+        why = _fast.unsupported(integ)
         if why is not None:
             raise ValueError(f"solve: compile=True does not support {why}; use compile=False")
         integ.compiled = True

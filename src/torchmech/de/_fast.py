@@ -1,0 +1,346 @@
+"""The lean stepping loop used by ``solve`` for the common case (explicit RK on an ODETerm).
+
+Why a second loop: on small states every tensor operation costs a few microseconds of dispatch
+whatever its size, so the generic step (terms, controls, events, per-step save windows, one
+host read-back per feature) spends most of its time outside the vector field. This loop does
+the same arithmetic with far fewer operations:
+
+- stage inputs are ``addcmul(y, h, sum_j a_ij f_j)`` on the raw vector-field values, so the
+  per-sample step size multiplies once per stage instead of once per stage increment;
+- saving at ``SaveAt.ts`` is deferred: each step only keeps its start, end, state and stage
+  values; every few dozen steps (and at the end of ``run_steps``) one vectorised pass finds
+  which step covers each save time and evaluates the dense interpolant there;
+- the host reads back one boolean per step (are all samples done?).
+
+``step`` is a pure function of tensors (no data-dependent Python branching), so
+``solve(compile=True)`` hands it to ``torch.compile`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchmech.de._tree import bcast
+from torchmech.de.controllers import ConstantStep, PIDController, _snap
+from torchmech.de.integrate import Status
+
+# bytes of per-step records (state + stage values) kept before a save pass runs
+_RECORD_BUDGET = 64 * 2 ** 20
+_MAX_RECORDS = 64
+_WINDOW = 16  # save times interpolated inside one compiled step
+
+
+def unsupported(integ) -> str | None:
+    """Why ``integ`` cannot use this loop (None if it can)."""
+    from torchmech.de.solvers.rk import ExplicitRK
+    from torchmech.de.terms import ODETerm
+
+    solver, ctrl, terms = integ.solver, integ.controller, integ.terms
+    if not isinstance(solver, ExplicitRK) or hasattr(solver, "init_vf") or type(solver).step is not ExplicitRK.step:
+        return f"solver {type(solver).__name__} (only explicit Runge-Kutta solvers)"
+    if not isinstance(terms, ODETerm) or any(
+            getattr(type(terms), m) is not getattr(ODETerm, m) for m in ("vf", "contr", "prod")):
+        return f"terms {type(terms).__name__} (only ODETerm)"
+    if isinstance(ctrl, PIDController):
+        if ctrl.step_ts is not None or ctrl.jump_ts is not None:
+            return "PIDController step_ts/jump_ts"
+    elif type(ctrl) is not ConstantStep:
+        return f"controller {type(ctrl).__name__} (only PIDController and ConstantStep)"
+    if integ.event is not None:
+        return "events"
+    if integ.saveat.dense or integ.saveat.steps:
+        return "SaveAt(dense=True) / SaveAt(steps=True)"
+    if integ.progress:
+        return "progress=True"
+    return None
+
+
+def _nonzero(row) -> tuple:
+    return tuple((j, float(w)) for j, w in enumerate(row) if w != 0)
+
+
+def _lincomb(terms: tuple, fs: list) -> Tensor:
+    """``sum_j w_j fs[j]`` over the non-zero ``(j, w)`` pairs (one operation per pair)."""
+    if not terms:
+        return torch.zeros_like(fs[0])
+    j, w = terms[0]
+    out = fs[j] * w
+    for j, w in terms[1:]:
+        out = torch.add(out, fs[j], alpha=w)
+    return out
+
+
+class Plan:
+    """Per-solver constants of the lean loop (Python floats, so compiled code bakes them in)."""
+
+    def __init__(self, integ):
+        from torchmech.de.solvers.rk import ExplicitRK
+
+        solver = integ.solver
+        tab = solver.tableau
+        s = tab.stages
+        self.stages = tuple((float(tab.c[i]), _nonzero(tab.a[i - 1])) for i in range(1, s))
+        self.b = _nonzero(tab.b)
+        self.fsal = bool(tab.fsal)
+        self.b_last = float(tab.b[-1])
+        self.adaptive = bool(integ.controller.adaptive)
+        self.custom_err = tab.b_error is not None and type(solver).error_estimate is not ExplicitRK.error_estimate
+        self.err = _nonzero(tab.b_error) if tab.b_error is not None else ()
+        self.save = integ.ts is not None
+        self.dense_stages = tuple((float(c), _nonzero(row)) for c, row in (tab.dense_stages or ())) \
+            if self.save and tab.dense is not None else ()
+        self.nfev = (s - 1) + (0 if self.fsal else 1) + len(self.dense_stages)
+        # interpolant y(t + theta h) = y + h sum_r W_r(theta) F_r with W_r = sum_m poly[r][m-1] theta^m,
+        # F = the stage values (plus extra dense stages), or for cubic Hermite the stages and f(t1, y1)
+        if tab.dense is not None:
+            poly = [list(map(float, r)) for r in tab.dense]
+            self.hermite = False
+        else:
+            poly = [[0.0, 3 * float(bi), -2 * float(bi)] for bi in tab.b] + [[0.0, -1.0, 1.0]]
+            poly[0] = [1.0, poly[0][1] - 2.0, poly[0][2] + 1.0]
+            self.hermite = True
+        self.poly = poly
+
+
+def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2):
+    """One attempted step of every unfinished sample (same semantics as ``_Integrator.step``).
+
+    Returns (new state tuple, record, block, flags). record = (t, t_new, y, F) for the deferred
+    save pass (F: (R, B, ...) stacked stage values), None when nothing is saved at ``ts``.
+    With ``window > 0`` (compiled mode) the step also interpolates the first ``window`` save
+    times it passed: block = (indices (B, window), values (B, window, ...)) and flags =
+    [all done, some sample passed more than ``window`` save times] for one read-back. (The
+    caller scatters the block into the save buffer in place: inside the graph the scatter would
+    copy the whole buffer every step.)
+    """
+
+    f, args = integ.terms.f, integ.args
+    d, t1 = integ.direction, integ.t1
+    active = ~done
+    t_next = torch.where(active, _snap(t + dt, dt, t1, d), t)
+    h = t_next - t
+    hb = bcast(h, y)
+    fs = [f0]
+    yi = y
+    for c, row in P.stages:
+        yi = torch.addcmul(y, hb, _lincomb(row, fs))
+        ti = t_next if c == 1.0 else torch.add(t, h, alpha=c)
+        fs.append(f(ti, yi, args))
+    if P.fsal:
+        y1 = yi if P.b_last == 0 else torch.addcmul(yi, hb, fs[-1], value=P.b_last)
+        f1 = fs[-1]
+    else:
+        y1 = torch.addcmul(y, hb, _lincomb(P.b, fs))
+        f1 = f(t_next, y1, args)
+    ctrl = integ.controller
+    err = None
+    if P.adaptive:
+        if P.custom_err:
+            err = integ.solver.error_estimate([fi * hb for fi in fs])
+        else:
+            err = _lincomb(P.err, fs) * hb
+    with torch.no_grad():
+        # per sample: y1, f1 and err all finite? (x * 0 is 0 for finite x and NaN otherwise, and
+        # a sum of zeros cannot overflow)
+        parts = [y1, f1] if err is None else [y1, f1, err]
+        finite = torch.isfinite(torch.stack(parts, dim=1).mul_(0).reshape(y.shape[0], -1).sum(dim=1))
+    if P.adaptive:
+        accept, dt_new, underflow, cst = ctrl.adapt(t, t_next, dt, y, y1, err, {"e1": e1, "e2": e2},
+                                                   integ.solver.error_order)
+        e1, e2 = cst["e1"], cst["e2"]
+        limit = 10
+    else:
+        accept = active
+        dt_new = dt
+        underflow = torch.zeros_like(done)
+        limit = 1
+    accept = accept & finite & active
+    bad = active & ~finite
+    nonfinite = torch.where(bad, nonfinite + 1, torch.where(accept, 0, nonfinite))
+    fail_nonfinite = bad & ((nonfinite >= limit) | underflow)
+    underflow = underflow & active & ~accept & ~fail_nonfinite
+    dt_new = torch.where(active, dt_new, dt)
+    acc_b = bcast(accept, y)
+    y_new = torch.where(acc_b, y1, y)
+    t_new = torch.where(accept, t_next, t)
+    f_new = torch.where(acc_b, f1, f0)
+    new_done = done | (accept & (t_new == t1))
+    nsteps = nsteps + active
+    hit_max = active & ~new_done & (nsteps >= integ.max_steps) & ~underflow & ~fail_nonfinite
+    status = torch.where(hit_max, int(Status.MAX_STEPS), status)
+    status = torch.where(underflow, int(Status.DT_UNDERFLOW), status)
+    status = torch.where(fail_nonfinite, int(Status.NONFINITE), status)
+    new_done = new_done | hit_max | underflow | fail_nonfinite
+    nacc = nacc + accept
+    nrej = nrej + (active & ~accept)
+    nfev = nfev + P.nfev * active
+    record = None
+    if P.save:
+        for c, row in P.dense_stages:
+            fs.append(f(torch.add(t, h, alpha=c), torch.addcmul(y, hb, _lincomb(row, fs)), args))
+        if P.hermite:
+            fs.append(f1)
+        F = torch.stack(fs)
+        record = (t, t_new, y, F)
+    state = (t_new, y_new, dt_new, f_new, new_done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2)
+    if window == 0:
+        return state, record, None, None, None
+    block = None
+    over = torch.zeros_like(new_done[0])
+    if P.save:
+        block, nxt, over = _window_save(P, integ, window, nxt, t, h, t_new, y, F)
+    flags = torch.stack([new_done.all(), over])
+    return state, record, block, nxt, flags
+
+
+def _window_save(P: Plan, integ, W: int, nxt, t, h, t_new, y, F):
+    """Values at the first ``W`` save times in (t, t_new] of every sample.
+
+    ``nxt`` (B,) is each sample's first save index not yet passed. Returns ((B, W) column indices
+    into the save buffer (spare column T where unused), (B, W, ...) values), the advanced ``nxt``
+    and whether some sample passed more than ``W`` save times.
+    """
+    d = integ.direction
+    T = integ.ts.shape[1]
+    ar = torch.arange(W + 1, device=t.device)
+    cols = (nxt[:, None] + ar[None]).clamp(max=T)
+    passed = integ._dts_pad.gather(1, cols) <= (d * t_new)[:, None]  # (B, W+1); the pad column is +inf
+    over = passed[:, W].any()
+    used = passed[:, :W]
+    nxt = nxt + used.sum(dim=1)
+    idx = torch.where(used, cols[:, :W], T)
+    tau = integ._ts_pad.gather(1, idx)
+    safe_h = torch.where(h != 0, h, torch.ones_like(h))
+    theta = torch.where(used, (tau - t[:, None]) / safe_h[:, None], torch.zeros_like(tau))  # (B, W)
+    # the interpolant's coefficients y + h sum_p theta^(p+1) Q_p, then Horner at every save time
+    deg = len(P.poly[0])
+    qs = [_lincomb(_nonzero([row[p] for row in P.poly]), list(F.unbind(0))) for p in range(deg)]
+    th = bcast(theta, qs[0][:, None])
+    acc = qs[-1][:, None] * th
+    for q in qs[-2::-1]:
+        acc = (acc + q[:, None]) * th
+    vals = torch.addcmul(y[:, None], bcast(h, acc), acc)
+    return (idx, vals), nxt, over
+
+
+def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
+    """Fill every save time covered by the recorded steps into ``buf`` (B, T+1, ...); returns it.
+
+    Per sample the recorded steps tile an interval ``[start, end]`` (rejected steps have zero
+    length), so the step covering save time ``tau`` is the first whose end reaches ``tau``.
+    """
+    d = integ.direction
+    tt = torch.stack([r[0] for r in records])  # (M, B) step starts
+    tn = torch.stack([r[1] for r in records])  # (M, B) step ends (== start when rejected)
+    M, B = tt.shape
+    T = integ.ts.shape[1]
+    ends = (d * tn).T.contiguous()  # (B, M), non-decreasing per sample
+    lo = torch.searchsorted(integ._dts, (d * tt[0])[:, None], right=True)
+    hi = torch.searchsorted(integ._dts, ends[:, -1:].contiguous(), right=True)
+    count = (hi - lo)[:, 0]
+    K = int(count.max())
+    if K == 0:
+        return buf
+    ar = torch.arange(K, device=tt.device)
+    used = ar[None] < count[:, None]
+    idx = torch.where(used, lo + ar[None], T)  # unused slots write the spare column T
+    tau = integ._ts_pad.gather(1, idx)  # (B, K)
+    m = torch.searchsorted(ends, d[:, None] * tau, right=False).clamp_(max=M - 1)
+    bidx = torch.arange(B, device=tt.device)[:, None]
+    t_m = tt[m, bidx]
+    h_m = tn[m, bidx] - t_m
+    safe_h = torch.where(used & (h_m != 0), h_m, torch.ones_like(h_m))
+    theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))
+    ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
+    fs = torch.stack([r[3] for r in records], dim=2)  # (R, B, M, ...)
+    flat = (bidx * M + m).reshape(-1)  # (B*K,) rows of the (B*M) step records
+    y_m = ys.reshape((B * M,) + ys.shape[2:]).index_select(0, flat).reshape((B, K) + ys.shape[2:])
+    # per-step polynomial coefficients Q_p = sum_r poly[r][p] F_r, then gathered for each save
+    # time: less work than weighting all R stage values per save time. (Elementwise rather than a
+    # matmul: BLAS results can change in the last bit with memory alignment.)
+    deg = len(P.poly[0])
+    fl = list(fs.reshape((fs.shape[0], B * M) + ys.shape[2:]).unbind(0))
+    q = torch.stack([_lincomb(_nonzero([row[p] for row in P.poly]), fl) for p in range(deg)])
+    q = q.index_select(1, flat)  # (deg, B*K, ...)
+    th = bcast(theta.reshape(-1), q[0])
+    acc = q[-1]
+    for p in range(q.shape[0] - 2, -1, -1):
+        acc = torch.addcmul(q[p], acc, th)
+    incr = (acc * th).reshape(y_m.shape)  # sum_p theta^(p+1) Q_p
+    vals = torch.addcmul(y_m, bcast(h_m, y_m), incr)
+    return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
+
+
+_KEYS = ("t", "y", "dt", "vf", "done", "status", "nonfinite", "num_steps", "num_accepted", "num_rejected",
+         "num_fevals")
+
+_COMPILED: dict = {}
+
+
+def _compiled_step():
+    fn = _COMPILED.get("step")
+    if fn is None:
+        import torch._dynamo
+
+        # one graph per problem structure (solver, vector field code, shapes, dtypes)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        fn = _COMPILED["step"] = torch.compile(step, dynamic=False)
+    return fn
+
+
+def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict, list, bool]:
+    """``_Integrator.run_steps`` for problems ``unsupported`` accepts: up to ``n`` steps (all if None)."""
+    P = getattr(integ, "_fast_plan", None)
+    if P is None:
+        P = integ._fast_plan = Plan(integ)
+    fn = _compiled_step() if compiled else step
+    cst = state["ctrl"]
+    ones = torch.ones_like(state["t"])
+    tensors = tuple(state[k] for k in _KEYS) + (cst.get("e1", ones), cst.get("e2", ones))
+    buf = state.get("ys_ts")
+    y = tensors[1]
+    per_step = y.numel() * y.element_size() * (len(P.poly) + 2)
+    max_rec = max(1, min(_MAX_RECORDS, _RECORD_BUDGET // max(per_step, 1)))
+    # compiled: each step interpolates up to W save times in-graph (a block scattered into the
+    # buffer after the step); a step passing more also goes through the eager save pass
+    W = min(_WINDOW, integ.ts.shape[1]) if (compiled and P.save) else (1 if compiled else 0)
+    records: list = []
+    nxt = None
+    if compiled and P.save:
+        if getattr(integ, "_dts_pad", None) is None:
+            integ._dts_pad = torch.cat([integ._dts, torch.full_like(integ._dts[:, :1], float("inf"))], dim=1)
+        nxt = torch.searchsorted(integ._dts, (integ.direction * tensors[0])[:, None], right=True)[:, 0]
+    k = 0
+    all_done = False
+    while n is None or k < n:
+        tensors, rec, block, nxt, flags = fn(P, integ, W, nxt, *tensors)
+        k += 1
+        if W == 0:
+            if rec is not None:
+                records.append(rec)
+                if len(records) >= max_rec:
+                    buf = save_pass(P, integ, buf, records)
+                    records = []
+            done = bool(tensors[4].all())  # the one host read-back per step
+        else:
+            done, over = flags.tolist()
+            if block is not None:
+                idx, vals = block
+                buf.scatter_(1, bcast(idx, vals).expand_as(vals), vals)
+            if over:  # the eager pass fills this step's remaining save times
+                buf = save_pass(P, integ, buf, [rec])
+                d = integ.direction
+                nxt = torch.searchsorted(integ._dts, (d * tensors[0])[:, None], right=True)[:, 0]
+        if done:
+            all_done = True
+            break
+    if records:
+        buf = save_pass(P, integ, buf, records)
+    new = dict(state)
+    new.update(zip(_KEYS, tensors[:11]))
+    if "e1" in cst:
+        new["ctrl"] = dict(cst, e1=tensors[11], e2=tensors[12])
+    if buf is not None:
+        new["ys_ts"] = buf
+    return new, [], all_done

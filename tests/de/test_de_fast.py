@@ -1,0 +1,125 @@
+"""The lean loop (de/_fast.py) gives the generic loop's results: values, statistics and statuses."""
+
+import pytest
+import torch
+
+import torchmech.de as de
+from torchmech.de import _fast
+
+
+def forced(t, y, args):
+    # a linear oscillator with a time-dependent forcing: exercises per-sample t in the stages
+    return torch.stack([y[:, 1], -y[:, 0] - 0.1 * y[:, 1] + torch.sin(2 * t)], dim=-1)
+
+
+def generic(monkeypatch, *a, **kw):
+    with monkeypatch.context() as m:
+        m.setattr(_fast, "unsupported", lambda integ: "forced generic loop")
+        return de.solve(*a, **kw)
+
+
+def assert_same(a, b, tol=1e-12):
+    torch.testing.assert_close(a.ts, b.ts, rtol=0, atol=0)
+    torch.testing.assert_close(a.ys, b.ys, rtol=tol, atol=tol, equal_nan=True)
+    for key in b.stats:
+        assert torch.equal(a.stats[key], b.stats[key]), key
+    assert torch.equal(a.status, b.status)
+
+
+CASES = [
+    (de.Tsit5, dict(controller=de.PIDController(1e-7, 1e-7))),
+    (de.Dopri5, dict(controller=de.PIDController(1e-6, 1e-8, pcoeff=0.2, icoeff=0.4, dcoeff=0.1))),
+    (de.Dopri8, dict(controller=de.PIDController(1e-8, 1e-8, dtmax=0.3))),
+    (de.Bosh3, dict(controller=de.PIDController(1e-5, torch.tensor([1e-6, 1e-5], dtype=torch.float64)))),
+    (de.Heun, dict(controller=de.PIDController(1e-4, 1e-6, dtmin=1e-4, force_dtmin=True))),
+    (de.RK4, dict(dt0=0.07)),
+    (de.Euler, dict(dt0=0.01)),
+    (de.Midpoint, dict(dt0=0.03)),
+]
+
+
+@pytest.mark.parametrize("solver_cls,kw", CASES, ids=[c[0].__name__ for c in CASES])
+def test_fast_equals_generic(monkeypatch, solver_cls, kw):
+    torch.manual_seed(0)
+    y0 = torch.randn(5, 2, dtype=torch.float64)
+    t0 = torch.tensor([0.0, 0.5, 0.0, 1.0, 2.0], dtype=torch.float64)
+    t1 = torch.tensor([2.0, 2.5, -1.5, 1.0, 0.2], dtype=torch.float64)  # forwards, backwards, zero length
+    ts = t0[:, None] + (t1 - t0)[:, None] * torch.linspace(0, 1, 17, dtype=torch.float64)
+    ts[:, -1] = t1  # exactly, whatever the round-off above
+    saveat = de.SaveAt(t0=True, ts=ts, t1=True)
+    fast = de.solve(forced, solver_cls(), t0, t1, y0, saveat=saveat, **kw)
+    slow = generic(monkeypatch, forced, solver_cls(), t0, t1, y0, saveat=saveat, **kw)
+    assert_same(fast, slow)
+    assert bool((fast.status == de.Status.SUCCESS).all())
+
+
+def test_fast_statuses_equal_generic(monkeypatch):
+    def blowup(t, y, args):  # y' = y^2 blows up at t = 1/y0; sample 1 is finite on [0, 1]
+        return y * y
+
+    y0 = torch.tensor([[2.0], [0.5], [1.5]], dtype=torch.float64)
+    kw = dict(saveat=de.SaveAt(ts=torch.linspace(0, 1, 5, dtype=torch.float64)), throw=False)
+    for extra in (dict(max_steps=30), dict(controller=de.PIDController(1e-6, 1e-6, dtmin=1e-3))):
+        fast = de.solve(blowup, de.Tsit5(), 0.0, 1.0, y0, **kw, **extra)
+        slow = generic(monkeypatch, blowup, de.Tsit5(), 0.0, 1.0, y0, **kw, **extra)
+        assert_same(fast, slow)
+        assert fast.status[1] == de.Status.SUCCESS and bool((fast.status[[0, 2]] != de.Status.SUCCESS).all())
+    fast = de.solve(blowup, de.Euler(), 0.0, 1.0, y0 * 100, dt0=0.1, **kw)
+    slow = generic(monkeypatch, blowup, de.Euler(), 0.0, 1.0, y0 * 100, dt0=0.1, **kw)
+    # (values saved just before the blow-up are round-off noise of ~1e80 terms: compare the rest)
+    for key in slow.stats:
+        assert torch.equal(fast.stats[key], slow.stats[key]), key
+    assert torch.equal(fast.t_final, slow.t_final)
+    assert torch.isnan(fast.ys[:, -1]).all() and torch.isnan(slow.ys[:, -1]).all()
+    assert bool((fast.status == de.Status.NONFINITE).all())
+
+
+def test_fast_gradients_equal_generic(monkeypatch):
+    torch.manual_seed(1)
+    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y, args):
+        return torch.stack([y[:, 1], -args * y[:, 0]], dim=-1)
+
+    ts = torch.linspace(0, 1.5, 7, dtype=torch.float64)
+    grads = []
+    for run in (de.solve, lambda *a, **k: generic(monkeypatch, *a, **k)):
+        for adjoint in (de.DirectAdjoint(), de.CheckpointAdjoint(checkpoints=3)):
+            sol = run(f, de.Tsit5(), 0.0, 1.5, y0, args=w, saveat=de.SaveAt(ts=ts), adjoint=adjoint,
+                      controller=de.PIDController(1e-8, 1e-8))
+            grads.append(torch.autograd.grad(sol.ys.pow(2).sum(), [y0, w]))
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_window_logic_without_compiling(monkeypatch):
+    # the compiled step's in-graph save window (and its overflow fallback), run eagerly
+    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.step)
+    monkeypatch.setattr(_fast, "_WINDOW", 2)  # most steps pass more than 2 save times
+    torch.manual_seed(2)
+    y0 = torch.randn(6, 2, dtype=torch.float64)
+    ts = torch.linspace(0, 3, 60, dtype=torch.float64)
+    kw = dict(saveat=de.SaveAt(ts=ts, t1=True), controller=de.PIDController(1e-6, 1e-6))
+    calls = []
+    real = _fast.save_pass
+    monkeypatch.setattr(_fast, "save_pass", lambda *a: calls.append(1) or real(*a))
+    comp = de.solve(forced, de.Tsit5(), 0.0, 3.0, y0, compile=True, **kw)
+    assert calls, "expected the overflow fallback to run"
+    eager = generic(monkeypatch, forced, de.Tsit5(), 0.0, 3.0, y0, **kw)
+    assert_same(comp, eager, tol=1e-11)
+
+
+def test_large_state_flushes_records(monkeypatch):
+    # a tiny record budget forces a save pass after every step
+    monkeypatch.setattr(_fast, "_RECORD_BUDGET", 1)
+    torch.manual_seed(3)
+    y0 = torch.randn(3, 4, 2, dtype=torch.float64)  # non-flat state
+
+    def f(t, y, args):
+        return -y * t[:, None, None]
+
+    ts = torch.linspace(0, 2, 9, dtype=torch.float64)
+    sol = de.solve(f, de.Dopri5(), 0.0, 2.0, y0, saveat=de.SaveAt(ts=ts), controller=de.PIDController(1e-9, 1e-9))
+    exact = y0[:, None] * torch.exp(-ts ** 2 / 2)[None, :, None, None]
+    torch.testing.assert_close(sol.ys, exact, rtol=1e-7, atol=1e-8)
