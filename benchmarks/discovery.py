@@ -57,19 +57,35 @@ def choose(mse: np.ndarray) -> np.ndarray:
     return np.array([np.nonzero(ok[:, p])[0].max() for p in range(mse.shape[1])])
 
 
-def held_out_r2(coef: np.ndarray, names: list[str], variables: list[str], y0, clean: np.ndarray, t: np.ndarray):
-    """Integrate x' = coef @ features(x) (features given by sympy names) and score against clean data."""
+class _OutOfBudget(Exception):
+    pass
+
+
+def held_out_r2(coef: np.ndarray, names: list[str], variables: list[str], y0, clean: np.ndarray, t: np.ndarray,
+                max_evals: int = 20_000):
+    """Integrate x' = coef @ features(x) (features given by sympy names) and score against clean data.
+
+    A model that diverges, or that needs more than ``max_evals`` right-hand-side evaluations (a
+    spurious stiff term can otherwise keep LSODA busy for many minutes), scores ``-inf``.
+    """
     syms = sympy.symbols(variables)
     feats = [sympy.sympify(n.replace(" ", "*").replace("^", "**"), locals=dict(zip(variables, syms))) for n in names]
     f = sympy.lambdify(syms, feats, "numpy")
+    evals = [0]
 
     def rhs(_t, y):
+        evals[0] += 1
+        if evals[0] > max_evals:
+            raise _OutOfBudget
         th = np.array([np.broadcast_to(v, ()) for v in f(*y)], dtype=float)
         return coef @ th
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sol = solve_ivp(rhs, (t[0], t[-1]), y0, t_eval=t, rtol=1e-7, atol=1e-7, method="LSODA")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sol = solve_ivp(rhs, (t[0], t[-1]), y0, t_eval=t, rtol=1e-7, atol=1e-7, method="LSODA")
+    except _OutOfBudget:
+        return -np.inf
     if not sol.success or sol.y.shape[1] != len(t) or not np.isfinite(sol.y).all():
         return -np.inf
     pred = sol.y.T

@@ -83,3 +83,19 @@ def test_total_variation_default_suits_order_one_time_scales():
     tr = systems.simulate("lorenz", t, y0=[-8.0, 8.0, 27.0], noise=0.01, seed=0)
     exact = systems.get("lorenz").vector_field(t, tr.x_clean)
     assert float(metrics.derivative_r2(TotalVariation()(tr.x, t), exact)) > 0.99
+
+
+def test_agree_with_independent_references():
+    # numpy.gradient (second order, also one-sided second order at the ends) on an irregular grid,
+    # and scipy's Savitzky-Golay filter (derivative, 'interp' edges) on a regular one
+    import numpy as np
+    from scipy.signal import savgol_filter
+
+    g = torch.Generator().manual_seed(1)
+    t = torch.cumsum(torch.rand(50, generator=g, dtype=torch.float64) + 0.1, 0)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    ref = np.gradient(x.numpy(), t.numpy(), axis=0, edge_order=2)
+    assert np.allclose(FiniteDifference(2)(x, t).numpy(), ref, rtol=1e-10, atol=1e-10)
+    dt = 0.05
+    ref_sg = savgol_filter(x.numpy(), 11, 3, deriv=1, delta=dt, axis=0, mode="interp")
+    assert np.allclose(SavitzkyGolay(11, 3)(x, dt).numpy(), ref_sg, rtol=1e-9, atol=1e-9)
