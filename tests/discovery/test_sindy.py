@@ -150,3 +150,13 @@ def test_time_as_python_list():
     step = float(t[1] - t[0])
     c = SINDy(optimizer=STLSQ(0.1)).fit([tr.x[0], tr.x[1]], [step, step]).coefficients_  # one step per trajectory
     assert torch.allclose(a, b) and torch.allclose(a, c, atol=1e-8)
+
+
+def test_float32_data_on_a_late_fine_clock_keeps_time_precision():
+    # x' = -x sampled every 1e-3 around t = 1000: in float32 those times would be off by up to 6%
+    t = 1000.0 + 1e-3 * torch.arange(400, dtype=torch.float64)
+    x = torch.exp(-(t - 1000.0))[:, None].float()
+    model = SINDy(PolynomialLibrary(1), FiniteDifference(2), STLSQ(0.05)).fit(x, t)
+    assert model.coefficients_.dtype == torch.float32
+    assert model.coefficients_[0, 1] == pytest.approx(-1.0, rel=1e-4) and model.complexity == 1
+    assert model.simulate(torch.zeros(0, 1), t[:5].float()).shape == (0, 5, 1)  # an empty batch is fine

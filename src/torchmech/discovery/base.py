@@ -28,12 +28,17 @@ def _tensor(v: Any, name: str) -> torch.Tensor:
 
 
 def _time(t: Any, T: int, like: torch.Tensor, name: str) -> torch.Tensor:
-    """One trajectory's time grid (T,) in ``like``'s dtype/device from a grid or a scalar step."""
+    """One trajectory's time grid (T,) in float64 on ``like``'s device from a grid or a scalar step.
+
+    Times stay float64 even for float32 data: a float32 clock at t ~ 1000 resolves only ~6e-5, which
+    would corrupt derivative estimates on fine grids.
+    """
+    dtype = torch.float64
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"{name}: a number is read as the time step and must be finite and > 0, got {t!r}")
-        return torch.arange(T, dtype=like.dtype, device=like.device) * float(t)
-    tt = _tensor(t, name).to(dtype=like.dtype, device=like.device)
+        return torch.arange(T, dtype=dtype, device=like.device) * float(t)
+    tt = _tensor(t, name).to(dtype=dtype, device=like.device)
     if tt.shape != (T,):
         raise ValueError(f"{name}: expected shape ({T},) to match the trajectory's {T} samples, got {tuple(tt.shape)}")
     if not torch.isfinite(tt).all():
@@ -75,8 +80,8 @@ def as_trajectories(
         min_samples: smallest accepted T_i.
 
     Returns:
-        ``xs`` list of (T_i, D), ``ts`` list of (T_i,), ``us`` list of (T_i, M) or None; all in
-        the dtype and on the device of the first trajectory.
+        ``xs`` list of (T_i, D), ``ts`` list of (T_i,), ``us`` list of (T_i, M) or None; all on
+        the device of the first trajectory, ``xs``/``us`` in its dtype, ``ts`` in float64.
 
     Raises:
         TypeError / ValueError naming the argument when shapes, dtypes or values are wrong.
@@ -298,7 +303,9 @@ class BaseDiscovery:
         tt = _tensor(t, "t").to(dtype=y0.dtype, device=y0.device)
         if tt.ndim != 1 or tt.shape[0] < 2:
             raise ValueError(f"t: expected a 1-D grid of at least 2 times, got shape {tuple(tt.shape)}")
-        tt = _time(tt, tt.shape[0], y0, "t")
+        tt = _time(tt, tt.shape[0], y0, "t").to(y0.dtype)
+        if y0.shape[0] == 0:
+            return y0.new_zeros(0, tt.shape[0], D)
         control = self._control_function(u, tt, y0.shape[0])
         C = self.coefficients_.to(dtype=y0.dtype, device=y0.device)
 
