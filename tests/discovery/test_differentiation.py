@@ -99,3 +99,20 @@ def test_agree_with_independent_references():
     dt = 0.05
     ref_sg = savgol_filter(x.numpy(), 11, 3, deriv=1, delta=dt, axis=0, mode="interp")
     assert np.allclose(SavitzkyGolay(11, 3)(x, dt).numpy(), ref_sg, rtol=1e-9, atol=1e-9)
+
+
+def test_smoothing_spline_matches_scipy():
+    # fixed lam: the same spline as scipy's make_smoothing_spline; GCV: nearly the same choice
+    import numpy as np
+    from scipy.interpolate import make_smoothing_spline
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.sort(torch.rand(200, generator=g, dtype=torch.float64))[0] * 6
+    y = torch.sin(t) + 0.02 * torch.randn(200, generator=g, dtype=torch.float64)
+    for lam in (1e-4, 1e-2):
+        ref = make_smoothing_spline(t.numpy(), y.numpy(), lam=lam).derivative()(t.numpy())
+        assert np.allclose(SmoothingSpline(lam)(y[:, None], t)[:, 0].numpy(), ref, atol=1e-8)
+    ref = make_smoothing_spline(t.numpy(), y.numpy()).derivative()(t.numpy())
+    assert np.abs(SmoothingSpline()(y[:, None], t)[:, 0].numpy() - ref).max() < 5e-3
+    with pytest.raises(ValueError, match="lam"):
+        SmoothingSpline(lam=-1.0)
