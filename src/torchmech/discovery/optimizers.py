@@ -394,7 +394,8 @@ class EnsembleOptimizer(SparseOptimizer):
         library_bagging: drop ``n_drop`` random features per model.
         n_drop: features dropped per model under library bagging.
         aggregation: ``"median"`` or ``"mean"`` of the models' coefficients (over the models in
-            which a feature was offered).
+            which a feature was offered; with an even count the median is the lower middle value,
+            so it is always one model's coefficient and exactly zero when most models drop a term).
         inclusion_threshold: optional; aggregated coefficients whose inclusion probability is
             below it are set to zero (E-SINDy's inclusion rule).
         seed: seed of the resampling generator.
