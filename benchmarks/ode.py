@@ -10,7 +10,8 @@ Workloads (issue 3):
    with each torchmech adjoint and with torchdiffeq's odeint / odeint_adjoint.
 
 Reported: wall time = median of --repeat runs after one warm-up run (the warm-up time is reported
-separately; for compiled modes it includes compilation), vector-field calls (batched calls, forward
+separately; for compiled modes it includes compilation); the timed runs of all cases of a table
+go round-robin, so load from other processes on a shared machine spreads over every case; vector-field calls (batched calls, forward
 and backward solves together), mean accepted steps per sample (per-sample solvers) or shared steps
 (torchdiffeq), max abs deviation from a float64 reference at the save points, and ratios to
 torchdiffeq. Solver overhead on the MLP workload = 1 - (estimated time inside the vector field) /
@@ -75,20 +76,48 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, repeat, device):
-    """(warm-up seconds, median seconds, last result)."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(repeat):
+class Bench:
+    """Warm-up now, timed runs later: ``run`` times every registered case round-robin, so load from
+    other processes on a shared machine spreads over all cases instead of biasing one."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cases = []
+
+    def add(self, fn, no_grad=False):
+        """Run ``fn`` once (the warm-up, timed); returns the case dict (``warm``, ``out``, later ``med``)."""
+        def call():
+            if no_grad:
+                with torch.no_grad():
+                    return fn()
+            return fn()
+
+        sync(self.device)
         t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return warm, statistics.median(times), out
+        out = call()
+        sync(self.device)
+        case = {"fn": call, "warm": time.perf_counter() - t0, "out": out, "times": []}
+        self.cases.append(case)
+        return case
+
+    def run(self, repeat):
+        for _ in range(repeat):
+            for case in self.cases:
+                sync(self.device)
+                t0 = time.perf_counter()
+                case["fn"]()
+                sync(self.device)
+                case["times"].append(time.perf_counter() - t0)
+        for case in self.cases:
+            case["med"] = statistics.median(case["times"])
+
+
+def timed(fn, repeat, device):
+    """(warm-up seconds, median seconds, last result) of back-to-back runs."""
+    bench = Bench(device)
+    case = bench.add(fn)
+    bench.run(repeat)
+    return case["warm"], case["med"], case["out"]
 
 
 def fmt_t(s):
@@ -98,6 +127,7 @@ def fmt_t(s):
 # -- Van der Pol -----------------------------------------------------------------------------------
 
 def vdp_runs(args, device, dtype):
+    bench = Bench(device)
     torch.manual_seed(0)
     B = 256
     y0 = (torch.rand(B, 2, dtype=torch.float64) * 4 - 2).to(device=device, dtype=dtype)
@@ -118,17 +148,17 @@ def vdp_runs(args, device, dtype):
 
         modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
         for mode, comp in modes:
-            with torch.no_grad():
-                cnt.grad = cnt.nograd = 0
-                try:
-                    warm, med, sol = timed(lambda: ours(comp), args.repeat, device)
-                except Exception as exc:  # noqa: BLE001
-                    rows.append((f"torchmech {name} ({mode})", None, None, None, None, None, repr(exc)[:80]))
-                    continue
-                calls = cnt.total // (args.repeat + 1) if not comp else rows[-1][3]
-                err = (sol.ys.double() - ref).abs().max().item()
-                steps = sol.stats["num_accepted"].double().mean().item()
-                rows.append((f"torchmech {name} ({mode})", warm, med, calls, steps, err, ""))
+            cnt.grad = cnt.nograd = 0
+            try:
+                case = bench.add(lambda comp=comp, ours=ours: ours(comp), no_grad=True)
+            except Exception as exc:  # noqa: BLE001
+                rows.append((f"torchmech {name} ({mode})", None, None, None, None, None, repr(exc)[:80]))
+                continue
+            sol = case["out"]
+            calls = cnt.total if not comp else rows[-1][3]
+            err = (sol.ys.double() - ref).abs().max().item()
+            steps = sol.stats["num_accepted"].double().mean().item()
+            rows.append((f"torchmech {name} ({mode})", case, None, calls, steps, err, ""))
 
         if torchode is not None:
             cnt_o = Counter()
@@ -144,31 +174,31 @@ def vdp_runs(args, device, dtype):
             if args.compile:
                 variants.append(("compiled", torch.compile(make(None))))
             for mode, s in variants:
-                with torch.no_grad():
-                    cnt_o.grad = cnt_o.nograd = 0
-                    try:
-                        warm, med, sol = timed(lambda s=s: s.solve(problem), args.repeat, device)
-                    except Exception as exc:  # noqa: BLE001
-                        rows.append((f"torchode {name} ({mode})", None, None, None, None, None, repr(exc)[:80]))
-                        continue
-                    calls = cnt_o.total // (args.repeat + 1) if mode == "eager" else rows[-1][3]
-                    err = (sol.ys.double() - ref).abs().max().item()
-                    steps = sol.stats["n_accepted"].double().mean().item()
-                    rows.append((f"torchode {name} ({mode})", warm, med, calls, steps, err, ""))
+                cnt_o.grad = cnt_o.nograd = 0
+                try:
+                    case = bench.add(lambda s=s, problem=problem: s.solve(problem), no_grad=True)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append((f"torchode {name} ({mode})", None, None, None, None, None, repr(exc)[:80]))
+                    continue
+                sol = case["out"]
+                calls = cnt_o.total if mode == "eager" else rows[-1][3]
+                err = (sol.ys.double() - ref).abs().max().item()
+                steps = sol.stats["n_accepted"].double().mean().item()
+                rows.append((f"torchode {name} ({mode})", case, None, calls, steps, err, ""))
         else:
             rows.append((f"torchode {name}", None, None, None, None, None, "skipped: torchode not installed"))
 
     if torchdiffeq is not None:
         cnt_d = Counter()
-        with torch.no_grad():
-            warm, med, out = timed(lambda: torchdiffeq.odeint(lambda t, y: vdp(y, cnt_d), y0, ts, rtol=tol, atol=tol,
-                                                              method="dopri5"), args.repeat, device)
-        calls = cnt_d.total // (args.repeat + 1)
-        err = (out.transpose(0, 1).double() - ref).abs().max().item()
-        rows.append(("torchdiffeq dopri5 (shared step)", warm, med, calls, (calls - 2) / 6, err, ""))
+        case = bench.add(lambda: torchdiffeq.odeint(lambda t, y: vdp(y, cnt_d), y0, ts, rtol=tol, atol=tol,
+                                                    method="dopri5"), no_grad=True)
+        calls = cnt_d.total
+        err = (case["out"].transpose(0, 1).double() - ref).abs().max().item()
+        rows.append(("torchdiffeq dopri5 (shared step)", case, None, calls, (calls - 2) / 6, err, ""))
     else:
         rows.append(("torchdiffeq dopri5", None, None, None, None, None, "skipped: torchdiffeq not installed"))
-    return rows
+    bench.run(args.repeat)
+    return [(r[0], r[1]["warm"], r[1]["med"]) + r[3:] if isinstance(r[1], dict) else r for r in rows]
 
 
 # -- neural ODE training step ------------------------------------------------------------------------
@@ -243,22 +273,36 @@ def train_runs(args, device, dtype):
             ("torchdiffeq odeint_adjoint (seminorm)", step_td(torchdiffeq.odeint_adjoint,
                                                               adjoint_options={"norm": "seminorm"})),
         ]
-    rows = []
+    bench = Bench(device)
+    pending = []
     for name, fn in cases:
+        compiled = "compiled" in name
+
+        def call(fn=fn, compiled=compiled):
+            model.count = None if compiled else cnt  # no Python-side counting inside compiled code
+            try:
+                return fn()
+            finally:
+                model.count = cnt
+
         cnt.grad = cnt.nograd = 0
-        model.count = None if "compiled" in name else cnt  # no Python-side counting inside compiled code
         try:
-            warm, med, loss = timed(fn, args.repeat, device)
+            case = bench.add(call)
         except Exception as exc:  # noqa: BLE001
-            rows.append((name, None, None, None, None, repr(exc)[:80]))
+            pending.append((name, None, (None, None, None, repr(exc)[:80])))
             continue
-        finally:
-            model.count = cnt
-        if "compiled" in name:
+        pending.append((name, case, None if compiled else (cnt.grad, cnt.nograd)))
+    bench.run(args.repeat)
+    rows = []
+    for name, case, info in pending:
+        if case is None:
+            rows.append((name,) + info[:1] + (None, None, None, info[3]))
+            continue
+        warm, med = case["warm"], case["med"]
+        if info is None:
             rows.append((name, warm, med, None, None, "vf calls as eager"))
             continue
-        n = args.repeat + 1
-        g, ng = cnt.grad / n, cnt.nograd / n
+        g, ng = info
         vf_time = g * c_fb + ng * c_f
         overhead = max(0.0, 1 - vf_time / med)
         rows.append((name, warm, med, round(g + ng), overhead, ""))
@@ -273,7 +317,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="3 repeats")
     p.add_argument("--compile", action="store_true", help="also run torch.compile modes")
     p.add_argument("--only", choices=["vdp", "train"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.repeat = 3
     device = torch.device(args.device)

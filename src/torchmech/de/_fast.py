@@ -45,6 +45,8 @@ def unsupported(integ) -> str | None:
     if isinstance(ctrl, PIDController):
         if ctrl.step_ts is not None or ctrl.jump_ts is not None:
             return "PIDController step_ts/jump_ts"
+        if type(ctrl).propose is not PIDController.propose:  # this loop proposes t + dt itself
+            return f"controller {type(ctrl).__name__} (overrides propose)"
     elif type(ctrl) is not ConstantStep:
         return f"controller {type(ctrl).__name__} (only PIDController and ConstantStep)"
     if integ.event is not None:

@@ -616,12 +616,17 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         max_steps: maximum attempted steps per sample; exceeding it gives status ``MAX_STEPS``.
         throw: raise ``RuntimeError`` naming failing samples if any status is not SUCCESS/EVENT.
         progress: show a tqdm progress bar of the slowest sample over [t0, t1].
-        compile: run each step through ``torch.compile``d kernels (explicit RK solvers with
-            ``PIDController`` (no ``step_ts``/``jump_ts``) or ``ConstantStep``, no events, no dense
-            or steps saving, no progress bar; anything else raises ``ValueError``). The first call
-            for a problem structure compiles (tens of seconds on CPU); later calls with the same
-            shapes, dtypes and vector field reuse it. Pays off for many steps of a cheap vector
-            field (small states, where eager per-op overhead dominates); see benchmarks/RESULTS.md.
+        compile: run each step (stages, error norm, controller, bookkeeping and the
+            interpolation of up to 16 save times) as one ``torch.compile``d graph. Needs the
+            common case that the lean eager loop also covers: an ``ODETerm`` with an explicit RK
+            solver, ``PIDController`` (no ``step_ts``/``jump_ts``) or ``ConstantStep``, no
+            events, no dense or steps saving, no progress bar; anything else raises
+            ``ValueError``. The first call for a problem structure compiles (tens of seconds on
+            CPU); later calls with the same solver, vector-field code, shapes and dtypes reuse it.
+            Pays off for many steps of a cheap vector field (small states, where per-operation
+            dispatch dominates: about 3-4x faster per step on the Van der Pol benchmark); not for
+            one-off solves, nor when the vector field's own cost dominates (a large MLP), nor for
+            solves of two or three steps. See benchmarks/RESULTS.md.
 
     Returns:
         :class:`Solution` with ``ts`` (B, T), ``ys`` (B, T, ...), ``stats``, ``status``.
