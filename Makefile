@@ -16,8 +16,9 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# The main job: discover the Lorenz equations from noisy simulated data with SINDy and with an MNN.
 demo: venv
-	MPLBACKEND=Agg $(BIN)/python examples/mnn_fit_damped_sine.py --out demo-output
+	MPLBACKEND=Agg $(BIN)/torchmech discover --out demo-output
 
 test: venv
 	MPLBACKEND=Agg $(BIN)/python -m pytest -q

@@ -92,3 +92,84 @@ def test_bad_arguments():
         fit_mechanistic([x], [t], LIB, threshold=0.1, init_coefficients=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="learn_step=True needs"):
         fit_mechanistic([x], [t], LIB, threshold=0.1, denoise=None, learn_step=True)
+
+
+# ------------------------------------------------------------------------------ the estimator
+
+
+def test_estimator_recovers_lorenz_and_simulates_the_data():
+    from torchmech.discovery import MechanisticDiscovery
+
+    t, x = lorenz_data(0.01)
+    model = MechanisticDiscovery(threshold=0.5, cycles=3, progress=False).fit(x, t)
+    check_lorenz(model.coefficients_, 0.01)
+    assert model.feature_names_ == NAMES and model.variable_names_ == ["x", "y", "z"]
+    assert torch.equal(model.mask_, model.coefficients_ != 0) and model.complexity == 7
+    assert model.equations()[0].startswith("x' = -9.9")
+    # The discovered model reproduces the (clean) start of the trajectory.
+    _, clean = lorenz_data(0.0)
+    sim = model.simulate(clean[0], t[:150])
+    assert torch.allclose(sim, clean[:150], atol=0.05 * float(clean.std()))
+    assert model.score(x, t) > 0.98
+
+
+def test_estimator_float32_and_batch_of_trajectories():
+    from torchmech.discovery import MechanisticDiscovery
+
+    t, x1 = lorenz_data(0.01, seed=2, n=500)
+    _, x2 = lorenz_data(0.01, seed=3, n=500)
+    model = MechanisticDiscovery(threshold=0.5, cycles=3, dtype=torch.float32, progress=False)
+    model.fit(torch.stack([x1, x2]), t)
+    assert model.coefficients_.dtype == torch.float32
+    check_lorenz(model.coefficients_.double(), 0.02)
+
+
+def test_estimator_with_control_input():
+    """A forced, damped oscillator x' = y, y' = -4 x - 0.2 y + u with a known input u."""
+    from torchmech.discovery import MechanisticDiscovery
+
+    t = np.linspace(0, 20, 1001)
+    force = lambda s: np.sin(1.3 * s)  # noqa: E731
+    sol = solve_ivp(lambda s, z: [z[1], -4 * z[0] - 0.2 * z[1] + force(s)], (0, 20), [1.0, 0.0], t_eval=t,
+                    rtol=1e-11, atol=1e-11)
+    x, u = torch.tensor(sol.y.T), torch.tensor(force(t))[:, None]
+    lib = PolynomialLibrary(degree=1)
+    model = MechanisticDiscovery(lib, threshold=0.05, cycles=3, progress=False).fit(x, torch.tensor(t), u=u)
+    assert model.feature_names_ == ["1", "x", "y", "u"]
+    true = torch.tensor([[0, 0, 1, 0], [0, -4, -0.2, 1]], dtype=torch.float64)
+    assert torch.equal(model.coefficients_ != 0, true != 0), model.coefficients_
+    assert torch.allclose(model.coefficients_, true, atol=5e-3)
+    with pytest.raises(ValueError, match="u: the model was fitted with 1 control"):
+        model.predict(x)
+
+
+def test_estimator_warm_start_from_sindy():
+    from torchmech.discovery import MechanisticDiscovery
+
+    t, x = lorenz_data(0.01)
+    model = MechanisticDiscovery(threshold=0.5, cycles=2, warm_start="sindy", progress=False).fit(x, t)
+    check_lorenz(model.coefficients_, 0.01)
+    with pytest.raises(ValueError, match=r"warm_start: expected coefficients of shape \(D, F\) = \(3, 10\)"):
+        MechanisticDiscovery(warm_start=torch.zeros(2, 2), progress=False).fit(x, t)
+
+
+def test_estimator_bad_arguments():
+    from torchmech.discovery import MechanisticDiscovery
+
+    with pytest.raises(ValueError, match="threshold: expected a finite number >= 0"):
+        MechanisticDiscovery(threshold=-1)
+    with pytest.raises(ValueError, match="window: expected an int >= 3"):
+        MechanisticDiscovery(window=2)
+    with pytest.raises(ValueError, match="denoise: expected None or 'network'"):
+        MechanisticDiscovery(denoise="kalman")
+    with pytest.raises(ValueError, match="learn_step=True needs denoise='network'"):
+        MechanisticDiscovery(learn_step=True)
+    with pytest.raises(TypeError, match="dtype: expected None, torch.float32 or torch.float64"):
+        MechanisticDiscovery(dtype=torch.float16)
+    with pytest.raises(TypeError, match="library: expected a torchmech.discovery Library"):
+        MechanisticDiscovery(library="poly2")
+    t, x = lorenz_data(0.0, n=20)
+    with pytest.raises(ValueError, match=r"x\[0\]: expected at least 32 samples, got 20"):
+        MechanisticDiscovery(progress=False).fit(x, t)
+    with pytest.raises(RuntimeError, match="call fit"):
+        MechanisticDiscovery().equations()

@@ -1,4 +1,4 @@
-"""Equation discovery: feature libraries, derivative estimators, sparse regression, SINDy, metrics."""
+"""Equation discovery: feature libraries, derivative estimators, sparse regression, SINDy, MNN discovery, metrics."""
 
 from torchmech.discovery import metrics
 from torchmech.discovery.base import BaseDiscovery, as_trajectories, format_equations, sympy_to_coefficients
@@ -17,11 +17,12 @@ from torchmech.discovery.library import (
     PolynomialLibrary,
     TensorLibrary,
 )
+from torchmech.discovery.mechanistic import MechanisticDiscovery, fit_mechanistic
 from torchmech.discovery.optimizers import SR3, STLSQ, EnsembleOptimizer, SparseOptimizer
 from torchmech.discovery.sindy import SINDy, fit_sindy_batch
 
 __all__ = [
-    "BaseDiscovery", "SINDy", "fit_sindy_batch", "as_trajectories", "format_equations", "sympy_to_coefficients",
+    "BaseDiscovery", "SINDy", "MechanisticDiscovery", "fit_mechanistic", "fit_sindy_batch", "as_trajectories", "format_equations", "sympy_to_coefficients",
     "Library", "PolynomialLibrary", "FourierLibrary", "CustomLibrary", "ConcatLibrary", "TensorLibrary",
     "Differentiator", "FiniteDifference", "SavitzkyGolay", "SmoothingSpline", "TotalVariation",
     "SparseOptimizer", "STLSQ", "SR3", "EnsembleOptimizer", "metrics",

@@ -108,10 +108,10 @@ def _fit(method: str, library, ts, xs, threshold: float, quick: bool, progress: 
         model = SINDy(library=library, optimizer=STLSQ(threshold=threshold))
         model.fit(xs if len(xs) > 1 else xs[0], ts if len(ts) > 1 else ts[0])
         return model.coefficients_.detach()
-    from torchmech.discovery.mechanistic import fit_mechanistic
+    from torchmech.discovery.mechanistic import MechanisticDiscovery
 
-    fit = fit_mechanistic(xs, ts, library, threshold=threshold, cycles=3 if quick else 5, progress=progress)
-    return fit.coefficients
+    model = MechanisticDiscovery(library, threshold=threshold, cycles=3 if quick else 5, progress=progress)
+    return model.fit(xs, ts).coefficients_.detach()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,9 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     true = None
     if system is not None:
         try:
-            true = system.true_coefficients(library, dtype=dtype).to(device)
-            if true.shape[0] != len(variables):
-                true = true.T  # (F, D) -> (D, F)
+            true = system.true_coefficients(library, dtype=dtype).to(device)  # (D, F)
         except ValueError as exc:
             print(f"note: the true equations of {system.name} are not in --library {args.library} ({exc})")
 
