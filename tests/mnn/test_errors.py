@@ -85,12 +85,22 @@ def test_steps_too_short():
         solve_linear_ode(c, rhs, init, torch.full((2, 4), 0.1, dtype=f64))
 
 
-@pytest.mark.xfail(strict=True, reason="steps with T entries instead of T-1: the message blames coefficients "
-                                       "('coefficients has 6 time points; expected 7') and never names steps")
 def test_steps_one_per_point_names_steps():
+    """T entries instead of T-1: the error names steps and the shape it expected, not coefficients."""
     c, rhs, init, _ = problem(T=6)
-    with pytest.raises(ValueError, match=r"steps"):
+    with pytest.raises(ValueError, match=re.escape("steps has 6 intervals; expected 5 (one per interval of the "
+                                                   "T = 6-point grid) or 1 (broadcast): steps must have shape "
+                                                   "(..., T-1) = (..., 5) or (..., 1), got shape (2, 6)")):
         solve_linear_ode(c, rhs, init, torch.full((2, 6), 0.1, dtype=f64))
+    # the same when only rhs carries the time axis
+    with pytest.raises(ValueError, match=r"^steps has 6 intervals; expected 5"):
+        solve_linear_ode(c[:, :1], rhs, init, torch.full((2, 6), 0.1, dtype=f64))
+
+
+def test_steps_alone_decide_T_when_the_rest_broadcasts():
+    c, rhs, init, _ = problem(T=6)
+    u = solve_linear_ode(c[:, :1], rhs[:, :1], init, torch.full((2, 5), 0.1, dtype=f64))
+    assert u.shape == (2, 6, 1, 3)
 
 
 def test_rhs_time_axis_mismatch():
@@ -157,11 +167,10 @@ def test_coefficients_not_a_tensor():
         solve_linear_ode(args[0].tolist(), *args[1:])
 
 
-@pytest.mark.xfail(strict=True, reason="float16 input passes the checks and dies inside torch with "
-                                       "NotImplementedError: \"cholesky_cpu\" not implemented for 'Half'")
-def test_half_precision_is_rejected_clearly():
-    with pytest.raises(TypeError, match=r"coefficients must be float32 or float64, got dtype torch.float16"):
-        solve_linear_ode(*(x.half() for x in problem()))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_rejected_clearly(dtype):
+    with pytest.raises(TypeError, match=rf"^coefficients must be float32 or float64, got dtype {dtype}"):
+        solve_linear_ode(*(x.to(dtype) for x in problem()))
 
 
 @pytest.mark.parametrize("method", ["fast", "Dense", None])

@@ -69,7 +69,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 # The low-precision factorisation is used as a preconditioner for conjugate gradients run in float64:
 # a float32 Cholesky of M is accurate to about cond(M) * 6e-8, so plain iterative refinement stalls on
 # poorly conditioned problems, while CG removes the few slow error modes in a handful of iterations.
-_REFINE_TOL = {torch.float32: 1e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+_REFINE_TOL = {torch.float32: 1e-7}  # the only low precision: prepare() accepts float32 and float64
 _REFINE_MAX = 40
 
 
@@ -138,7 +138,7 @@ class _Factorised:
         zr = self._solve_once(res)
         d, rz = zr, _cdot(res, zr)
         tiny = torch.finfo(self.hi).tiny
-        tol = _REFINE_TOL.get(self.low, 1e-7)
+        tol = _REFINE_TOL[self.low]
         for _ in range(_REFINE_MAX):
             Md = _matvec(self.sys, d)
             alpha = rz / _cdot(d, Md).clamp_min(tiny)

@@ -88,8 +88,10 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
     """Check NeuRLP inputs and work out the problem sizes. Raises ValueError/TypeError naming the argument."""
     if not isinstance(coefficients, Tensor):
         raise TypeError(f"coefficients must be a tensor of shape (..., T, E, D, K), got {type(coefficients).__name__}")
-    if not coefficients.is_floating_point():
-        raise TypeError(f"coefficients must be float32 or float64, got dtype {coefficients.dtype}")
+    if coefficients.dtype not in (torch.float32, torch.float64):
+        # float16/bfloat16 included: their ~3-digit mantissa cannot resolve the normal equations.
+        raise TypeError(f"coefficients must be float32 or float64, got dtype {coefficients.dtype} "
+                        "(the other inputs are converted to coefficients' dtype)")
     if coefficients.dim() < 4:
         raise ValueError(f"coefficients must have shape (..., T, E, D, K); got shape {tuple(coefficients.shape)}")
     *_, Tc, E, D, K = coefficients.shape
@@ -107,15 +109,18 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
                          f"got shape {tuple(init.shape)}")
     if steps.dim() < 1:
         steps = steps.reshape(1)
-    # Time length: the first non-broadcast time axis decides.
-    candidates = {"coefficients": Tc, "rhs": rhs.shape[-2], "steps (+1)": steps.shape[-1] + 1}
-    full = [v for k, v in candidates.items() if (v > 1 if k != "steps (+1)" else v > 2)]
+    # Time length: coefficients and rhs count grid points, so a non-broadcast time axis there decides; steps
+    # counts intervals (T-1) and decides only when both of them broadcast. Then a steps tensor with one entry
+    # per point instead of per interval is reported as a steps error, not blamed on coefficients.
+    points = [v for v in (Tc, rhs.shape[-2]) if v > 1]
     if num_points is not None:
         if not isinstance(num_points, int) or num_points < 2:
             raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
         T = num_points
-    elif full:
-        T = max(full)
+    elif points:
+        T = max(points)
+    elif steps.shape[-1] > 1:
+        T = steps.shape[-1] + 1
     else:
         raise ValueError("cannot tell the number of time points T: coefficients, rhs and steps all have a size-1 "
                          "time axis; pass num_points=T")
@@ -123,7 +128,10 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
         raise ValueError(f"the time grid needs at least 2 points; got T = {T}")
     _time_size("coefficients", Tc, T, "time points")
     _time_size("rhs", rhs.shape[-2], T, "time points")
-    _time_size("steps", steps.shape[-1], T - 1, "intervals")
+    if steps.shape[-1] not in (1, T - 1):
+        raise ValueError(f"steps has {steps.shape[-1]} intervals; expected {T - 1} (one per interval of the "
+                         f"T = {T}-point grid) or 1 (broadcast): steps must have shape "
+                         f"(..., T-1) = (..., {T - 1}) or (..., 1), got shape {tuple(steps.shape)}")
     T0, K0 = init.shape[-3], init.shape[-1]
     if T0 > T:
         raise ValueError(f"init pins T0 = {T0} steps but the grid has only T = {T} points")
