@@ -9,6 +9,8 @@ A[i+1, i] = off[i]^T. Right-hand sides are (..., N, m, c).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,13 +19,26 @@ class FactorizationError(RuntimeError):
     """The normal matrix is not (numerically) positive definite."""
 
 
-def _raise_if_failed(infos: list[Tensor]) -> None:
+def _raise_if_failed(infos: list[Tensor], factors: list[Tensor], min_pivot: float) -> None:
+    """One host sync: raise if any Cholesky failed or, with min_pivot > 0, if any pivot L_ii^2 <= min_pivot.
+
+    A Cholesky of a singular matrix need not fail: rounding can leave tiny positive pivots instead of a
+    negative one, and the factor is then garbage. For a matrix scaled to a unit diagonal the pivots are
+    relative, and one at the rounding level of the precision means the matrix is singular in it.
+    """
     bad = torch.stack([(i > 0).any() for i in infos]).any()
-    if bool(bad):  # one host sync per factorisation
+    if min_pivot > 0:
+        mins = [L.diagonal(dim1=-2, dim2=-1).amin() for L in factors if L.numel()]
+        if mins:
+            # `not >` also catches a NaN pivot
+            bad = bad | ~(torch.stack(mins).amin() > math.sqrt(min_pivot))
+    if bool(bad):
         raise FactorizationError(
             "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
-            "in this precision): the rows do not determine the solution, or the problem is too "
-            "ill-conditioned; check the coefficients, steps and weights, or use float64")
+            "in this precision"
+            + (f": a pivot failed or fell to <= {min_pivot:.1e} of its diagonal" if min_pivot > 0 else "")
+            + "): the rows do not determine the solution, or the problem is too ill-conditioned; check the "
+            "coefficients, steps and weights, or use float64")
 
 
 def _tri_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
@@ -36,10 +51,11 @@ def _tri_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
 class SequentialCholesky:
     """Block Cholesky factorisation A = L L^T, sweeping over the N blocks one after another.
 
-    O(N m^3) work and O(N m^2) memory, N sequential steps.
+    O(N m^3) work and O(N m^2) memory, N sequential steps. Raises FactorizationError when a block Cholesky
+    fails or a pivot L_ii^2 is <= min_pivot (meaningful when A has a unit diagonal).
     """
 
-    def __init__(self, diag: Tensor, off: Tensor):
+    def __init__(self, diag: Tensor, off: Tensor, min_pivot: float = 0.0):
         N = diag.shape[-3]
         L = torch.empty_like(diag)
         CT = torch.empty_like(off)  # CT[i-1] = L_{i-1}^{-1} A[i-1, i], so A[i, i-1] L_{i-1}^{-T} = CT^T
@@ -53,7 +69,7 @@ class SequentialCholesky:
             Li, info = torch.linalg.cholesky_ex(diag[..., i, :, :] - ct.mT @ ct)
             L[..., i, :, :] = Li
             infos.append(info)
-        _raise_if_failed(infos)
+        _raise_if_failed(infos, [L], min_pivot)
         self.L, self.CT = L, CT
 
     def solve(self, r: Tensor) -> Tensor:
@@ -78,10 +94,11 @@ class CyclicReduction:
     """Block cyclic reduction: eliminate the odd blocks, recurse on the even ones.
 
     It is block Cholesky in odd-even nested order, so it inherits Cholesky's stability. O(N m^3) work,
-    O(log N) sequential levels, each a batched operation over all blocks of the level.
+    O(log N) sequential levels, each a batched operation over all blocks of the level. Fails like
+    SequentialCholesky (including the min_pivot test).
     """
 
-    def __init__(self, diag: Tensor, off: Tensor):
+    def __init__(self, diag: Tensor, off: Tensor, min_pivot: float = 0.0):
         self.levels: list[tuple[Tensor, Tensor, Tensor, bool]] = []
         infos = []
         D, U = diag, off
@@ -109,7 +126,7 @@ class CyclicReduction:
             self.levels.append((Lo, Wl, Wr, even))
         self.root, info = torch.linalg.cholesky_ex(D)
         infos.append(info)
-        _raise_if_failed(infos)
+        _raise_if_failed(infos, [lv[0] for lv in self.levels] + [self.root], min_pivot)
 
     def solve(self, r: Tensor) -> Tensor:
         zs = []
