@@ -189,14 +189,17 @@ def test_float32_matches_float64(central, method):
         assert rel_k < 1e-3, (k, rel_k)
 
 
-@pytest.mark.xfail(strict=True, reason="the dense reference factorises in float32 with no refinement: measured "
-                                       "1.1e-2 relative (central) and 0.77 (no central rows) against float64")
 @pytest.mark.parametrize("central", [True, False])
 def test_float32_matches_float64_dense(central):
+    """The dense reference solves float32 problems in float64 (a float32 dense Cholesky measured 1.1e-2 and 0.77
+    relative here); what is left is float32 rounding of the result: measured 1.4e-7 / 2.9e-7 relative."""
     u32, u64 = _float32_vs_float64(central, "dense")
     assert u32.dtype == torch.float32
     rel = ((u32.double() - u64).norm() / u64.norm()).item()
-    assert rel < 1e-3, rel
+    assert rel < 1e-6, rel
+    for k in range(3):
+        rel_k = ((u32[:, k].double() - u64[:, k]).abs().max() / u64[:, k].abs().max()).item()
+        assert rel_k < 1e-6, (k, rel_k)
 
 
 def test_float32_per_step_batched_matches_float64():

@@ -124,3 +124,20 @@ def test_double_backward_not_required_but_reentrant(method):
     rb = torch.autograd.grad(solve_linear_ode(*b, method="dense").square().sum(), b)
     for x, y in itertools.chain(zip(ga, ra), zip(gb, rb)):
         assert torch.allclose(x, y, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("slack", [None, 0.5])
+def test_float32_dense_gradients_match_float64(slack):
+    """The dense reference solves float32 in float64: values and gradients are the float64 ones, rounded."""
+    a64 = random_problem(3, T=9, requires_grad=True)
+    a32 = [x.detach().float().requires_grad_() for x in a64]
+    w = torch.randn(2, 9, 1, 3, generator=torch.Generator().manual_seed(1), dtype=f64)
+    u64 = solve_linear_ode(*a64, method="dense", slack=slack)
+    u32 = solve_linear_ode(*a32, method="dense", slack=slack)
+    assert u32.dtype == torch.float32
+    assert torch.allclose(u32.double(), u64, rtol=1e-6, atol=1e-6 * u64.abs().max().item())
+    (u64 * w).sum().backward()
+    (u32 * w.float()).sum().backward()
+    for x32, x64 in zip(a32, a64):
+        assert x32.grad.dtype == torch.float32
+        assert torch.allclose(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5 * x64.grad.abs().max().item())

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from torchmech.mnn.linalg.blocktri import CyclicReduction, FactorizationError, SequentialCholesky
 from torchmech.mnn.linalg.dense import solve_dense
-from torchmech.mnn.system import BandedSystem, Problem, assemble, objective_cross, prepare
+from torchmech.mnn.system import (BandedSystem, Problem, assemble, check_solution, objective_cross, pivot_floor,
+                                  prepare)
 
 METHODS = ("auto", "dense", "banded", "parallel")
 
@@ -73,22 +74,6 @@ _REFINE_TOL = {torch.float32: 1e-7}  # the only low precision: prepare() accepts
 _REFINE_MAX = 40
 
 
-def _min_pivot(dtype: torch.dtype, T: int) -> float:
-    """The smallest pivot L_ii^2 that a factorisation of the scaled normal matrix may have.
-
-    After the diag(M)^(-1/2) scaling every diagonal entry is 1, so the pivots are relative. A factor with a
-    pivot at the rounding-noise level must not be used, not even as a CG preconditioner: on a singular,
-    consistent system CG "converges" to an arbitrary member of the solution set. Measured on singular
-    systems whose Cholesky happened not to fail, the noise left in the smallest pivot grows like
-    0.15 * T * eps (float64: 7 eps at T = 51, 148 at T = 1001, 446 at T = 3001; float32: 1.2 eps at T = 6),
-    while well-posed problems have pivots >= 4e-7 (float64 accuracy tests) and 3e-4..6e-3 (random
-    benchmark problems with central rows, T = 100..10000, either precision). Hence eps * max(64, T),
-    capped at 1e-4 so that float32 keeps its factorisation on such problems up to large T. In float32 a
-    pivot below the floor only sends the problem to a float64 factorisation, which then decides.
-    """
-    return min(torch.finfo(dtype).eps * max(64, T), 1e-4)
-
-
 def _cdot(a: Tensor, b: Tensor) -> Tensor:
     """Per-column inner products of (..., T, n, c) tensors -> (..., 1, 1, c)."""
     return (a * b).sum((-3, -2), keepdim=True)
@@ -135,7 +120,7 @@ class _Factorised:
         D2, U2, self.paired = _tridiagonal(diag.to(low), off1.to(low), None if off2 is None else off2.to(low))
         self.pad = self.paired and self.T % 2 == 1
         factor = CyclicReduction if self.method == "parallel" else SequentialCholesky
-        self.factor = factor(D2, U2, min_pivot=_min_pivot(low, self.T))
+        self.factor = factor(D2, U2, min_pivot=pivot_floor(low, self.T))
 
     def _solve_once(self, r: Tensor) -> Tensor:
         """One pass of M^{-1} r through the (low-precision) factorisation; r (..., T, n, c) in hi."""
@@ -200,6 +185,7 @@ class _NeuRLPFunction(torch.autograd.Function):
         fac = _Factorised(sys, method, low)
         z, eps = fac.solve(sys.b, sys.gamma)
         u = z.reshape(template.batch_shape + (template.T, template.D, template.K))
+        check_solution(u, low)
         ctx.template, ctx.fac, ctx.eps, ctx.hi = template, fac, eps, hi
         ctx.save_for_backward(u, *tensors)
         return u.to(low)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchmech.mnn.linalg.blocktri import FactorizationError
+
 
 @dataclass
 class Problem:
@@ -164,6 +166,42 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
         ) from None
     return Problem(coefficients, rhs, init, steps, weights["weight_equation"], weights["weight_init"],
                    weights["weight_smooth"], gamma, bool(central), batch_shape, T, E, D, K, T0, K0)
+
+
+def pivot_floor(dtype: torch.dtype, T: int) -> float:
+    """The smallest pivot L_ii^2 that a Cholesky factor of the normal matrix, scaled to a unit diagonal, may have.
+
+    After the diag(M)^(-1/2) scaling every diagonal entry is 1, so the pivots are relative. A factor with a
+    pivot at the rounding-noise level must not be used, not even as a CG preconditioner: on a singular,
+    consistent system CG "converges" to an arbitrary member of the solution set. Measured on singular
+    systems whose Cholesky happened not to fail, the noise left in the smallest pivot grows like
+    0.15 * T * eps (float64: 7 eps at T = 51, 148 at T = 1001, 446 at T = 3001; float32: 1.2 eps at T = 6),
+    while well-posed problems have pivots >= 4e-7 (float64 accuracy tests) and 3e-4..6e-3 (random
+    benchmark problems with central rows, T = 100..10000, either precision). Hence eps * max(64, T),
+    capped at 1e-4 so that float32 keeps its factorisation on such problems up to large T. In float32 a
+    pivot below the floor only sends the problem to a float64 factorisation, which then decides.
+    """
+    return min(torch.finfo(dtype).eps * max(64, T), 1e-4)
+
+
+def check_solution(u: Tensor, dtype: torch.dtype) -> None:
+    """Raise unless u (computed in the working precision) is finite and fits the caller's dtype.
+
+    A float32 problem is solved in float64 and cast back; a trajectory that leaves float32's range would
+    come back as inf. One reduction and one host sync.
+    """
+    if u.numel() == 0:
+        return
+    big = u.detach().abs().amax().item()
+    if not math.isfinite(big):
+        raise FactorizationError(
+            f"the NeuRLP solve produced non-finite values (NaN or overflow in {u.dtype}): the normal matrix is "
+            "numerically singular or the problem is too badly scaled; check the coefficients, steps and weights")
+    limit = torch.finfo(dtype).max
+    if big > limit:
+        raise OverflowError(
+            f"the solution exceeds the {dtype} range: max |u| = {big:.3g} > {limit:.3g} (it was solved in "
+            f"{u.dtype} and cannot be cast back); pass float64 inputs, or rescale the problem")
 
 
 # ----------------------------------------------------------------------------------------------
