@@ -1,0 +1,5 @@
+"""Ready models built on torchmech.de: NeuralODE, NeuralSDE, LatentSDE and NeuralCDE (all ``nn.Module``)."""
+
+from torchmech.nn.ode import NeuralODE
+
+__all__ = ["NeuralODE"]
