@@ -1,5 +1,6 @@
 """Ready models built on torchmech.de: NeuralODE, NeuralSDE, LatentSDE and NeuralCDE (all ``nn.Module``)."""
 
 from torchmech.nn.ode import NeuralODE
+from torchmech.nn.sde import NeuralSDE
 
-__all__ = ["NeuralODE"]
+__all__ = ["NeuralODE", "NeuralSDE"]

@@ -1,0 +1,114 @@
+"""NeuralSDE: shapes, noise types, Ito vs Stratonovich moments, adjoint gradients, clear errors."""
+
+import math
+
+import pytest
+import torch
+
+import torchmech.de as de
+from torchmech.nn import NeuralSDE
+
+DT = torch.float64
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "general", "scalar", "additive"])
+def test_shapes_noise_types_and_seed(noise):
+    model = NeuralSDE(3, hidden=8, depth=1, noise=noise, dt=0.05)
+    y0 = torch.randn(4, 3)
+    t = torch.linspace(0, 1, 6)
+    a, b, c = model(y0, t, seed=3), model(y0, t, seed=3), model(y0, t, seed=4)
+    assert a.shape == (4, 6, 3) and a.dtype == torch.float32
+    torch.testing.assert_close(a[:, 0], y0)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    a.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_float64_per_sample_times_given_brownian_and_srk():
+    model = NeuralSDE(2, hidden=8, noise="additive", solver="srk", dt=0.1).double()
+    y0 = torch.randn(3, 2, dtype=DT)
+    t = torch.linspace(0, 1, 5, dtype=DT) * torch.tensor([1.0, 2.0, 0.5], dtype=DT)[:, None]
+    bm = de.BrownianInterval(0.0, 2.0, (3, 2), dtype=DT, seed=0, levy_area="space-time")
+    out = model(y0, t, brownian=bm)
+    assert out.shape == (3, 5, 2) and out.dtype == DT
+    torch.testing.assert_close(model(y0, t, brownian=bm), out)  # the interval caches its path
+    assert model(y0, t[:, :1]).shape == (3, 1, 2)
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(c, dtype=DT))
+
+    def forward(self, t, y):
+        return self.c * y
+
+
+@pytest.mark.parametrize("sde_type", ["ito", "stratonovich"])
+def test_ito_and_stratonovich_geometric_brownian_motion(sde_type):
+    """dy = mu y dt + sigma y dW: E y(1) = exp(mu) (Ito) and exp(mu + sigma^2/2) (Stratonovich)."""
+    mu, sigma, n = 0.2, 0.8, 4000
+    model = NeuralSDE(1, drift=Linear(mu), diffusion=Linear(sigma), sde_type=sde_type, dt=0.02)
+    y1 = model(torch.ones(n, 1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), seed=0)[:, -1, 0]
+    expected = math.exp(mu + (0.0 if sde_type == "ito" else sigma ** 2 / 2))
+    other = math.exp(mu + (sigma ** 2 / 2 if sde_type == "ito" else 0.0))
+    # standard error of the mean is about 0.02; the two calculi differ by about 0.45
+    assert abs(y1.mean().item() - expected) < 0.08
+    assert abs(y1.mean().item() - other) > 0.3
+
+
+@pytest.mark.parametrize("adjoint", ["reversible", "checkpoint"])
+def test_adjoint_gradients_match_direct(adjoint):
+    torch.manual_seed(2)
+    kw = dict(state=3, hidden=8, depth=1, sde_type="stratonovich", solver="reversible_heun", dt=0.05)
+    direct = NeuralSDE(**kw).double()
+    other = NeuralSDE(**kw, adjoint=adjoint).double()
+    other.load_state_dict(direct.state_dict())
+    y0 = torch.randn(5, 3, dtype=DT)
+    t = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=DT)
+    grads = []
+    for model in (direct, other):
+        y = y0.clone().requires_grad_(True)
+        bm = de.BrownianInterval(0.0, 1.0, (5, 3), dtype=DT, seed=7)
+        loss = model(y, t, brownian=bm).pow(2).sum()
+        grads.append(torch.autograd.grad(loss, [y, *model.parameters()]))
+    for g_direct, g_other in zip(*grads):
+        torch.testing.assert_close(g_other, g_direct, rtol=1e-8, atol=1e-10)
+    if adjoint == "reversible":
+        assert isinstance(other.adjoint, de.ReversibleAdjoint)
+        assert isinstance(NeuralSDE(2, sde_type="stratonovich", adjoint="reversible").solver, de.ReversibleHeun)
+
+
+def test_steps_land_on_output_times():
+    model = NeuralSDE(2, hidden=4, dt=0.1)
+    sol = model.solve(torch.randn(2, 2), torch.tensor([0.0, 0.25, 1.0]), seed=0)
+    # [0, 0.25] -> 3 steps of 1/12, [0.25, 1] -> 8 steps of 0.09375
+    assert bool((sol.stats["num_steps"] == 11).all())
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="noise must be one of"):
+        NeuralSDE(2, noise="colored")
+    with pytest.raises(ValueError, match="sde_type must be 'ito' or 'stratonovich'"):
+        NeuralSDE(2, sde_type="ito2")
+    with pytest.raises(ValueError, match="solves stratonovich SDEs but sde_type='ito'"):
+        NeuralSDE(2, solver="heun")
+    with pytest.raises(ValueError, match="Milstein solver needs noise='diagonal'"):
+        NeuralSDE(2, noise="general", solver="milstein")
+    with pytest.raises(ValueError, match="adjoint='reversible' needs solver='reversible_heun'"):
+        NeuralSDE(2, solver="euler", adjoint="reversible")
+    with pytest.raises(ValueError, match="diagonal noise has brownian_size = state = 2"):
+        NeuralSDE(2, brownian_size=3)
+    model = NeuralSDE(2, hidden=4)
+    t = torch.linspace(0, 1, 3)
+    with pytest.raises(ValueError, match=r"y0 must have shape \(batch, 2\), got \(3, 5\)"):
+        model(torch.randn(3, 5), t)
+    with pytest.raises(ValueError, match="t must be strictly increasing"):
+        model(torch.randn(3, 2), torch.tensor([0.0, 0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"brownian.shape must be \(batch, brownian channels\) = \(3, 2\)"):
+        model(torch.randn(3, 2), t, brownian=de.BrownianInterval(0.0, 1.0, (3, 1)))
+    with pytest.raises(ValueError, match=r"brownian covers \[0.0, 0.5\]"):
+        model(torch.randn(3, 2), t, brownian=de.BrownianInterval(0.0, 0.5, (3, 2)))
+    with pytest.raises(ValueError, match="either brownian or seed"):
+        model(torch.randn(3, 2), t, brownian=de.BrownianInterval(0.0, 1.0, (3, 2)), seed=1)
