@@ -68,6 +68,8 @@ def test_shapes_dtypes_and_per_sample_times(dtype):
     single = model(y0[2:3], t[2])
     torch.testing.assert_close(out[2:3], single, rtol=1e-4, atol=1e-5)
     assert model(y0[:1], [0.0]).shape == (1, 1, 3)
+    back = model(out[:, -1], t.flip(-1))  # decreasing times integrate backwards
+    torch.testing.assert_close(back[:, -1], y0, rtol=1e-2, atol=1e-3)
     assert model.vector_field(0.0, y0).shape == (5, 3)
 
 
