@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -202,18 +203,39 @@ class AbstractBrownian:
                 f"device={self.device}, levy_area={'space-time' if self.has_levy_area else None})")
 
 
-class BrownianInterval(AbstractBrownian):
-    """Exact Brownian motion on ``[t0, t1]``, sampled lazily by Brownian-bridge splits and cached.
+class _Piece:
+    """A piece of a :class:`BrownianInterval`'s path: a leaf, or an interior node once split.
 
-    Every query ``evaluate(s, u)`` returns the exact increment ``W(u) - W(s)``: the first time a
-    point is queried, the cached piece of the path that contains it is split by sampling the
-    Brownian bridge (and, with ``levy_area='space-time'``, the bridge of the space-time Levy area)
-    conditional on that piece's increment. Values are therefore exactly consistent
-    (``W(s,u) = W(s,t) + W(t,u)`` to round-off), identical on re-query, and reproducible from
-    ``seed`` for the same sequence of queries (a different query order gives another, equally
-    valid, sample path). A query that continues from the previous one (as a solver's steps do)
-    costs O(1); memory grows with the number of distinct query points (use
-    :class:`VirtualBrownianTree` for constant memory).
+    Its increment (and Levy area) is a function of its parent's values and the parent's seed
+    (conditional bridge sample), or of its own seed alone for a piece created by extending the
+    path to the right (an independent sample); so any piece can be regenerated after eviction.
+    """
+
+    __slots__ = ("h", "seed", "parent", "left", "depth", "h1", "__weakref__")
+
+    def __init__(self, h: float, seed: int, parent: "_Piece | None", left: bool, depth: int):
+        self.h, self.seed, self.parent, self.left, self.depth = h, seed, parent, left, depth
+        self.h1 = 0.0  # once split: length of the left child
+
+
+class BrownianInterval(AbstractBrownian):
+    """Exact Brownian motion on ``[t0, t1]``, sampled lazily and exactly at every queried time.
+
+    Every query ``evaluate(s, u)`` returns the exact increment ``W(u) - W(s)``. The path is
+    built from pieces between the queried times: a query beyond the furthest time queried so far
+    extends the path by a fresh independent increment over the new piece, and a query inside an
+    existing piece splits it by sampling the Brownian bridge (and, with
+    ``levy_area='space-time'``, the bridge of the space-time Levy area) conditional on that
+    piece's values. Values are exactly consistent (``W(s,u) = W(s,t) + W(t,u)`` to round-off),
+    identical on re-query, and reproducible from ``seed`` for the same sequence of queries (a
+    different query order gives another, equally valid, sample path). A query that continues
+    from the previous one (as a solver's steps do) costs one normal draw of ``shape``.
+
+    Memory is bounded: only the values of the ``cache_size`` most recently used pieces are kept
+    (plus, for long chains of splits inside one piece, every 16th level of the chain); an evicted
+    piece is regenerated from its seed when queried again, which for the pieces a solver's steps
+    create costs one normal draw (a solve's backward pass re-querying its steps in reverse order
+    stays O(1) per step). ``cache_size=None`` keeps every piece's values.
 
     Args:
         t0, t1: interval, ``t0 < t1``.
@@ -223,31 +245,103 @@ class BrownianInterval(AbstractBrownian):
             makes it reproducible). Random streams are per device type: the same seed gives
             different paths on CPU and CUDA.
         levy_area: None or ``"space-time"``.
+        cache_size: number of pieces whose values are kept (default 32), or None for all.
     """
 
+    _PIN_EVERY = 16  # depth interval of pinned pieces along chains of splits
+
     def __init__(self, t0: float, t1: float, shape: Sequence[int], dtype: torch.dtype | None = None,
-                 device: Any = None, seed: int | None = None, levy_area: str | None = None):
+                 device: Any = None, seed: int | None = None, levy_area: str | None = None,
+                 cache_size: int | None = 32):
         self._init_common("BrownianInterval", t0, t1, shape, dtype, device, seed)
         self.has_levy_area = _check_levy(levy_area, "BrownianInterval")
-        h = self.t1 - self.t0
-        Z = self._normals(_mix(self.seed, 0), 2 if self.has_levy_area else 1)
-        W = math.sqrt(h) * Z[0]
-        H = math.sqrt(h / 12.0) * Z[1] if self.has_levy_area else None
-        # leaf i covers [knots[i], knots[i+1]] with increment W[i], Levy area H[i], seed seeds[i]
-        self._knots: list[float] = [self.t0, self.t1]
-        self._W: list[Tensor] = [W]
-        self._H: list[Tensor | None] = [H]
-        self._seeds: list[int] = [_mix(self.seed, 1)]
+        if cache_size is not None and (isinstance(cache_size, bool) or not isinstance(cache_size, int)
+                                       or cache_size < 2):
+            raise ValueError(f"BrownianInterval: cache_size must be an int >= 2 or None, got {cache_size!r}")
+        self.cache_size = cache_size
+        # leaf i covers [knots[i], knots[i+1]]; knots[-1] is the furthest time sampled so far
+        self._knots: list[float] = [self.t0]
+        self._leaves: list[_Piece] = []
+        self._cache: OrderedDict = OrderedDict()  # piece -> (W, H), least recently used first
+        self._pinned: dict = {}
+        self._roots = 0
         self._cursor = 0
 
     @property
     def num_pieces(self) -> int:
-        """Number of cached pieces of the path (grows with distinct query points)."""
-        return len(self._W)
+        """Number of pieces of the path sampled so far (grows with distinct query points)."""
+        return len(self._leaves)
+
+    # -- values of pieces ------------------------------------------------------------------
+    def _store(self, piece: _Piece, W: Tensor, H: Tensor | None) -> None:
+        if piece.depth and piece.depth % self._PIN_EVERY == 0:
+            self._pinned[piece] = (W, H)
+            return
+        cache = self._cache
+        cache[piece] = (W, H)
+        cache.move_to_end(piece)
+        if self.cache_size is not None and len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    def _lookup(self, piece: _Piece):
+        got = self._pinned.get(piece)
+        if got is not None:
+            return got
+        got = self._cache.get(piece)
+        if got is not None:
+            self._cache.move_to_end(piece)
+        return got
+
+    def _fresh(self, piece: _Piece):
+        """Independent sample over a piece created by extending the path."""
+        Z = self._normals(piece.seed, 2 if self.has_levy_area else 1)
+        W = Z[0].mul_(math.sqrt(piece.h))
+        H = Z[1].mul_(math.sqrt(piece.h / 12.0)) if self.has_levy_area else None
+        return W, H
+
+    def _children(self, piece: _Piece, W: Tensor, H: Tensor | None):
+        """Values of the two children of a split piece, from its values and seed."""
+        h1 = piece.h1
+        Z = self._normals(_mix(piece.seed, 0), 4 if self.has_levy_area else 1)
+        return _split(W, H, h1, piece.h - h1, Z)
+
+    def _values(self, piece: _Piece):
+        """(W, H) of a piece: cached, or regenerated from the nearest ancestor with known values."""
+        got = self._lookup(piece)
+        if got is not None:
+            return got
+        chain = []
+        node = piece
+        while got is None and node.parent is not None:
+            chain.append(node)
+            node = node.parent
+            got = self._lookup(node)
+        if got is None:  # a root: regenerate from its seed
+            got = self._fresh(node)
+            self._store(node, *got)
+        W, H = got
+        for child in reversed(chain):
+            parent = child.parent
+            W1, H1, W2, H2 = self._children(parent, W, H)
+            W, H = (W1, H1) if child.left else (W2, H2)
+            self._store(child, W, H)
+        return W, H
+
+    # -- structure -------------------------------------------------------------------------
+    def _extend(self, t: float) -> int:
+        """Extend the path from its furthest time to ``t`` with one new piece; index of knot ``t``."""
+        piece = _Piece(t - self._knots[-1], _mix(self.seed, 1 + self._roots), None, True, 0)
+        self._roots += 1
+        self._store(piece, *self._fresh(piece))
+        self._knots.append(t)
+        self._leaves.append(piece)
+        return len(self._knots) - 1
 
     def _find(self, t: float) -> int:
-        """Index of the knot equal to ``t`` (splitting the containing piece if needed)."""
+        """Index of the knot equal to ``t`` (extending the path or splitting a piece if needed)."""
         k = self._knots
+        if t > k[-1]:
+            return self._extend(t)
         c = self._cursor
         if c < len(k) and k[c] == t:
             return c
@@ -261,25 +355,29 @@ class BrownianInterval(AbstractBrownian):
                 return j
             i = j - 1
         # split piece i = [k[i], k[i+1]] at t
-        l, r = k[i], k[i + 1]
-        seed = self._seeds[i]
-        Z = self._normals(_mix(seed, 0), 4 if self.has_levy_area else 1)
-        W1, H1, W2, H2 = _split(self._W[i], self._H[i], t - l, r - t, Z)
+        piece = self._leaves[i]
+        W, H = self._values(piece)
+        piece.h1 = t - k[i]
+        W1, H1, W2, H2 = self._children(piece, W, H)
+        left = _Piece(piece.h1, _mix(piece.seed, 1), piece, True, piece.depth + 1)
+        right = _Piece(piece.h - piece.h1, _mix(piece.seed, 2), piece, False, piece.depth + 1)
+        self._store(left, W1, H1)
+        self._store(right, W2, H2)
         k.insert(i + 1, t)
-        self._W[i:i + 1] = [W1, W2]
-        self._H[i:i + 1] = [H1, H2]
-        self._seeds[i:i + 1] = [_mix(seed, 1), _mix(seed, 2)]
+        self._leaves[i:i + 1] = [left, right]
         return i + 1
 
     def _query(self, s: float, u: float, levy: bool):
         i = self._find(s)
         j = self._find(u)  # u > s: inserting u never shifts the index of s
         self._cursor = j
-        W, H = self._W[i], self._H[i]
-        hacc = self._knots[i + 1] - self._knots[i]
+        leaves, knots = self._leaves, self._knots
+        W, H = self._values(leaves[i])
+        hacc = knots[i + 1] - knots[i]
         for m in range(i + 1, j):
-            hm = self._knots[m + 1] - self._knots[m]
-            W, H = _merge(W, H, hacc, self._W[m], self._H[m], hm)
+            Wm, Hm = self._values(leaves[m])
+            hm = knots[m + 1] - knots[m]
+            W, H = _merge(W, H, hacc, Wm, Hm, hm)
             hacc += hm
         if levy:
             return BrownianIncrement(W, H)
