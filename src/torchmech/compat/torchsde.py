@@ -40,12 +40,17 @@ def _make_solver(method: str, sde_type: str, noise_type: str):
     return solver
 
 
-def _grid(ts: Tensor, dt: float) -> Tensor:
-    """Steps of size dt from each ts[i] to ts[i+1] (the last one shortened), as torchsde does."""
+def _grid(ts: Tensor, dt: float, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Steps of size dt from each ts[i] to ts[i+1] (the last one shortened), as torchsde does.
+
+    Built in float64; a point that would land within a few units of round-off of ``dtype`` below
+    the next output time is dropped (so no zero-length step appears once cast to ``dtype``).
+    """
+    eps = max(1e-12, 8 * torch.finfo(dtype).eps)
     pts = [float(ts[0])]
     for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()):
         k = 1
-        while a + k * dt < b - 1e-12 * max(1.0, abs(b)):
+        while a + k * dt < b - eps * max(1.0, abs(b)):
             pts.append(a + k * dt)
             k += 1
         pts.append(b)
@@ -145,7 +150,7 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
         diff = _Fn(sde, names["diffusion"])
         diff_term = DiagonalControlTerm(diff, bm) if noise_type == "diagonal" else ControlTerm(diff, bm)
         terms = MultiTerm(ODETerm(drift), diff_term)
-    grid = _grid(ts.detach().cpu().double(), float(dt)).to(dtype=y0.dtype, device=y0.device)
+    grid = _grid(ts.detach().cpu().double(), float(dt), y0.dtype).to(dtype=y0.dtype, device=y0.device)
     return terms, solver, y0, ts, grid
 
 

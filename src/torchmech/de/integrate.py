@@ -228,6 +228,10 @@ class _Integrator:
 
         # the lean loop of _fast handles the common case; everything else steps through self.step
         self.fast = _fast.unsupported(self) is None
+        from torchmech.de import _fast_sde
+
+        # fixed-step SDE solves on one shared time grid: the lean loop of _fast_sde (checked again at run time)
+        self.fast_sde = not self.fast and _fast_sde.unsupported(self) is None
         self.compiled = False  # set by solve(compile=True): the lean loop's step runs torch.compile'd
 
     def _check_ts(self, ts: Tensor) -> Tensor:
@@ -562,6 +566,12 @@ class _Integrator:
             from torchmech.de import _fast
 
             return _fast.run(self, state, n, compiled=self.compiled)
+        if self.fast_sde:
+            from torchmech.de import _fast_sde
+
+            out = _fast_sde.run(self, state, n)
+            if out is not None:
+                return out
         k = 0
         while n is None or k < n:
             state, rec = self.step(state)

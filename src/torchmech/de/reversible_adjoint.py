@@ -69,8 +69,15 @@ class ReversibleAdjoint(AbstractAdjoint):
 
 
 def _forward(integ):
-    """Run the solve without a graph; return (solution, final state, [(t_n, t_{n+1}, accepted)])."""
+    """Run the solve without a graph. Returns (solution, final state, steps) where ``steps`` is a
+    list of ``(t_n, t_{n+1})`` (B,) tensors, or the shared-grid plan of the lean SDE loop."""
     state = integ.init_state()
+    if getattr(integ, "fast_sde", False):
+        from torchmech.de import _fast_sde
+
+        out = _fast_sde.run(integ, state, None)
+        if out is not None:
+            return integ.finalize(out[0], []), out[0], _fast_sde.plan(integ)
     steps = []
     done = bool(state["done"].all())
     while not done:
@@ -79,6 +86,45 @@ def _forward(integ):
         steps.append((t_before, state["t"]))
         done = rec.pop("__done__")
     return integ.finalize(state, []), state, steps
+
+
+class _Steps:
+    """Uniform view of the forward steps for the backward pass: per step (from the last) the (B,)
+    times, the active mask (None when every sample takes the step), the control, the terms to
+    use, and the save-time interpolation data."""
+
+    def __init__(self, integ, steps):
+        self.integ = integ
+        self.plan = None if isinstance(steps, list) else steps
+        self.steps = steps
+
+    def __len__(self):
+        return len(self.plan.floats) - 1 if self.plan is not None else len(self.steps)
+
+    def last_time(self):
+        if self.plan is not None:
+            return self.plan.times(len(self) - 1)[1]
+        return self.steps[-1][1]
+
+    def reversed(self):
+        integ, P = self.integ, self.plan
+        if P is not None:
+            for k in range(len(self) - 1, -1, -1):
+                tv, tn = P.times(k)
+                control = P.control(integ, k, tv, tn)
+                yield tv, tn, None, control, P.terms(integ, control), P.saves[k]
+            return
+        for t_prev, t_next in reversed(self.steps):
+            active = t_next != t_prev
+            if not bool(active.any()):
+                continue
+            if bool(active.all()):
+                active = None
+            yield t_prev, t_next, active, integ.terms.contr(t_prev, t_next), integ.terms, None
+
+
+def _masked(active, new, old):
+    return new if active is None else where(active, new, old)
 
 
 class _ReversibleFn(torch.autograd.Function):
@@ -95,9 +141,23 @@ class _ReversibleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ys):
-        integ, steps = ctx.integ, ctx.steps
+        """Reverse the steps, one vector-field evaluation (with its graph) and one vjp per step.
+
+        The forward step from ``(y0, z0)`` with ``v0 = v(t0, z0)`` and control ``c`` is
+        ``z1 = 2 y0 - z0 + P(v0, c)``, ``y1 = y0 + (P(v0, c) + P(v1, c)) / 2`` with
+        ``v1 = v(t1, z1)`` (``P`` = ``terms.prod``, linear in ``v``). Walking backwards, the step
+        is inverted (``z0 = 2 y1 - z1 - P(v1, c)``, then ``v0``, then ``y0``); ``v0`` is
+        evaluated with its graph once, serving both the inversion and, one step later, the vjp
+        that carries the cotangents of ``P(v0, .)`` back to ``z0`` and the parameters. With
+        cotangents ``(a_y, a_z)`` on ``(y1, z1)``: ``a_z1 = a_z + dz1 <a_y / 2, P(v1, c)>``
+        (plus the pending ``<alpha, P(v1, c_next)>`` from the later step), then
+        ``a_y0 = a_y + 2 a_z1``, ``a_z0 = -a_z1`` and ``alpha = a_y / 2 + a_z1`` pending on
+        ``P(v0, c)``.
+        """
+        integ = ctx.integ
+        steps = _Steps(integ, ctx.steps)
         params = list(ctx.saved_tensors)
-        solver, terms, args = integ.solver, integ.terms, integ.args
+        solver, args = integ.solver, integ.args
         grad_ys = torch.zeros_like(grad_ys) if grad_ys is None else torch.nan_to_num(grad_ys)
         # split the output cotangent into its SaveAt pieces
         col = 0
@@ -116,45 +176,79 @@ class _ReversibleFn(torch.autograd.Function):
         a_z = torch.zeros_like(y)
         grads = [torch.zeros_like(p) for p in params]
         d = integ.direction
-        with torch.no_grad():
-            vz = terms.vf(steps[-1][1], z, args) if steps else None
-            for t_prev, t_next in reversed(steps):
-                active = t_next != t_prev
-                if not bool(active.any()):
-                    continue
-                control = terms.contr(t_prev, t_next)
-                if g_ts is not None:  # save times in (t_prev, t_next]: linear interpolation weights
+        zl = None
+        pending = None  # (P(v1, c_next) with its graph, its cotangent alpha)
+        if len(steps):
+            with torch.enable_grad():
+                zl = z.detach().requires_grad_(True)
+                v1 = integ.terms.vf(steps.last_time(), zl, args)
+
+        def vjp(outputs, cotangents, z_leaf):
+            keep = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+            if not keep:  # a vector field that depends on neither the state nor the parameters
+                return None
+            inputs = [z_leaf] + [p for p in params if p.requires_grad]
+            got = torch.autograd.grad([o for o, _ in keep], inputs, grad_outputs=[c for _, c in keep],
+                                      allow_unused=True)
+            it = iter(got[1:])
+            out = [got[0]] + [next(it) if p.requires_grad else None for p in params]
+            for i, g in enumerate(out[1:]):
+                if g is not None:
+                    grads[i] += g
+            return out[0]
+
+        for t_prev, t_next, active, control, terms, saves in steps.reversed():
+            extra0 = None
+            if g_ts is not None:  # save times in (t_prev, t_next]: y = (1 - theta) y_prev + theta y_next
+                if saves is not None:
+                    for c, theta in saves:
+                        a_y = a_y + theta * g_ts[:, c]
+                        extra0 = (1 - theta) * g_ts[:, c] if extra0 is None else extra0 + (1 - theta) * g_ts[:, c]
+                else:
                     ts = integ.ts
-                    inside = active[:, None] & (d[:, None] * (ts - t_prev[:, None]) > 0) & \
+                    act = torch.ones_like(t_prev, dtype=torch.bool) if active is None else active
+                    inside = act[:, None] & (d[:, None] * (ts - t_prev[:, None]) > 0) & \
                         (d[:, None] * (ts - t_next[:, None]) <= 0)
-                    h = torch.where(active, t_next - t_prev, torch.ones_like(t_prev))
+                    h = torch.where(act, t_next - t_prev, torch.ones_like(t_prev))
                     theta = torch.where(inside, (ts - t_prev[:, None]) / h[:, None], torch.zeros_like(ts))
                     w1 = torch.where(inside, theta, torch.zeros_like(theta))
                     w0 = torch.where(inside, 1 - theta, torch.zeros_like(theta))
                     a_y = a_y + (bcast(w1, g_ts) * g_ts).sum(1)
                     extra0 = (bcast(w0, g_ts) * g_ts).sum(1)
-                else:
-                    extra0 = None
-                y_prev, z_prev, _ = solver.backward_step(terms, t_prev, t_next, y, z, vz, args, control)
-                with torch.enable_grad():
-                    yi = y_prev.detach().requires_grad_(True)
-                    zi = z_prev.detach().requires_grad_(True)
-                    vzi = terms.vf(t_prev, zi, args)
-                    y1, z1, _ = solver.forward_step(terms, t_prev, t_next, yi, zi, vzi, args, control)
-                    m = bcast(active, y1).to(y1.dtype)
-                    out = torch.autograd.grad([y1, z1], [yi, zi, *params], grad_outputs=[a_y * m, a_z * m],
-                                              allow_unused=True)
-                gy, gz = out[0], out[1]
-                for i, g in enumerate(out[2:]):
-                    if g is not None:
-                        grads[i] += g
-                a_y = where(active, gy, a_y)
-                a_z = where(active, gz, a_z)
-                if extra0 is not None:
-                    a_y = a_y + extra0
-                y = where(active, y_prev, y)
-                z = where(active, z_prev, z)
-                vz = where(active, tuple(v.detach() for v in vzi) if isinstance(vzi, tuple) else vzi.detach(), vz)
+            # invert the step
+            with torch.no_grad():
+                k1 = terms.prod(_detach(v1), control)
+                z_prev = _masked(active, 2 * y - z - k1, z)
+            with torch.enable_grad():
+                zl0 = z_prev.detach().requires_grad_(True)
+                v0 = terms.vf(t_prev, zl0, args)
+                kv1 = terms.prod(v1, control)
+            with torch.no_grad():
+                y_prev = _masked(active, y - 0.5 * (terms.prod(_detach(v0), control) + k1), y)
+            # cotangents: the vjp through v1 = v(t_next, z)
+            half = 0.5 * a_y
+            outs, cots = [kv1], [half]
+            if pending is not None:
+                outs.append(pending[0])
+                cots.append(pending[1])
+            gz = vjp(outs, cots, zl)
+            a_z1 = a_z if gz is None else a_z + gz
+            if active is None:
+                a_y_new, a_z_new, alpha = a_y + 2 * a_z1, -a_z1, half + a_z1
+            else:
+                a_y_new = where(active, a_y + 2 * a_z1, a_y)
+                a_z_new = where(active, -a_z1, a_z1)
+                alpha = where(active, half + a_z1, torch.zeros_like(a_z1))
+            with torch.enable_grad():
+                pending = (terms.prod(v0, control), alpha)
+            a_y, a_z = a_y_new, a_z_new
+            if extra0 is not None:
+                a_y = a_y + extra0
+            y, z, v1, zl = y_prev, z_prev, v0, zl0
+        if pending is not None:  # v0 = v(t0, z0) and z0 = y0
+            gz = vjp([pending[0]], [pending[1]], zl)
+            if gz is not None:
+                a_z = a_z + gz
         a0 = a_y + a_z  # y_hat_0 = y_0
         if g_t0 is not None:
             a0 = a0 + g_t0
@@ -162,3 +256,7 @@ class _ReversibleFn(torch.autograd.Function):
             at0 = (integ.ts == integ.t0[:, None]).to(g_ts.dtype)
             a0 = a0 + (bcast(at0, g_ts) * g_ts).sum(1)
         return (None, None, a0, *grads)
+
+
+def _detach(v):
+    return tuple(x.detach() for x in v) if isinstance(v, tuple) else v.detach()

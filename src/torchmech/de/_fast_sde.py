@@ -1,0 +1,208 @@
+"""The lean stepping loop for fixed-step SDE solves whose samples share one time grid.
+
+The generic loop treats every sample on its own (per-sample times, step proposals, acceptance,
+finiteness checks, save windows, a host read-back per step). A fixed-step SDE solve whose samples
+all start, stop and step together needs none of that per step: the time grid, the save times each
+step passes and their interpolation weights are known before the first step, and the Brownian
+increment of a step is one query at two plain floats. This loop does exactly the arithmetic of
+the generic one (same solver ``step``, same times rounded the same way, same interpolation), so
+results are identical to it; it checks finiteness once at the end, and if anything went non-finite
+it hands the whole run back to the generic loop (which then stops the offending samples with
+status ``NONFINITE`` exactly as usual; Brownian motions return the same increments on re-query).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from torchmech.de._tree import all_finite
+from torchmech.de.brownian import AbstractBrownian
+from torchmech.de.controllers import ConstantStep, StepTo
+from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
+
+__all__ = ["unsupported", "run", "plan"]
+
+
+def _solvers():
+    from torchmech.de.solvers.sde import EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
+
+    return (EulerMaruyama, ReversibleHeun, StochasticHeun, EulerHeun, Milstein)
+
+
+def unsupported(integ) -> str | None:
+    """Why ``integ`` cannot use this loop on structural grounds (None if it may: see :func:`plan`)."""
+    if type(integ.solver) not in _solvers():
+        return f"solver {type(integ.solver).__name__}"
+    terms = integ.terms
+    if not (type(terms) is MultiTerm and len(terms.terms) == 2 and type(terms.terms[0]) is ODETerm
+            and type(terms.terms[1]) in (ControlTerm, DiagonalControlTerm)):
+        return "terms other than MultiTerm(ODETerm, ControlTerm/DiagonalControlTerm)"
+    if type(integ.controller) not in (ConstantStep, StepTo):
+        return f"controller {type(integ.controller).__name__}"
+    if integ.event is not None or integ.saveat.dense or integ.saveat.steps or integ.progress:
+        return "events, dense/steps saving or a progress bar"
+    if integ.y0.dtype not in (torch.float32, torch.float64):
+        return f"dtype {integ.y0.dtype}"
+    return None
+
+
+class _FixedControl(MultiTerm):
+    """The solve's terms with the control increments of the current step given in advance."""
+
+    def __init__(self, terms: MultiTerm, control: tuple):
+        self.terms = terms.terms
+        self._control = control
+
+    def contr(self, t0, t1):
+        return self._control
+
+
+class Plan:
+    """The shared time grid (``floats``: exact values in the solve's dtype; ``grid``: (K,) tensor),
+    the save columns and interpolation weights of every step, and the step's control function."""
+
+    def __init__(self, integ, floats: list, saves: list):
+        self.floats = floats
+        y0 = integ.y0
+        self.grid = torch.tensor(floats, dtype=y0.dtype, device=y0.device)
+        self.saves = saves  # per step: [(column, theta), ...] for save times in (t_k, t_{k+1}]
+        self.B = y0.shape[0]
+        diff = integ.terms.terms[1]
+        self.bm = diff.control if isinstance(diff.control, AbstractBrownian) else None
+
+    def times(self, k: int) -> tuple[Tensor, Tensor]:
+        """(t_k, t_{k+1}) as (B,) tensors, as the generic loop passes them to vector fields."""
+        return self.grid[k].expand(self.B), self.grid[k + 1].expand(self.B)
+
+    def control(self, integ, k: int, tv: Tensor, tn: Tensor) -> tuple:
+        """Control increments of step ``k``: (dt (B,), Brownian increment)."""
+        drift, diff = integ.terms.terms
+        if self.bm is not None:
+            dw = self.bm.evaluate(self.floats[k], self.floats[k + 1])
+        else:
+            dw = diff.contr(tv, tn)
+        return (drift.contr(tv, tn), dw)
+
+    def terms(self, integ, control: tuple) -> MultiTerm:
+        return _FixedControl(integ.terms, control)
+
+
+def _shared(x: Tensor) -> bool:
+    return bool((x == x.reshape(-1)[0]).all())
+
+
+def plan(integ) -> Plan | None:
+    """The plan of a solve ``unsupported`` accepts, or None when its samples do not share one grid
+    (per-sample t0/t1/dt0, per-sample StepTo or save times) or it needs more than ``max_steps``."""
+    cached = getattr(integ, "_sde_plan", False)
+    if cached is not False:
+        return cached
+    integ._sde_plan = None
+    t0, t1 = integ.t0, integ.t1
+    npdt = np.float32 if integ.y0.dtype == torch.float32 else np.float64
+    if not (_shared(t0) and _shared(t1)) or bool((t0 == t1).any()):
+        return None
+    a, b = npdt(float(t0[0])), npdt(float(t1[0]))
+    d = npdt(1.0) if b > a else npdt(-1.0)
+    ctrl = integ.controller
+    if type(ctrl) is ConstantStep:
+        if integ.dt0 is None or not _shared(integ.dt0):
+            return None
+        # the generic loop: dt = d * |dt0|; t_next = t + dt, snapped to t1 within 64 eps of it
+        dt = d * npdt(abs(float(integ.dt0[0])))
+        slack = npdt(64 * np.finfo(npdt).eps) * max(abs(b), abs(dt))
+        floats = [a]
+        t = a
+        while t != b:
+            if len(floats) > integ.max_steps:
+                return None
+            tn = npdt(t + dt)
+            if d * npdt(b - tn) <= slack:
+                tn = b
+            floats.append(tn)
+            t = tn
+    else:
+        ts = ctrl.ts
+        if not isinstance(ts, Tensor):
+            ts = torch.as_tensor(ts)
+        ts = ts.to(dtype=integ.y0.dtype)
+        if ts.dim() == 2:
+            if not bool((ts == ts[:1]).all()):
+                return None
+            ts = ts[0]
+        floats = [npdt(x) for x in ts.tolist()]
+        if floats[0] != a or floats[-1] != b or len(floats) - 1 > integ.max_steps:
+            return None  # the generic loop reports these
+        if any(d * npdt(y - x) <= 0 for x, y in zip(floats[:-1], floats[1:])):
+            return None
+    saves: list = [[] for _ in range(len(floats) - 1)]
+    if integ.ts is not None:
+        sts = integ.saveat.ts
+        if not isinstance(sts, Tensor) or sts.dim() != 1:
+            if not bool((integ.ts == integ.ts[:1]).all()):
+                return None
+        keys = [d * x for x in floats]  # ascending
+        for col, tau in enumerate(integ.ts[0].tolist()):
+            tau = npdt(tau)
+            k = bisect.bisect_left(keys, d * tau)  # first grid point at or after tau
+            if k == 0:
+                continue  # tau == t0: filled by init_state
+            ta, tb = floats[k - 1], floats[k]
+            h = npdt(tb - ta)
+            saves[k - 1].append((col, float(npdt(npdt(tau - ta) / h))))
+    integ._sde_plan = Plan(integ, [float(x) for x in floats], saves)
+    return integ._sde_plan
+
+
+def _interp(y0: Tensor, q: Tensor, theta: float) -> Tensor:
+    return y0 + theta * q  # the generic loop's linear dense output, y0 + theta (y1 - y0)
+
+
+def run(integ, state: dict, n: int | None):
+    """``_Integrator.run_steps`` on the shared grid: up to ``n`` steps (all if None).
+
+    Returns (state, [], all_done), or None to have the generic loop run instead (no shared grid,
+    or a non-finite value appeared).
+    """
+    P = plan(integ)
+    if P is None:
+        return None
+    t_now = float(state["t"][0])
+    if not bool((state["t"] == state["t"][0]).all()) or bool(state["done"].any()):
+        return None
+    k0 = P.floats.index(t_now) if t_now in P.floats else -1
+    if k0 < 0:
+        return None
+    K = len(P.floats) - 1
+    k1 = K if n is None else min(K, k0 + n)
+    solver, args = integ.solver, integ.args
+    y, vf = state["y"], state["vf"]
+    saved: dict = {}
+    nfev = 0
+    for k in range(k0, k1):
+        tv, tn = P.times(k)
+        res = solver.step(P.terms(integ, P.control(integ, k, tv, tn)), tv, tn, y, args, vf, dense=False)
+        nfev = res.nfev
+        for col, theta in P.saves[k]:
+            saved[col] = _interp(y, res.interp[0], theta)
+        y, vf = res.y1, res.vf1
+    if not bool(all_finite((y, vf)).all()):
+        return None
+    m = k1 - k0
+    new = dict(state)
+    B = P.B
+    new.update(
+        t=P.grid[k1].expand(B).clone(), y=y, vf=vf,
+        done=torch.full_like(state["done"], k1 == K),
+        num_steps=state["num_steps"] + m, num_accepted=state["num_accepted"] + m,
+        num_fevals=state["num_fevals"] + m * nfev,
+    )
+    if saved:
+        cols = sorted(saved)
+        idx = torch.tensor(cols, device=y.device)
+        new["ys_ts"] = state["ys_ts"].index_copy(1, idx, torch.stack([saved[c] for c in cols], dim=1))
+    return new, [], k1 == K
