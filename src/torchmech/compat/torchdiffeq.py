@@ -8,20 +8,39 @@ is integrated with one shared step size (it is solved as one flattened sample ``
 ``norm(err / (atol + rtol * max(|y0|, |y1|))) <= 1`` with an RMS norm over the whole state (the
 max of per-tensor RMS norms for a tuple state).
 
+The Adams methods (``explicit_adams``: Adams-Bashforth; ``implicit_adams``, alias ``fixed_adams``:
+Adams-Bashforth-Moulton predictor-corrector with the corrector iterated until it converges to
+``rtol``/``atol``) are fixed-grid multistep methods run by a small loop in this module (the
+:func:`torchmech.de.solve` loop keeps no history between steps). Their first steps, while too few
+past derivatives exist, are ``rk4`` (3/8 rule) steps; the order then builds up to ``max_order``
+as the history grows (default 4, order 4 overall). Their weights are exact for the actual grid
+(variable-step Adams), so a shortened last step or an irregular ``t`` keeps the order.
+
 Differences worth knowing: values between steps of the adaptive methods come from torchmech's
 interpolants (Dopri5/Tsit5 fourth-order continuous extensions, cubic Hermite otherwise), so they
 agree with torchdiffeq to the tolerance, not bit for bit; times are held in the state's dtype
 (torchdiffeq keeps float64 time internally); failures raise ``RuntimeError`` (torchdiffeq:
-``AssertionError``); the Adams methods are not provided.
+``AssertionError``); ``scipy_solver`` is not provided. Adams methods: ``max_order`` defaults to 4
+(torchdiffeq: 12, whose Adams-Bashforth formulas are stable only for very small steps) and means
+what torchdiffeq's documentation says: the order of the Adams-Bashforth formula for
+``explicit_adams`` (torchdiffeq 0.2.5 is observed to step with order ``max_order - 1``: its
+``max_order=5`` gives our default) and of the predictor-corrector pair for ``implicit_adams`` (as
+torchdiffeq); ``max_order < 4`` gives that lower-order Adams method (torchdiffeq falls back to
+``rk4``); on an uneven grid our weights follow the grid while torchdiffeq's constant-step weights
+lose order, so the two agree on evenly spaced grids only; the corrector's stopping test is ours,
+so ``implicit_adams`` agrees with torchdiffeq to the tolerance (to rounding once both converge).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
 from torchmech.de.controllers import PIDController, StepTo
@@ -55,18 +74,22 @@ _FIXED: dict[str, Callable[[], AbstractSolver]] = {
     "euler": _ex.Euler, "midpoint": lambda: ExplicitRK(ButcherTableau(c=[0.0, 0.5], a=[[0.5]], b=[0.0, 1.0], order=2)),
     "heun2": lambda: ExplicitRK(HEUN2), "heun3": lambda: ExplicitRK(HEUN3), "rk4": lambda: ExplicitRK(RK4_38),
 }
+# fixed-grid multistep methods, run by _adams below; the value says whether the corrector is used
+_ADAMS: dict[str, bool] = {"explicit_adams": False, "implicit_adams": True, "fixed_adams": True}
 _NOT_PROVIDED = {
-    "explicit_adams": "a multistep Adams-Bashforth method",
-    "implicit_adams": "a multistep Adams-Bashforth-Moulton method",
-    "fixed_adams": "a multistep Adams-Bashforth-Moulton method",
     "scipy_solver": "a wrapper around scipy.integrate.solve_ivp",
 }
 #: Method names accepted by :func:`odeint`.
-SOLVERS = tuple(_ADAPTIVE) + tuple(_FIXED)
+SOLVERS = tuple(_ADAPTIVE) + tuple(_FIXED) + tuple(_ADAMS)
 
 _ADAPTIVE_OPTIONS = ("first_step", "min_step", "max_step", "safety", "ifactor", "dfactor", "max_num_steps",
                      "step_t", "jump_t", "norm")
 _FIXED_OPTIONS = ("step_size", "grid_constructor", "perturb", "interp")
+_ADAMS_OPTIONS = {"explicit_adams": _FIXED_OPTIONS + ("max_order",),
+                  "implicit_adams": _FIXED_OPTIONS + ("max_order", "max_iters"),
+                  "fixed_adams": _FIXED_OPTIONS + ("max_order", "max_iters")}
+#: Largest ``max_order`` accepted by the Adams methods (as torchdiffeq).
+ADAMS_MAX_ORDER = 12
 
 
 # --- state flattening --------------------------------------------------------------------------
@@ -248,7 +271,7 @@ def _method(method: Any) -> str:
     if method in _NOT_PROVIDED:
         raise ValueError(f"odeint: method {method!r} ({_NOT_PROVIDED[method]}) is not provided by torchmech; "
                          f"use one of {list(SOLVERS)}")
-    if method not in _ADAPTIVE and method not in _FIXED:
+    if method not in _ADAPTIVE and method not in _FIXED and method not in _ADAMS:
         raise ValueError(f"odeint: invalid method {method!r}; expected one of {list(SOLVERS)}")
     return method
 
@@ -258,7 +281,7 @@ def _check_options(method: str, options: Any) -> dict:
         return {}
     if not isinstance(options, dict):
         raise TypeError(f"odeint: options must be a dict, got {type(options).__name__}")
-    allowed = _ADAPTIVE_OPTIONS if method in _ADAPTIVE else _FIXED_OPTIONS
+    allowed = _ADAPTIVE_OPTIONS if method in _ADAPTIVE else _ADAMS_OPTIONS.get(method, _FIXED_OPTIONS)
     kind = "adaptive" if method in _ADAPTIVE else "fixed-grid"
     for key in options:
         if key not in allowed:
@@ -293,6 +316,14 @@ def _times(v: Any, name: str, layout: _Layout) -> Tensor:
     return v
 
 
+def _int_option(o: dict, name: str, default: int, lo: int, hi: int | None) -> int:
+    v = o.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        expect = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"odeint: options[{name!r}] must be {expect}, got {v!r}")
+    return int(v)
+
+
 def _positive(v: Any, name: str) -> float:
     try:
         x = float(v)
@@ -318,16 +349,28 @@ class _Setup:
         self.func = func
         self.f = _FlatFunc(func, self.layout)
         self.y0_flat = self.layout.flatten(y0 if isinstance(y0, Tensor) else y0, "y0").unsqueeze(0)
-        self.fixed = self.method in _FIXED
+        self.adams = self.method in _ADAMS
+        self.fixed = self.method in _FIXED or self.adams
         self.max_steps = 2 ** 31 - 1
         o = self.options
         if self.fixed:
-            self.solver = _FIXED[self.method]()
+            self.solver = None if self.adams else _FIXED[self.method]()
             if "perturb" in o:
                 if not isinstance(o["perturb"], bool):
                     raise TypeError(f"odeint: options['perturb'] must be a bool, got {o['perturb']!r}")
+                if o["perturb"] and self.adams:
+                    raise ValueError(f"odeint: options['perturb']=True is not supported for {self.method!r}: a "
+                                     "multistep method reuses each derivative over several steps and extrapolates "
+                                     "across grid points, so it cannot keep func on one side of a discontinuity; "
+                                     "use a one-step method such as 'rk4' there")
                 if o["perturb"]:
                     self.solver = _Perturbed(self.solver)
+            if self.adams:
+                self.implicit = _ADAMS[self.method]
+                self.max_order = _int_option(o, "max_order", 4, 1, ADAMS_MAX_ORDER)
+                self.max_iters = _int_option(o, "max_iters", 4, 1, None)
+                self.rtol = _tol("rtol", rtol, self.layout)
+                self.atol = _tol("atol", atol, self.layout)
             self.interp = o.get("interp", "linear")
             if self.interp not in ("linear", "cubic"):
                 raise ValueError(f"odeint: options['interp'] must be 'linear' or 'cubic', got {self.interp!r}")
@@ -435,6 +478,156 @@ def _interp_fixed(setup: _Setup, grid: Tensor, Y: Tensor) -> Tensor:
     return torch.where(exact_end[:, None], yb, val)
 
 
+# --- Adams multistep methods -------------------------------------------------------------------
+
+def _adams_weights(nodes: np.ndarray) -> np.ndarray:
+    """Quadrature weights of an Adams formula, per step.
+
+    ``nodes`` (S, k): the times whose derivatives enter the formula, in units of the step, the step
+    itself running over ``[0, 1]`` (so 0 is the current grid point, 1 the next, -1 the previous on an
+    even grid). Returns (S, k): ``w[s, j]`` is the integral over ``[0, 1]`` of the j-th Lagrange basis
+    polynomial on the nodes, by Gauss-Legendre quadrature (exact for these degrees) with the basis
+    evaluated in product form, which stays accurate for high orders where a Vandermonde solve does not.
+    On an even grid these are the textbook Adams-Bashforth / Adams-Moulton coefficients.
+    """
+    S, k = nodes.shape
+    x, wq = np.polynomial.legendre.leggauss(k // 2 + 1)
+    x, wq = 0.5 * (x + 1.0), 0.5 * wq
+    eye = np.eye(k, dtype=bool)
+    out = np.empty((S, k))
+    for a in range(0, S, 2048):  # bounded memory: chunk (c, k, k, G)
+        nd = nodes[a:a + 2048]
+        denom = np.where(eye, 1.0, nd[:, :, None] - nd[:, None, :]).prod(axis=2)  # (c, j)
+        num = x[None, None, :] - nd[:, :, None]  # (c, i, G)
+        numer = np.where(eye[None, :, :, None], 1.0, num[:, None, :, :]).prod(axis=2)  # (c, j, G)
+        out[a:a + 2048] = (numer * wq).sum(-1) / denom
+    return out
+
+
+class _AdamsPlan:
+    """Per-step formulas of an Adams method on a grid (M,), computed once in float64.
+
+    For step ``n`` (``grid[n] -> grid[n+1]``, step ``h``): ``rk[n]`` says the step is an ``rk4`` (3/8)
+    start-up step; otherwise ``ab[n]`` holds ``h * weights`` of the Adams-Bashforth formula on the
+    derivatives at ``grid[n], grid[n-1], ...`` and, for the implicit method, ``am_new[n]`` the weight
+    of the derivative at ``grid[n+1]`` and ``am_past[n]`` those at ``grid[n], grid[n-1], ...`` of the
+    Adams-Moulton corrector. The Adams-Bashforth window is ``max_order`` (explicit) or
+    ``max_order - 1`` (implicit, at least 1) past derivatives, filled as they accumulate: steps with
+    fewer than ``min(window, 3)`` past derivatives are ``rk4`` steps, and the orders then build up
+    (3, 4, ...), so the start-up keeps the overall order (4 at most); the corrector uses one order
+    more than the predictor, up to ``max_order``.
+    """
+
+    def __init__(self, grid: Tensor, implicit: bool, max_order: int):
+        g = grid.detach().to("cpu", torch.float64).numpy()
+        m = g.shape[0] - 1
+        self.h = (g[1:] - g[:-1]).tolist()
+        window = max(max_order - 1, 1) if implicit else max_order
+        q = np.minimum(np.arange(m) + 1, window)  # AB order of each step
+        self.rk = (q < min(window, 3)).tolist()
+        self.window = window
+        self.ab: list = [None] * m
+        self.am_new: list = [None] * m
+        self.am_past: list = [None] * m
+        h = g[1:] - g[:-1]
+
+        def past(steps, k):  # (S, k) nodes grid[n - j], j < k, in step units
+            idx = steps[:, None] - np.arange(k)[None, :]
+            return (g[idx] - g[steps][:, None]) / h[steps][:, None]
+
+        for order in np.unique(q):
+            steps = np.nonzero((q == order) & ~np.asarray(self.rk, dtype=bool))[0]
+            if steps.size == 0:
+                continue
+            w = _adams_weights(past(steps, int(order))) * h[steps][:, None]
+            for n, row in zip(steps.tolist(), w.tolist()):
+                self.ab[n] = row
+            if implicit:
+                c = min(int(order) + 1, max_order)  # corrector order: the new point and c - 1 past ones
+                nodes = np.concatenate([np.ones((steps.size, 1)), past(steps, c - 1)], axis=1)
+                w = _adams_weights(nodes) * h[steps][:, None]
+                for n, row in zip(steps.tolist(), w.tolist()):
+                    self.am_new[n], self.am_past[n] = row[0], row[1:]
+
+
+def _adams(setup: _Setup, grid: Tensor, checkpointed: bool) -> Tensor:
+    """Adams-Bashforth(-Moulton) on ``grid`` (M,); returns the grid values (M, N).
+
+    The state is the flattened ``(1, N)`` vector, so every operation is vectorised over it. With
+    ``checkpointed`` (and autograd on) the steps run in segments of ~sqrt(M) under
+    ``torch.utils.checkpoint``: backward recomputes one segment at a time, so memory is
+    O(sqrt(M)) states instead of O(M), and the gradient is still the exact gradient of the
+    discrete recursion.
+    """
+    plan = _AdamsPlan(grid, setup.implicit, setup.max_order)
+    f, implicit, max_iters = setup.f, setup.implicit, setup.max_iters
+    # successive iterates cannot agree more closely than rounding: rtol is floored at 2 machine epsilons
+    eps2 = 2 * torch.finfo(setup.layout.dtype).eps
+    rtol = max(setup.rtol, eps2) if isinstance(setup.rtol, float) else setup.rtol.clamp(min=eps2)
+    atol = setup.atol
+    m = grid.shape[0] - 1
+    warned: list = []
+
+    def converged(a: Tensor, b: Tensor) -> bool:
+        with torch.no_grad():
+            return bool(((b - a).abs() <= atol + rtol * torch.maximum(a.abs(), b.abs())).all())
+
+    def run(n0: int, n1: int, y: Tensor, hist: list) -> tuple[list, list]:
+        """Steps n0..n1-1 from y = y_{n0}; hist = derivatives at grid[n0-1], grid[n0-2], ..."""
+        ys = []
+        for n in range(n0, n1):
+            t0, t1 = grid[n:n + 1], grid[n + 1:n + 2]
+            hist = [f(t0, y, None)] + hist[:plan.window - 1]
+            h = plan.h[n]
+            if plan.rk[n]:  # rk4, 3/8 rule
+                k1 = hist[0]
+                k2 = f(t0 + (t1 - t0) / 3, y + (h / 3) * k1, None)
+                k3 = f(t0 + (t1 - t0) * (2 / 3), y + h * (k2 - k1 / 3), None)
+                k4 = f(t1, y + h * (k1 - k2 + k3), None)
+                y = y + (h / 8) * (k1 + 3 * (k2 + k3) + k4)
+            else:
+                pred = y + sum(w * fj for w, fj in zip(plan.ab[n], hist))
+                if implicit:
+                    base = y + sum(w * fj for w, fj in zip(plan.am_past[n], hist))
+                    for _ in range(max_iters):
+                        new = base + plan.am_new[n] * f(t1, pred, None)
+                        done = converged(pred, new)
+                        pred = new
+                        if done:
+                            break
+                    else:
+                        if not warned:
+                            warned.append(n)
+                            warnings.warn(
+                                f"odeint: {setup.method}: the Adams-Moulton corrector did not converge to rtol/atol "
+                                f"within max_iters={max_iters} iterations (first at t={float(t1):.6g}); the "
+                                "solution may be inaccurate: use a smaller step_size or a larger max_iters",
+                                RuntimeWarning, stacklevel=5)
+                y = pred
+            ys.append(y)
+        return ys, hist
+
+    y = setup.y0_flat
+    if not (checkpointed and torch.is_grad_enabled()):
+        ys, _ = run(0, m, y, [])
+        return torch.cat([y] + ys)
+    seg = max(1, math.ceil(math.sqrt(m)))
+    out = [y]
+    hist: list = []
+    for n0 in range(0, m, seg):
+        n1 = min(n0 + seg, m)
+
+        def segment(y, *hist, n0=n0, n1=n1):
+            ys, hist = run(n0, n1, y, list(hist))
+            return (torch.cat(ys), *hist)
+
+        res = checkpoint(segment, y, *hist, use_reentrant=False)
+        out.append(res[0])
+        hist = list(res[1:])
+        y = res[0][-1:]
+    return torch.cat(out)
+
+
 def _run(setup: _Setup, adjoint) -> Tensor:
     """Solve on the output times; returns (T, N)."""
     t = setup.t
@@ -443,6 +636,8 @@ def _run(setup: _Setup, adjoint) -> Tensor:
         grid = setup.grid()
         if grid.shape[0] == 1:
             return y0.expand(t.shape[0], y0.shape[1])
+        if setup.adams:
+            return _interp_fixed(setup, grid, _adams(setup, grid, isinstance(adjoint, CheckpointAdjoint)))
         sol = solve(setup.f, setup.solver, grid[0], grid[-1], y0, saveat=SaveAt(ts=grid),
                     controller=StepTo(grid), adjoint=adjoint, max_steps=grid.shape[0] + 1)
         return _interp_fixed(setup, grid, sol.ys[0])
@@ -512,11 +707,20 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-
         rtol, atol: floats, tensors broadcastable to ``y0``, or (tuple ``y0``) one entry per tensor.
         method: ``'dopri5'`` (default), ``'dopri8'``, ``'bosh3'``, ``'tsit5'``, ``'adaptive_heun'``,
             ``'fehlberg2'`` (adaptive) or ``'euler'``, ``'midpoint'``, ``'heun2'``, ``'heun3'``, ``'rk4'``
-            (fixed grid; ``'rk4'`` is Kutta's 3/8 rule as in torchdiffeq).
+            (fixed grid; ``'rk4'`` is Kutta's 3/8 rule as in torchdiffeq), or the fixed-grid multistep
+            ``'explicit_adams'`` (Adams-Bashforth; ``rtol``/``atol`` unused) and ``'implicit_adams'``
+            (alias ``'fixed_adams'``; Adams-Bashforth predictor, Adams-Moulton corrector iterated until
+            successive iterates agree to ``atol + rtol * |y|`` in every component, with ``rtol`` at
+            least two machine epsilons, else a ``RuntimeWarning``). Both start with ``rk4`` steps and
+            build up to ``max_order``.
         options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``safety``, ``ifactor``,
             ``dfactor``, ``max_num_steps``, ``step_t``, ``jump_t``, ``norm``. Fixed-grid methods:
             ``step_size`` (default: step on ``t``), ``grid_constructor(func, y0, t)``, ``perturb``,
-            ``interp`` (``'linear'`` default or ``'cubic'``). Any other key raises ``ValueError``.
+            ``interp`` (``'linear'`` default or ``'cubic'``); the Adams methods also take ``max_order``
+            (1 to 12, default 4: the order of the Adams-Bashforth formula, or of the predictor-corrector
+            pair whose predictor is one order lower) and, implicit only, ``max_iters`` (corrector
+            iterations per step, default 4), and reject ``perturb=True``. Any other key raises
+            ``ValueError``.
         event_fn: optional ``event_fn(t, y) -> scalar``; integration then runs from ``t[0]`` (in the
             direction of ``t[1]`` if given) until its sign changes.
 
@@ -554,6 +758,13 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     Gradients flow to ``y0`` and ``adjoint_params`` (not to ``t``). With ``event_fn`` the solve is
     differentiated by checkpointed recomputation instead (memory O(sqrt(steps))), which gives the
     exact gradient of the event time and state.
+
+    The Adams methods (``'explicit_adams'``, ``'implicit_adams'``, ``'fixed_adams'``) are not solved
+    backwards either: their gradient is discretise-then-optimise, backpropagation through the
+    multistep recursion with checkpointed recomputation (segments of ~sqrt(steps) grid steps, memory
+    O(sqrt(steps))). It equals :func:`odeint`'s gradient, reaches every tensor ``func`` uses (not only
+    ``adjoint_params``), and ``adjoint_rtol``/``adjoint_atol``/``adjoint_method``/``adjoint_options``
+    raise ``ValueError`` for them.
     """
     if adjoint_params is None:
         if not isinstance(func, torch.nn.Module):
@@ -568,6 +779,15 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     if event_fn is not None:
         event_t, ys = _run_event(setup, event_fn, CheckpointAdjoint())
         return event_t.to(setup.t.dtype), setup.layout.unflatten(ys)
+    if setup.adams:
+        given = [name for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
+                                      ("adjoint_method", adjoint_method), ("adjoint_options", adjoint_options))
+                 if v is not None]
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise ValueError(f"odeint_adjoint: {', '.join(given)} {verb} not apply to {setup.method!r}: its gradient "
+                             "is the checkpointed gradient of the multistep recursion, with no backward ODE solve")
+        return setup.layout.unflatten(_run(setup, CheckpointAdjoint()))
 
     def scalar_tol(name, v, default):
         v = default if v is None else v
@@ -584,7 +804,7 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     a_method = adjoint_method if adjoint_method is not None else (setup.method if not setup.fixed else "tsit5")
     if not isinstance(a_method, str):
         raise TypeError(f"odeint_adjoint: adjoint_method must be a string, got {type(a_method).__name__}")
-    if a_method in _FIXED:
+    if a_method in _FIXED or a_method in _ADAMS:
         raise ValueError(f"odeint_adjoint: adjoint_method {a_method!r} is fixed-grid; the backward solve needs an "
                          f"adaptive method ({list(_ADAPTIVE)})")
     if a_method not in _ADAPTIVE:
