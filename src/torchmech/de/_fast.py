@@ -28,6 +28,9 @@ from torchmech.de.integrate import Status
 # bytes of per-step records (state + stage values) kept before a save pass runs
 _RECORD_BUDGET = 64 * 2 ** 20
 _MAX_RECORDS = 64
+# records larger than this are kept only for steps that pass a save time (a few (B,) operations
+# per step, worth it when the state is large and save times are sparse), at most 4 at a time
+_FILTER_BYTES = 64 * 2 ** 10
 _WINDOW = 16  # save times interpolated inside one compiled step
 
 
@@ -309,16 +312,31 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
     W = min(_WINDOW, integ.ts.shape[1]) if (compiled and P.save) else (1 if compiled else 0)
     records: list = []
     nxt = None
-    if compiled and P.save:
+    filt = P.save and W == 0 and per_step > _FILTER_BYTES
+    if (compiled or filt) and P.save:
         if getattr(integ, "_dts_pad", None) is None:
             integ._dts_pad = torch.cat([integ._dts, torch.full_like(integ._dts[:, :1], float("inf"))], dim=1)
         nxt = torch.searchsorted(integ._dts, (integ.direction * tensors[0])[:, None], right=True)[:, 0]
+    nxt_f = nxt if filt else None  # per sample, the next save index not yet passed
+    if filt:  # large records: a save pass every few kept steps keeps the buffer small
+        max_rec = min(max_rec, 4)
     k = 0
     all_done = False
     while n is None or k < n:
         tensors, rec, block, nxt, flags = fn(P, integ, W, nxt, *tensors)
         k += 1
-        if W == 0:
+        if W == 0 and filt:
+            # keep the record only if some sample passed its next save time (one read-back per step)
+            tn_d = integ.direction * tensors[0]
+            hit = tn_d >= integ._dts_pad.gather(1, nxt_f[:, None])[:, 0]
+            done, keep = torch.stack([tensors[4].all(), hit.any()]).tolist()
+            if keep:
+                records.append(rec)
+                nxt_f = torch.searchsorted(integ._dts, tn_d[:, None], right=True)[:, 0]
+                if len(records) >= max_rec:
+                    buf = save_pass(P, integ, buf, records)
+                    records = []
+        elif W == 0:
             if rec is not None:
                 records.append(rec)
                 if len(records) >= max_rec:

@@ -142,7 +142,7 @@ class BacksolveAdjoint(AbstractAdjoint):
     # backward pass -----------------------------------------------------------------------------
     def backward(self, integ, params, ts, ys, grad_ys):
         from torchmech.de.controllers import PIDController
-        from torchmech.de.integrate import SaveAt, Status, solve
+        from torchmech.de.integrate import SaveAt, Status, _Integrator
         from torchmech.de.terms import ODETerm
 
         f = integ.terms.f
@@ -178,7 +178,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         cot = torch.cat([torch.zeros_like(grad_ys[:, :1]), grad_ys], dim=1)
         a = torch.zeros_like(ys[:, 0])
         y = ys[:, -1]
-        ap = ys.new_zeros(B, sum(sizes))
+        ap = ys.new_zeros(B, sum(sizes)) if augment else None  # (B, P): only for seminorm=False
         zeros_i = torch.zeros(B, dtype=torch.int64, device=ys.device)
         stats = {k: zeros_i for k in ("num_fevals", "num_steps", "num_accepted", "num_rejected")}
         self.backward_stats = stats
@@ -196,9 +196,18 @@ class BacksolveAdjoint(AbstractAdjoint):
             tj, tprev = times[:, j], times[:, j - 1]
             if bool((tj == tprev).all()):
                 continue
-            sol = solve(ODETerm(aug), solver, tj, tprev, z0,
-                        saveat=SaveAt(t1=True, dense=bool(params) and not augment),
-                        controller=PIDController(self.rtol, self.atol), max_steps=max_steps, throw=False)
+            quad = bool(params) and not augment
+            binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
+                                 PIDController(self.rtol, self.atol), None, max_steps, False)
+            state = binteg.init_state()
+            done = False
+            while not done:
+                # the parameter quadrature runs every few steps on those steps' dense output, so
+                # memory does not grow with the number of backward steps
+                state, records, done = binteg.run_steps(state, self._CHUNK)
+                if quad and records:
+                    self._quadrature(f, args, params, grads, records, n, shape)
+            sol = binteg.finalize(state, [])
             if not bool((sol.status == Status.SUCCESS).all()):
                 bad = torch.nonzero(sol.status != Status.SUCCESS)[:, 0].tolist()
                 raise RuntimeError(f"BacksolveAdjoint: backward solve failed for samples {bad} "
@@ -210,8 +219,6 @@ class BacksolveAdjoint(AbstractAdjoint):
             a = zT[:, n:2 * n].reshape(a.shape)
             if augment:
                 ap = zT[:, 2 * n:]
-            elif params:
-                self._quadrature(f, args, params, grads, sol._dense, n, shape)
         self.backward_stats = stats
         if augment:
             total = ap.sum(dim=0)
@@ -219,17 +226,20 @@ class BacksolveAdjoint(AbstractAdjoint):
         a = a + cot[:, 0]
         return a, grads
 
+    _CHUNK = 4  # backward steps between parameter quadratures
+
     @staticmethod
-    def _quadrature(f, args, params, grads, dense, n, shape):
-        """grads += sum over accepted backward steps of int a^T df/dtheta dt (Gauss-Legendre)."""
-        B = dense.h.shape[1]
-        for k in range(dense.h.shape[0]):
-            valid = dense.valid[k]
+    def _quadrature(f, args, params, grads, records, n, shape):
+        """grads += sum over the recorded accepted backward steps of int a^T df/dtheta dt (Gauss-Legendre)."""
+        for rec in records:
+            valid = rec["valid"]
             if not bool(valid.any()):
                 continue
-            h = torch.where(valid, dense.h[k], torch.zeros_like(dense.h[k]))
-            y0 = dense.y0s[k]
-            qs = [q[k] for q in dense.qs]
+            B = valid.shape[0]
+            h = torch.where(valid, rec["h"], torch.zeros_like(rec["h"]))
+            y0 = rec["y0"]
+            qs = list(rec["qs"])
+            tprev = rec["tprev"]
             total = 0.0
             with torch.enable_grad():
                 for node, w in zip(_GL_NODES, _GL_WEIGHTS):
@@ -240,7 +250,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                         p = p * node
                     y = z[:, :n].reshape((B,) + tuple(shape)).detach()
                     a = z[:, n:].reshape((B,) + tuple(shape)).detach()
-                    t = dense.tprev[k] + node * h
+                    t = tprev + node * h
                     fy = f(t, y, args)
                     # integrating backwards: h < 0, and dL/dtheta = -int_{t1}^{t0} a f_theta dt
                     wt = (-w * h).reshape((B,) + (1,) * len(shape))
