@@ -112,7 +112,8 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
     """One attempted step of every unfinished sample (same semantics as ``_Integrator.step``).
 
     Returns (new state tuple, record, block, flags). record = (t, t_new, y, F) for the deferred
-    save pass (F: (R, B, ...) stacked stage values), None when nothing is saved at ``ts``.
+    save pass (F: the R stage values, a tuple in eager mode, stacked (R, B, ...) when compiled),
+    None when nothing is saved at ``ts``.
     With ``window > 0`` (compiled mode) the step also interpolates the first ``window`` save
     times it passed: block = (indices (B, window), values (B, window, ...)) and flags =
     [all done, some sample passed more than ``window`` save times] for one read-back. (The
@@ -186,7 +187,8 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
             fs.append(f(torch.add(t, h, alpha=c), torch.addcmul(y, hb, _lincomb(row, fs)), args))
         if P.hermite:
             fs.append(f1)
-        F = torch.stack(fs)
+        # eager: the stage values as they are (the save pass stacks only the records it keeps)
+        F = torch.stack(fs) if window else tuple(fs)
         record = (t, t_new, y, F)
     state = (t_new, y_new, dt_new, f_new, new_done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2)
     if window == 0:
@@ -258,7 +260,7 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
     safe_h = torch.where(used & (h_m != 0), h_m, torch.ones_like(h_m))
     theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))
     ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
-    fs = torch.stack([r[3] for r in records], dim=2)  # (R, B, M, ...)
+    fs = torch.stack([torch.stack(r[3]) if isinstance(r[3], tuple) else r[3] for r in records], dim=2)  # (R, B, M, ...)
     flat = (bidx * M + m).reshape(-1)  # (B*K,) rows of the (B*M) step records
     y_m = ys.reshape((B * M,) + ys.shape[2:]).index_select(0, flat).reshape((B, K) + ys.shape[2:])
     # per-step polynomial coefficients Q_p = sum_r poly[r][p] F_r, then gathered for each save

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,12 +33,40 @@ class CDEVectorField(torch.nn.Module):
         super().__init__()
         self.func = func
         self.X = X
+        # the piecewise-cubic derivative is evaluated here directly (no per-call validation: the
+        # solver's times lie in the solve interval) unless the path overrides derivative
+        self._direct = type(X).derivative is AbstractInterpolation.derivative and X.a.dim() == 3
+        if self._direct:
+            self._knots = X.ts.tolist()
+            self._np = np.float32 if X.ts.dtype == torch.float32 else np.float64
+
+    def _dX(self, t: Tensor, coeffs: Any) -> tuple[Tensor, Tensor]:
+        """(dX/dt (B, C), the time to pass to func: 0-d when all samples share it, else (B,))."""
+        if not self._direct:
+            X = copy.copy(self.X)
+            X.a, X.b, X.c, X.d = coeffs
+            dX = X.derivative(t)  # (B, C) per sample
+            return dX, (t[0] if bool((t == t[0]).all()) else t)
+        _, b, c, d = coeffs
+        lo, hi = torch.aminmax(t.detach())
+        lo, hi = lo.item(), hi.item()
+        kn = self._knots
+        if lo == hi:  # the usual case: one piece for the whole batch, its coefficients are views
+            k = min(max(bisect.bisect_right(kn, lo) - 1, 0), len(kn) - 2)
+            npdt = self._np
+            u = float(npdt(npdt(lo) - npdt(kn[k])))  # as t - ts[k] in the path's dtype
+            dX = b[:, k] + u * (2 * c[:, k] + (3 * u) * d[:, k])
+            return dX, t[0]
+        ts = self.X.ts
+        tt = t.to(ts.dtype)
+        k = (torch.searchsorted(ts, tt.detach().contiguous(), right=True) - 1).clamp_(0, ts.shape[0] - 2)
+        idx = k.view(-1, 1, 1).expand(-1, 1, b.shape[-1])
+        bk, ck, dk = (m.gather(1, idx)[:, 0] for m in (b, c, d))
+        u = (tt - ts[k])[:, None]
+        return bk + u * (2 * ck + 3 * u * dk), t
 
     def forward(self, t: Tensor, z: Tensor, coeffs: Any) -> Tensor:
-        X = copy.copy(self.X)
-        X.a, X.b, X.c, X.d = coeffs
-        dX = X.derivative(t)  # (B, C) per sample
-        tt = t[0] if bool((t == t[0]).all()) else t
+        dX, tt = self._dX(t, coeffs)
         F = self.func(tt, z)
         if F.shape != z.shape + dX.shape[-1:]:
             raise ValueError(
