@@ -169,3 +169,25 @@ def test_brownian_interval_long_split_chain_is_pinned_and_consistent():
 def test_brownian_interval_cache_size_checked():
     with pytest.raises(ValueError, match="cache_size"):
         de.BrownianInterval(0.0, 1.0, (2,), cache_size=1)
+
+
+@pytest.mark.parametrize("levy", [None, "space-time"])
+def test_virtual_tree_path_reuse_matches_fresh_trees(levy):
+    grid = torch.linspace(0, 1, 51, dtype=torch.float64).tolist()
+    bm = de.VirtualBrownianTree(0.0, 1.0, (4, 2), tol=1e-4, dtype=torch.float64, seed=9, levy_area=levy)
+    for a, b in list(zip(grid[:-1], grid[1:]))[::7] + [(0.3, 0.9), (0.05, 0.06)]:
+        got = bm(a, b, levy_area=bool(levy))
+        fresh = de.VirtualBrownianTree(0.0, 1.0, (4, 2), tol=1e-4, dtype=torch.float64, seed=9,
+                                       levy_area=levy)(a, b, levy_area=bool(levy))
+        if levy:
+            assert torch.equal(got.W, fresh.W) and torch.equal(got.H, fresh.H)
+        else:
+            assert torch.equal(got, fresh)
+    assert len(bm._path) <= bm.depth + 1
+
+
+def test_virtual_tree_float32_is_the_float64_path_rounded():
+    b64 = de.VirtualBrownianTree(0.0, 1.0, (3, 2), tol=1e-4, dtype=torch.float64, seed=1)
+    b32 = de.VirtualBrownianTree(0.0, 1.0, (3, 2), tol=1e-4, dtype=torch.float32, seed=1)
+    for a, b in [(0.0, 0.1), (0.1, 0.35), (0.7, 1.0)]:
+        assert torch.equal(b32(a, b), b64(a, b).float())

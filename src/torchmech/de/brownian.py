@@ -77,6 +77,11 @@ def _merge(W1: Tensor, H1: Tensor | None, h1: float, W2: Tensor, H2: Tensor | No
     return W, (h1 * H1 + h2 * H2) / h + (h2 * W1 - h1 * W2) / (2.0 * h)
 
 
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    """``a + b`` with None standing for zero."""
+    return b if a is None else a + b
+
+
 def _check_levy(levy_area: Any, name: str) -> bool:
     if levy_area is None or levy_area is False:
         return False
@@ -393,8 +398,12 @@ class VirtualBrownianTree(AbstractBrownian):
     final piece the path is the conditional mean given that piece's increment (and Levy area):
     values at the dyadic grid of spacing ~``tol`` are exact, and the path between them is an
     O(sqrt(tol)) approximation. Increments are exactly consistent (``W(s,u) = W(u) - W(s)``);
-    the Levy area is that of the returned (piecewise polynomial) path. Cost per query is
-    O(log2((t1 - t0) / tol)) normal draws of ``shape``.
+    the Levy area is that of the returned (piecewise polynomial) path. A query costs at most
+    O(log2((t1 - t0) / tol)) normal draws of ``shape``; the nodes shared with the previous
+    query's bisection path are kept, so a query near the previous one only samples the levels
+    below the node they share (about log2(distance / tol) of them). The tree arithmetic runs in
+    float64; the standard normal draws are generated in float32 (several times cheaper on CPU),
+    so float32 and float64 trees with the same seed give the same path.
 
     Args:
         t0, t1, shape, dtype, device, seed, levy_area: as :class:`BrownianInterval`.
@@ -412,50 +421,76 @@ class VirtualBrownianTree(AbstractBrownian):
             raise ValueError(f"VirtualBrownianTree: tol must be a positive float, got {tol!r}")
         self.tol = float(tol)
         self.depth = max(0, math.ceil(math.log2(span / self.tol)))
-        # internal computations in float64, results cast to dtype
-        self._dtype_out = self.dtype
-        self.dtype = torch.float64
-        Z = self._normals(_mix(self.seed, 0), 2)
+        Z = self._normals64(_mix(self.seed, 0), 2)
         self._root_W = math.sqrt(span) * Z[0]
         self._root_H = math.sqrt(span / 12.0) * Z[1] if self.has_levy_area else None
-        self.dtype = self._dtype_out
-        self._cache: dict[float, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[float, tuple[Tensor, Tensor | None]] = {}
+        # the bisection path of the last query: level k = (lo, hi, W, H, seed, W(lo), int_{t0}^{lo} W),
+        # None standing for zero
+        self._path: list[tuple] = [(self.t0, self.t1, self._root_W, self._root_H, _mix(self.seed, 1), None, None)]
+        self._last: float | None = None
 
     def _normals64(self, seed: int, k: int) -> Tensor:
         self._gen.manual_seed(seed)
-        return torch.randn((k,) + self.shape, generator=self._gen, dtype=torch.float64, device=self.device)
+        z = torch.randn((k,) + self.shape, generator=self._gen, dtype=torch.float32, device=self.device)
+        return z.to(torch.float64)
 
-    def _point(self, t: float) -> tuple[Tensor, Tensor]:
-        """(W(t) - W(t0), int_{t0}^t (W(r) - W(t0)) dr), float64."""
+    def _point(self, t: float) -> tuple[Tensor, Tensor | None]:
+        """(W(t) - W(t0), int_{t0}^t (W(r) - W(t0)) dr (None without Levy area)), float64."""
         if t in self._cache:
             return self._cache[t]
         levy = self.has_levy_area
-        lo, hi = self.t0, self.t1
-        W, H, seed = self._root_W, self._root_H, _mix(self.seed, 1)
-        Wl = torch.zeros_like(W)
-        Il = torch.zeros_like(W)
-        for _ in range(self.depth):
+        path = self._path
+        # resume from the node of the previous path where a bisection from the root would be: the
+        # deepest one containing t strictly inside, or the first one with t as an end point (the
+        # bisection below a node does not depend on how it was reached)
+        k = 0
+        while path[k][0] != t != path[k][1] and k + 1 < len(path) and path[k + 1][0] <= t <= path[k + 1][1]:
+            k += 1
+        lo, hi, W, H, seed, Wl, Il = path[k]
+        del path[k + 1:]
+        # keep the path only down to about the level of the query spacing: deeper nodes are not
+        # shared with the next query (and each level holds tensors of ``shape``)
+        gap = abs(t - self._last) if self._last is not None else self.t1 - self.t0
+        keep = math.ceil(math.log2((self.t1 - self.t0) / max(gap, self.tol)))
+        self._last = t
+        for _ in range(k, self.depth):
             if t == lo or t == hi:
                 break
             mid = 0.5 * (lo + hi)
             h1, h2 = mid - lo, hi - mid
-            Z = self._normals64(_mix(seed, 0), 4 if levy else 1)
+            if not levy:  # _split's bridge sample, computing only the child that contains t
+                self._gen.manual_seed(_mix(seed, 0))
+                Z = torch.randn(self.shape, generator=self._gen, dtype=torch.float32, device=self.device)
+                W1 = torch.mul(W, h1 / (h1 + h2)).add_(Z, alpha=math.sqrt(h1 * h2 / (h1 + h2)))
+                if t < mid:
+                    W, hi, seed = W1, mid, _mix(seed, 1)
+                else:
+                    W, lo, seed = W - W1, mid, _mix(seed, 2)
+                    Wl = _add(Wl, W1)
+                if len(path) < keep:
+                    path.append((lo, hi, W, None, seed, Wl, None))
+                continue
+            Z = self._normals64(_mix(seed, 0), 4)
             W1, H1, W2, H2 = _split(W, H, h1, h2, Z)
             if t < mid:
                 W, H, hi, seed = W1, H1, mid, _mix(seed, 1)
             else:
-                Il = Il + h1 * (Wl + 0.5 * W1 + (H1 if levy else 0.0))
-                Wl = Wl + W1
+                Il = _add(Il, h1 * _add(Wl, 0.5 * W1 + H1))
+                Wl = _add(Wl, W1)
                 W, H, lo, seed = W2, H2, mid, _mix(seed, 2)
+            if len(path) < keep:
+                path.append((lo, hi, W, H, seed, Wl, Il))
         h = hi - lo
         x = t - lo
         # conditional-mean path inside the final piece: Wl + (x/h) W + 6 x (h - x)/h^2 H
-        Wt = Wl + (x / h) * W
-        It = Il + x * Wl + (x * x / (2 * h)) * W
+        Wt = _add(Wl, (x / h) * W)
+        It = None
         if levy:
+            It = _add(Il, _add(None if Wl is None else x * Wl, (x * x / (2 * h)) * W))
             Wt = Wt + (6.0 * x * (h - x) / (h * h)) * H
             It = It + (6.0 * (h * x * x / 2.0 - x ** 3 / 3.0) / (h * h)) * H
-        if len(self._cache) >= 4:
+        if len(self._cache) >= 2:
             self._cache.pop(next(iter(self._cache)))
         self._cache[t] = (Wt, It)
         return Wt, It
