@@ -11,7 +11,7 @@ from torch import Tensor
 
 from torchmech.de._tree import all_finite, bcast, tree_leaves, tree_map, where
 from torchmech.de.adjoint import AbstractAdjoint, DirectAdjoint
-from torchmech.de.controllers import AbstractController, ConstantStep, PIDController
+from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo
 from torchmech.de.events import Event, illinois
 from torchmech.de.solvers import explicit as _explicit
 from torchmech.de.solvers.rk import AbstractSolver
@@ -290,7 +290,10 @@ class _Integrator:
             dt0 = self.direction * self.dt0.abs()
         if not bool(finite0.all()):  # keep NaN out of the batch (and out of gradients)
             vf0 = where(finite0, vf0, tree_map(torch.zeros_like, vf0))
-        deriv0 = self.deriv(t0, y0, vf0)
+        # only initial step selection uses it; for an SDE it would query the Brownian motion over
+        # the whole interval (a wasted draw, and every later step would split that piece)
+        fixed = type(self.controller) in (ConstantStep, StepTo)
+        deriv0 = None if fixed else self.deriv(t0, y0, vf0)
         dt, cstate, extra = self.controller.init(self.solver, t0, self.t1, y0, dt0, deriv0,
                                                  lambda t, y: self.deriv(t, y))
         dt = torch.where(done, torch.zeros_like(dt), dt)
