@@ -26,7 +26,11 @@ def test_filtered_records_give_identical_saves(monkeypatch, ts):
     monkeypatch.setattr(_fast, "_FILTER_BYTES", 0)
     kept = []
     real = _fast.save_pass
-    monkeypatch.setattr(_fast, "save_pass", lambda P, integ, buf, recs: kept.append(len(recs)) or real(P, integ, buf, recs))
+    def spy(P, integ, buf, recs):
+        kept.append(len(recs))
+        return real(P, integ, buf, recs)
+
+    monkeypatch.setattr(_fast, "save_pass", spy)
     out = run()
     assert torch.equal(out, ref)
     assert max(kept) <= 4
