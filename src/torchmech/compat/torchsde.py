@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchmech.de.adjoint import CheckpointAdjoint, DirectAdjoint
+from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
 from torchmech.de.brownian import AbstractBrownian, BrownianInterval, VirtualBrownianTree
-from torchmech.de.controllers import StepTo
+from torchmech.de.controllers import PIDController, StepTo
 from torchmech.de.integrate import SaveAt, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
 from torchmech.de.solvers.sde import SRA1, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
@@ -19,9 +19,10 @@ __all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "VirtualBrownianTree"
 
 _NOISE = ("diagonal", "scalar", "additive", "general")
 _METHODS = ("euler", "milstein", "srk", "euler_heun", "heun", "reversible_heun")
+_ADAPTIVE = ("heun", "euler_heun")  # methods with an embedded error estimate (adaptive=True)
 
 
-def _make_solver(method: str, sde_type: str, noise_type: str):
+def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = False):
     if method == "midpoint":
         raise ValueError("sdeint: method 'midpoint' is not implemented; use 'heun' or 'reversible_heun' "
                          "(Stratonovich) instead")
@@ -37,6 +38,13 @@ def _make_solver(method: str, sde_type: str, noise_type: str):
               "reversible_heun": ReversibleHeun}[method]()
     if solver.sde_type not in ("any", sde_type):
         raise ValueError(f"sdeint: method {method!r} solves {solver.sde_type} SDEs but sde.sde_type is {sde_type!r}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"sdeint: adaptive must be a bool, got {type(adaptive).__name__}")
+    if adaptive:
+        if method not in _ADAPTIVE:
+            raise ValueError(f"sdeint: adaptive=True needs a method with an error estimate ({list(_ADAPTIVE)}), "
+                             f"got method {method!r}; use fixed steps (adaptive=False, dt=...)")
+        solver = type(solver)(adaptive=True)
     return solver
 
 
@@ -104,8 +112,6 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
     for key in ("drift", "diffusion"):
         if not hasattr(sde, names[key]):
             raise ValueError(f"sdeint: sde has no method {names[key]!r} ({key})")
-    if adaptive:
-        raise ValueError("sdeint: adaptive=True is not supported; use fixed steps (dt)")
     if not isinstance(y0, Tensor) or y0.dim() != 2:
         raise ValueError(f"sdeint: y0 must have shape (batch, state), got "
                          f"{tuple(y0.shape) if isinstance(y0, Tensor) else type(y0).__name__}")
@@ -114,7 +120,7 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
         raise ValueError(f"sdeint: ts must be strictly increasing of shape (T,) with T >= 2, got {tuple(ts.shape)}")
     if method is None:
         method = "srk" if noise_type == "additive" else ("euler" if sde_type == "ito" else "heun")
-    solver = _make_solver(method, sde_type, noise_type)
+    solver = _make_solver(method, sde_type, noise_type, adaptive)
     B, d = y0.shape
     with torch.no_grad():
         g0 = getattr(sde, names["diffusion"])(ts[0], y0)
@@ -154,6 +160,19 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
     return terms, solver, y0, ts, grid
 
 
+def _adaptive_controller(rtol, atol, dt_min, ts=None):
+    """torchsde's adaptive stepping: PID on the error estimate, a step of ``dt_min`` always accepted."""
+    for name, v in (("rtol", rtol), ("atol", atol), ("dt_min", dt_min)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"sdeint: {name} must be a positive float with adaptive=True, got {v!r}")
+    return PIDController(rtol=rtol, atol=atol, dtmin=dt_min, force_dtmin=True, step_ts=ts)
+
+
+def _adaptive_max_steps(ts, dt_min) -> int:
+    """Enough attempted steps for steps of dt_min over the whole span (and rejections)."""
+    return int(min(10 ** 7, 4 * float(ts[-1] - ts[0]) / dt_min + 16 * ts.shape[0] + 1000))
+
+
 class _Padded:
     """A Brownian motion with one extra zero channel (for the log-ratio state of logqp)."""
 
@@ -165,10 +184,15 @@ class _Padded:
         return torch.cat([w, torch.zeros_like(w[:, :1])], dim=-1)
 
 
-def _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint):
+def _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint, rtol=None, atol=None, dt_min=None):
     terms, solver, y0a, ts, grid = _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp)
-    sol = solve(terms, solver, float(ts[0]), float(ts[-1]), y0a, controller=StepTo(grid),
-                saveat=SaveAt(ts=ts), adjoint=adjoint, max_steps=grid.shape[0] + 1)
+    if adaptive:
+        controller = _adaptive_controller(rtol, atol, dt_min, ts)
+        sol = solve(terms, solver, float(ts[0]), float(ts[-1]), y0a, dt0=float(dt), controller=controller,
+                    saveat=SaveAt(ts=ts), adjoint=adjoint, max_steps=_adaptive_max_steps(ts, dt_min))
+    else:
+        sol = solve(terms, solver, float(ts[0]), float(ts[-1]), y0a, controller=StepTo(grid),
+                    saveat=SaveAt(ts=ts), adjoint=adjoint, max_steps=grid.shape[0] + 1)
     ys = sol.ys.transpose(0, 1)  # (T, B, d) time-first as torchsde
     if logqp:
         lr = ys[..., -1]
@@ -202,14 +226,21 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
         names: rename ``drift``/``diffusion``/``prior_drift`` methods, e.g. ``{"drift": "f_post"}``.
         logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B).
         extra: also return the torchmech ``Solution``.
-        adaptive, rtol, atol, dt_min, options: torchsde arguments; adaptive stepping is not supported.
+        adaptive: adaptive steps (methods "heun" and "euler_heun", which carry an error estimate
+            against Euler-Maruyama): a ``PIDController(rtol, atol, dtmin=dt_min, force_dtmin=True,
+            step_ts=ts)`` starting from ``dt``; every step lands on the output times, a rejected
+            step re-queries the Brownian motion over the shorter interval (consistently, on the same
+            path), and a step of ``dt_min`` is always accepted (as torchsde). Other methods raise
+            ``ValueError`` with ``adaptive=True``.
+        rtol, atol, dt_min: tolerances and smallest step of adaptive stepping.
+        options: torchsde solver options; none are supported (a non-empty dict raises).
 
     Returns:
         ys (T, B, d) time-first; with ``logqp`` a tuple ``(ys, log_ratio)``.
     """
     if options:
         raise ValueError(f"sdeint: unsupported options {sorted(options)}")
-    return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, DirectAdjoint())
+    return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, DirectAdjoint(), rtol, atol, dt_min)
 
 
 def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = None,
@@ -220,22 +251,69 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
                    logqp: bool = False, extra: bool = False):
     """As :func:`sdeint`, with memory-efficient gradients.
 
-    ``method="reversible_heun"`` (with ``adjoint_method`` None or "adjoint_reversible_heun") uses
-    :class:`~torchmech.de.reversible_adjoint.ReversibleAdjoint`: exact gradients, memory independent
-    of the number of steps. Other methods use checkpointing (exact gradients, O(sqrt(steps))
-    memory) instead of torchsde's stochastic adjoint SDE.
+    - ``method="reversible_heun"`` with ``adjoint_method`` None or "adjoint_reversible_heun":
+      :class:`~torchmech.de.reversible_adjoint.ReversibleAdjoint` (exact gradients of the
+      discrete solve, memory independent of the number of steps).
+    - otherwise (torchsde's stochastic adjoint): :class:`~torchmech.de.adjoint.BacksolveAdjoint`
+      solves the adjoint SDE backwards in time on the same Brownian path (gradients of the
+      continuous SDE, converging to those of :func:`sdeint` as ``dt`` shrinks; O(1) memory in the
+      number of steps). ``adjoint_method`` is the backward solver: "heun", "euler_heun",
+      "reversible_heun" ("srk" for additive noise); default: torchsde's, "midpoint" for
+      Stratonovich SDEs. The adjoint SDE is solved in Stratonovich form, so for Ito SDEs (diagonal
+      noise only; the drift gets the correction ``-1/2 g dg/dy``) torchsde's Ito names "euler" and
+      "milstein" (and the default) use "heun" on that form. Backward steps follow the forward grid,
+      or with ``adjoint_adaptive=True`` a ``PIDController(adjoint_rtol, adjoint_atol,
+      dtmin=dt_min)`` ("heun"/"euler_heun").
+    - ``adjoint_method="checkpoint"`` (not in torchsde): autograd through the forward solve with
+      recomputed segments (exact gradients of the discrete solve, O(sqrt(steps)) memory); the
+      option for Ito SDEs with general noise.
+
+    ``adjoint_params`` default to ``sde.parameters()``.
     """
-    if adjoint_adaptive:
-        raise ValueError("sdeint_adjoint: adjoint_adaptive=True is not supported")
     if options or adjoint_options:
         raise ValueError("sdeint_adjoint: options/adjoint_options are not supported")
-    if method == "reversible_heun":
-        if adjoint_method not in (None, "adjoint_reversible_heun", "reversible_heun"):
-            raise ValueError(f"sdeint_adjoint: with method 'reversible_heun' adjoint_method must be "
-                             f"'adjoint_reversible_heun', got {adjoint_method!r}")
+    if adjoint_params is None:
+        adjoint_params = [p for p in sde.parameters() if p.requires_grad] if isinstance(sde, torch.nn.Module) else None
+    if method == "reversible_heun" and adjoint_method in (None, "adjoint_reversible_heun"):
+        if adjoint_adaptive:
+            raise ValueError("sdeint_adjoint: adjoint_adaptive=True is not supported with the reversible adjoint "
+                             "(adjoint_method 'adjoint_reversible_heun' steps back exactly over the forward steps)")
         if logqp:
             raise ValueError("sdeint_adjoint: logqp with reversible_heun is not supported; use sdeint")
         adjoint = ReversibleAdjoint(adjoint_params=adjoint_params)
-    else:
+    elif adjoint_method == "checkpoint":
+        if adjoint_adaptive:
+            raise ValueError("sdeint_adjoint: adjoint_adaptive=True has no meaning with adjoint_method 'checkpoint'")
         adjoint = CheckpointAdjoint()
-    return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint)
+    else:
+        sde_type = getattr(sde, "sde_type", None)
+        name = adjoint_method
+        if name is None:
+            name = "midpoint" if sde_type == "stratonovich" else "heun"
+        elif name in ("euler", "milstein") and sde_type == "ito":
+            name = "heun"  # the adjoint SDE is solved in Stratonovich form
+        if name not in _ADJOINT_SOLVERS:
+            raise ValueError(f"sdeint_adjoint: unknown or unsupported adjoint_method {adjoint_method!r}; expected "
+                             f"one of {sorted(set(_ADJOINT_SOLVERS) | {'euler', 'milstein', 'checkpoint'})} "
+                             "or 'adjoint_reversible_heun' with method 'reversible_heun'")
+        cls = _ADJOINT_SOLVERS[name]
+        controller = None
+        if adjoint_adaptive:
+            if cls not in _adaptive_solver_classes():
+                raise ValueError(f"sdeint_adjoint: adjoint_adaptive=True needs adjoint_method in {list(_ADAPTIVE)}, "
+                                 f"got {name!r}")
+            controller = _adaptive_controller(adjoint_rtol, adjoint_atol, dt_min)
+            backward = cls(adaptive=True)
+        else:
+            backward = cls()
+        adjoint = BacksolveAdjoint(solver=backward, controller=controller, adjoint_params=adjoint_params)
+    return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint, rtol, atol, dt_min)
+
+
+def _adaptive_solver_classes() -> tuple:
+    return tuple(_ADJOINT_SOLVERS[m] for m in _ADAPTIVE if m in _ADJOINT_SOLVERS)
+
+
+# backward solvers of the stochastic adjoint (Stratonovich, working through the terms' products)
+_ADJOINT_SOLVERS = {"heun": StochasticHeun, "midpoint": StochasticHeun, "euler_heun": EulerHeun,
+                    "reversible_heun": ReversibleHeun, "srk": SRA1}

@@ -7,6 +7,9 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from torchmech.de.controllers import AbstractController, _next_mark
+from torchmech.de.terms import ControlTerm, MultiTerm, ODETerm
+
 __all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
 
 
@@ -94,29 +97,50 @@ class BacksolveAdjoint(AbstractAdjoint):
             every ``nn.Module`` vector field in ``terms``. Tensors in ``args`` that require grad
             are always included.
         max_steps: step limit of the backward solve (default: the forward ``max_steps``).
+        controller: SDEs only: controller of the backward solve (default: as the forward solve:
+            the same ``ConstantStep`` dt0, the ``StepTo`` times, or the forward ``PIDController``).
 
     After a backward pass, ``backward_stats`` holds the backward solves' per-sample statistics
     (summed over the segments between save times).
 
-    Supports ``ODETerm`` and ``SaveAt(t0, ts, t1)``; not dense/steps saving, events or
-    higher-order gradients (use :class:`DirectAdjoint` or :class:`CheckpointAdjoint`).
-    Gradients with respect to ``t0``/``t1`` are not computed.
+    **SDEs** (``MultiTerm(ODETerm(f), ControlTerm/DiagonalControlTerm(g, brownian))`` with an SDE
+    solver): the stochastic adjoint of Li et al. (2020, "Scalable Gradients for Stochastic
+    Differential Equations"). With the Stratonovich form ``dy = f dt + g o dW``, ``[y, a]`` is
+    solved backwards from each save time by ``dy = f dt + g o dW``,
+    ``da = -(df/dy)^T a dt - (d(g dW)/dy)^T a``, re-querying the same Brownian motion (a
+    ``BrownianInterval`` answers from its cache or regenerates, a ``VirtualBrownianTree``
+    regenerates); ``dL/dtheta = int a^T (df/dtheta dt + dg/dtheta o dW)`` is summed over every
+    accepted backward step by the trapezoidal rule (a Stratonovich quadrature). The gradients are
+    those of the continuous SDE: they converge to :class:`DirectAdjoint`'s (of the discretised
+    solve, same Brownian path) as the steps shrink. ``solver`` is the backward SDE solver
+    (default: the forward one if it is a Stratonovich solver other than ``Milstein``, else
+    ``StochasticHeun``; ``rtol``/``atol``/``seminorm`` apply to ODEs only). An Ito solver's SDE
+    (e.g. ``EulerMaruyama``) is converted to Stratonovich form with the drift correction
+    ``f - 1/2 g dg/dy``, implemented for diagonal noise (``g_i`` depending on ``y_i`` only);
+    Ito SDEs with general noise raise ``ValueError``.
+
+    Supports ``ODETerm``, the SDE terms above and ``SaveAt(t0, ts, t1)``; not dense/steps
+    saving, events or higher-order gradients (use :class:`DirectAdjoint` or
+    :class:`CheckpointAdjoint`). Gradients with respect to ``t0``/``t1`` are not computed.
     """
 
     def __init__(self, rtol: float = 1e-6, atol: float = 1e-8, solver=None, seminorm: bool = True,
-                 adjoint_params=None, max_steps: int | None = None):
+                 adjoint_params=None, max_steps: int | None = None, controller=None):
         if not (rtol > 0 and atol >= 0):
             raise ValueError(f"BacksolveAdjoint: need rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
+        if controller is not None and not isinstance(controller, AbstractController):
+            raise TypeError(f"BacksolveAdjoint: controller must be an AbstractController or None, got "
+                            f"{type(controller).__name__}")
         self.rtol, self.atol, self.solver, self.seminorm = rtol, atol, solver, seminorm
         self.adjoint_params = None if adjoint_params is None else list(adjoint_params)
         self.max_steps = max_steps
+        self.controller = controller
 
     def run(self, integ):
         from torchmech.de._tree import tree_leaves
         from torchmech.de.terms import ODETerm
 
-        if not isinstance(integ.terms, ODETerm):
-            raise ValueError(f"BacksolveAdjoint: only ODETerm is supported, got {type(integ.terms).__name__}")
+        sde = _sde_parts(integ) if not isinstance(integ.terms, ODETerm) else None
         if integ.event is not None:
             raise ValueError("BacksolveAdjoint: events are not supported; use DirectAdjoint or CheckpointAdjoint")
         if integ.saveat.dense or integ.saveat.steps:
@@ -125,12 +149,16 @@ class BacksolveAdjoint(AbstractAdjoint):
             params = [p for p in self.adjoint_params if isinstance(p, torch.Tensor)]
         else:
             params = [p for m in integ.terms.modules() for p in m.parameters() if p.requires_grad]
-        seen = {id(p) for p in params}
+        uniq: dict = {}
+        for p in params:  # drift and diffusion may share a module: count each tensor once
+            uniq.setdefault(id(p), p)
+        params = list(uniq.values())
+        seen = set(uniq)
         for leaf in tree_leaves(integ.args):
             if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
                 params.append(leaf)
                 seen.add(id(leaf))
-        holder = {}
+        holder = {"sde": sde}
         ys = _BacksolveFn.apply(self, integ, holder, integ.y0, *params)
         sol = holder["sol"]
         sol.ys = ys
@@ -226,6 +254,122 @@ class BacksolveAdjoint(AbstractAdjoint):
         a = a + cot[:, 0]
         return a, grads
 
+    def _sde_backward_setup(self, integ):
+        """(solver, controller, dt0) of the backward SDE solve."""
+        from torchmech.de.controllers import ConstantStep, StepTo
+        from torchmech.de.solvers import sde as S
+
+        fwd, fc = integ.solver, integ.controller
+        ctrl = self.controller
+        if ctrl is None:
+            if isinstance(fc, StepTo):
+                ctrl = _MarksTo(torch.as_tensor(fc.ts))
+            else:
+                ctrl = fc  # ConstantStep with the forward dt0, or the forward PIDController
+        solver = self.solver
+        if solver is None:
+            ok = fwd.sde_type in ("stratonovich", "any") and not isinstance(fwd, S.Milstein)
+            solver = fwd if ok else S.StochasticHeun()
+            if ctrl.adaptive and not solver.adaptive:
+                cls = type(solver) if type(solver) in _ADAPTIVE_SDE_SOLVERS() else S.StochasticHeun
+                solver = cls(adaptive=True)
+        elif (not isinstance(solver, S.AbstractSDESolver) or solver.sde_type not in ("stratonovich", "any")
+              or isinstance(solver, S.Milstein)):
+            raise ValueError("BacksolveAdjoint: for an SDE, solver must be a Stratonovich SDE solver that works "
+                             "through the terms' products (StochasticHeun, EulerHeun, StochasticMidpoint, "
+                             f"ReversibleHeun; SRA1 for additive noise), got {solver!r}")
+        if ctrl.adaptive and not solver.adaptive:
+            raise ValueError(f"BacksolveAdjoint: the backward controller {type(ctrl).__name__} is adaptive but the "
+                             f"backward solver {solver!r} has no error estimate; pass an adaptive solver such as "
+                             "StochasticHeun(adaptive=True)")
+        if isinstance(ctrl, ConstantStep) and integ.dt0 is None:
+            raise ValueError("BacksolveAdjoint: controller ConstantStep needs the forward solve's dt0")
+        return solver, ctrl, integ.dt0
+
+    def backward_sde(self, integ, sde, params, ts, ys, grad_ys):
+        """Backward pass for an SDE: the Stratonovich adjoint SDE, on the forward Brownian path.
+
+        With ``a = dL/dy`` and the Stratonovich form ``dy = f dt + g o dW`` (an Ito drift gets the
+        correction ``f - 1/2 g dg/dy``, diagonal noise), ``[y, a]`` solves backwards from each save
+        time with ``da = -(df/dy)^T a dt - (d(g dW)/dy)^T a`` (Li et al. 2020; Kidger 2021,
+        Sec. 5.2), querying the same Brownian motion over the backward steps. The parameter
+        gradient ``int a^T (df/dtheta dt + dg/dtheta o dW)`` is accumulated over every accepted
+        backward step by the trapezoidal rule (a consistent Stratonovich quadrature), so it never
+        enters the state or the error norm.
+        """
+        from torchmech.de.integrate import SaveAt, Status, _Integrator
+
+        args = integ.args
+        shape = ys.shape[2:]
+        B = ys.shape[0]
+        n = int(torch.tensor(shape).prod()) if len(shape) else 1
+        solver, ctrl, dt0 = self._sde_backward_setup(integ)
+        terms = _make_adjoint_terms(sde, args, shape, B, n)
+        times = torch.cat([integ.t0[:, None], ts], dim=1)
+        cot = torch.cat([torch.zeros_like(grad_ys[:, :1]), grad_ys], dim=1)
+        a = torch.zeros_like(ys[:, 0])
+        y = ys[:, -1]
+        zeros_i = torch.zeros(B, dtype=torch.int64, device=ys.device)
+        stats = {k: zeros_i for k in ("num_fevals", "num_steps", "num_accepted", "num_rejected")}
+        grads = [torch.zeros_like(p) for p in params]
+        max_steps = self.max_steps or integ.max_steps
+        for j in range(times.shape[1] - 1, 0, -1):
+            a = a + cot[:, j]
+            tj, tprev = times[:, j], times[:, j - 1]
+            if bool((tj == tprev).all()):
+                continue
+            z0 = torch.cat([y.reshape(B, n), a.reshape(B, n)], dim=1)
+            binteg = _Integrator(terms, solver, tj, tprev, z0, dt0, None, SaveAt(t1=True, dense=bool(params)),
+                                 ctrl, None, max_steps, False)
+            state = binteg.init_state()
+            done = False
+            while not done:
+                state, records, done = binteg.run_steps(state, self._CHUNK)
+                if params and records:
+                    self._sde_quadrature(sde, args, params, grads, records, n, shape)
+            sol = binteg.finalize(state, [])
+            if not bool((sol.status == Status.SUCCESS).all()):
+                bad = torch.nonzero(sol.status != Status.SUCCESS)[:, 0].tolist()
+                raise RuntimeError(f"BacksolveAdjoint: backward SDE solve failed for samples {bad} "
+                                   f"(statuses {sol.status[bad].tolist()}); raise max_steps or change the controller")
+            for key in stats:
+                stats[key] = stats[key] + sol.stats[key]
+            zT = sol.ys[:, -1]
+            y = zT[:, :n].reshape(y.shape)
+            a = zT[:, n:].reshape(a.shape)
+        self.backward_stats = stats
+        return a + cot[:, 0], grads
+
+    @staticmethod
+    def _sde_quadrature(sde, args, params, grads, records, n, shape):
+        """grads += sum over recorded accepted backward steps of the trapezoidal
+        ``-(h/2) sum_ends a^T df/dtheta - 1/2 sum_ends a^T d(g dW)/dtheta`` (h, dW of the backward step)."""
+        drift, diff, ito = sde["drift"], sde["diff"], sde["ito"]
+        for rec in records:
+            valid = rec["valid"]
+            if not bool(valid.any()):
+                continue
+            B = valid.shape[0]
+            shp = (B,) + tuple(shape)
+            t0 = rec["tprev"]
+            t1 = torch.where(valid, rec["tnext"], t0)
+            h = t1 - t0
+            dW = diff.contr(t0, t1)
+            z0 = rec["y0"]
+            z1 = z0 + rec["qs"][0]
+            total = 0.0
+            with torch.enable_grad():
+                for t, z in ((t0, z0), (t1, z1)):
+                    y = z[:, :n].reshape(shp).detach().requires_grad_(ito)
+                    a = z[:, n:].reshape(shp).detach()
+                    inc = drift.prod(_strat_drift(drift, diff, ito, t, y, args), h)
+                    inc = inc + diff.prod(diff.vf(t, y, args), dW)
+                    total = total + (inc * a).sum()
+                gs = torch.autograd.grad(-0.5 * total, params, allow_unused=True)
+            for i, g in enumerate(gs):
+                if g is not None:
+                    grads[i] += g
+
     _CHUNK = 4  # backward steps between parameter quadratures
 
     @staticmethod
@@ -261,13 +405,134 @@ class BacksolveAdjoint(AbstractAdjoint):
                     grads[i] += g
 
 
+def _ADAPTIVE_SDE_SOLVERS() -> tuple:
+    """SDE solver classes that take ``adaptive=True``."""
+    from torchmech.de.solvers import sde as S
+
+    return tuple(getattr(S, name) for name in ("StochasticHeun", "EulerHeun", "StochasticMidpoint") if hasattr(S, name))
+
+
+def _sde_parts(integ) -> dict:
+    """(drift, diffusion, ito) of an SDE solve that BacksolveAdjoint supports, or a ValueError saying why not."""
+    from torchmech.de.solvers.sde import AbstractSDESolver
+    from torchmech.de.terms import DiagonalControlTerm
+
+    terms = integ.terms
+    if not (isinstance(terms, MultiTerm) and len(terms.terms) == 2 and isinstance(terms.terms[0], ODETerm)
+            and isinstance(terms.terms[1], ControlTerm)):
+        got = type(terms).__name__
+        if isinstance(terms, MultiTerm):
+            got += "(" + ", ".join(type(t).__name__ for t in terms.terms) + ")"
+        raise ValueError("BacksolveAdjoint: terms must be an ODETerm (ODE) or MultiTerm(ODETerm(drift), "
+                         f"ControlTerm/DiagonalControlTerm(diffusion, brownian)) (SDE), got {got}")
+    if not isinstance(integ.solver, AbstractSDESolver):
+        raise ValueError("BacksolveAdjoint: drift + ControlTerm terms are supported with an SDE solver "
+                         f"(AbstractSDESolver), got {type(integ.solver).__name__}")
+    drift, diff = terms.terms
+    ito = integ.solver.sde_type == "ito"
+    if ito and not isinstance(diff, DiagonalControlTerm):
+        raise ValueError(
+            f"BacksolveAdjoint: the Ito SDE solved by {type(integ.solver).__name__} has general noise "
+            f"({type(diff).__name__}); the adjoint SDE is solved in Stratonovich form, and the Ito -> "
+            "Stratonovich drift correction is implemented for diagonal noise (DiagonalControlTerm) only. "
+            "Use a Stratonovich solver (StochasticHeun, EulerHeun, ReversibleHeun; sdeint: "
+            "sde_type='stratonovich'), diagonal noise, or DirectAdjoint/CheckpointAdjoint")
+    return {"drift": drift, "diff": diff, "ito": ito}
+
+
+def _strat_drift(drift, diff, ito: bool, t, y, args):
+    """Stratonovich drift ``f`` (Ito: ``f - 1/2 g dg/dy`` for diagonal noise), with a graph (``y`` needs grad)."""
+    fy = drift.vf(t, y, args)
+    if ito:
+        g = diff.vf(t, y, args)
+        (gdg,) = torch.autograd.grad(g, y, grad_outputs=g, create_graph=True, allow_unused=True)
+        if gdg is not None:
+            fy = fy - 0.5 * gdg
+    return fy
+
+
+class _AdjointDiffusion(ControlTerm):
+    """Diffusion of the adjoint SDE of ``z = [y, a]`` (flattened, (B, 2n)): ``[g dW, -(d(g dW)/dy)^T a]``.
+
+    ``vf`` defers the work to ``prod`` (it returns ``(t, z)``): the adjoint part is a
+    vector-Jacobian product with the increment ``g dW`` itself, one diffusion evaluation per product.
+    """
+
+    def __init__(self, diff: ControlTerm, args, shape, B: int, n: int):
+        self.diff, self.f, self.control = diff, diff.f, diff.control
+        self.args, self.shp, self.B, self.n = args, (B,) + tuple(shape), B, n
+
+    def vf(self, t, z, args):
+        return (t, z)
+
+    def contr(self, t0, t1):
+        return self.diff.contr(t0, t1)
+
+    def prod(self, vf, control):
+        t, z = vf
+        n, B = self.n, self.B
+        y = z[:, :n].reshape(self.shp)
+        a = z[:, n:].reshape(self.shp)
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            inc = self.diff.prod(self.diff.vf(t, y_, self.args), control)
+            (vjp,) = torch.autograd.grad(inc, y_, grad_outputs=a, allow_unused=True)
+        if vjp is None:
+            vjp = torch.zeros_like(a)
+        return torch.cat([inc.detach().reshape(B, n), -vjp.reshape(B, n)], dim=1)
+
+    def modules(self):
+        return []
+
+
+def _make_adjoint_terms(sde: dict, args, shape, B: int, n: int) -> MultiTerm:
+    """MultiTerm(drift, diffusion) of the Stratonovich adjoint SDE of ``[y, a]``."""
+    drift, diff, ito = sde["drift"], sde["diff"], sde["ito"]
+    shp = (B,) + tuple(shape)
+
+    def aug_drift(t, z, _):
+        y = z[:, :n].reshape(shp)
+        a = z[:, n:].reshape(shp)
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            fy = _strat_drift(drift, diff, ito, t, y_, args)
+            (vjp,) = torch.autograd.grad(fy, y_, grad_outputs=a, allow_unused=True)
+        if vjp is None:
+            vjp = torch.zeros_like(a)
+        return torch.cat([fy.detach().reshape(B, n), -vjp.reshape(B, n)], dim=1)
+
+    return MultiTerm(ODETerm(aug_drift), _AdjointDiffusion(diff, args, shape, B, n))
+
+
+class _MarksTo(AbstractController):
+    """Fixed steps onto given times ((K,) or (B, K), e.g. the forward StepTo grid), clipped to ``t1``."""
+
+    def __init__(self, marks: torch.Tensor):
+        self.marks = marks
+
+    def init(self, solver, t0, t1, y0, dt0, deriv0, deriv_fn):
+        m = self.marks.to(dtype=y0.dtype, device=y0.device)
+        state = {"marks": m}
+        t_next, _ = self.propose(t0, None, t1, torch.sign(t1 - t0), state)
+        return t_next - t0, state, 0
+
+    def propose(self, t, dt, t1, direction, state):
+        dist, mark = _next_mark(state["marks"], t, direction)
+        t_next = torch.where(dist < direction * (t1 - t), mark, t1)
+        return t_next, torch.zeros_like(t_next, dtype=torch.bool)
+
+    def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
+        ones = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        return ones, t_next - t, torch.zeros_like(ones), state
+
+
 class _BacksolveFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, adj, integ, holder, y0, *params):
         with torch.no_grad():
             sol = DirectAdjoint().run(integ)
         holder["sol"] = sol
-        ctx.adj, ctx.integ, ctx.n_params = adj, integ, len(params)
+        ctx.adj, ctx.integ, ctx.n_params, ctx.sde = adj, integ, len(params), holder["sde"]
         ctx.save_for_backward(sol.ts, sol.ys, *params)
         return sol.ys
 
@@ -276,5 +541,8 @@ class _BacksolveFn(torch.autograd.Function):
         ts, ys, *params = ctx.saved_tensors
         grad_ys = torch.nan_to_num(grad_ys) if grad_ys is not None else torch.zeros_like(ys)
         with torch.no_grad():
-            a0, grads = ctx.adj.backward(ctx.integ, params, ts, ys, grad_ys)
+            if ctx.sde is not None:
+                a0, grads = ctx.adj.backward_sde(ctx.integ, ctx.sde, params, ts, ys, grad_ys)
+            else:
+                a0, grads = ctx.adj.backward(ctx.integ, params, ts, ys, grad_ys)
         return (None, None, None, a0, *grads)

@@ -292,7 +292,8 @@ class _Integrator:
             vf0 = where(finite0, vf0, tree_map(torch.zeros_like, vf0))
         # only initial step selection uses it; for an SDE it would query the Brownian motion over
         # the whole interval (a wasted draw, and every later step would split that piece)
-        fixed = type(self.controller) in (ConstantStep, StepTo)
+        # (with dt0 given no controller uses it)
+        fixed = type(self.controller) in (ConstantStep, StepTo) or self.dt0 is not None
         deriv0 = None if fixed else self.deriv(t0, y0, vf0)
         dt, cstate, extra = self.controller.init(self.solver, t0, self.t1, y0, dt0, deriv0,
                                                  lambda t, y: self.deriv(t, y))
@@ -458,8 +459,8 @@ class _Integrator:
         )
         record = {}
         if self.record_dense:
-            record.update(tprev=t, h=torch.where(accept, h, torch.zeros_like(h)), valid=accept, y0=y,
-                          qs=res.interp)
+            record.update(tprev=t, tnext=t_next, h=torch.where(accept, h, torch.zeros_like(h)), valid=accept,
+                          y0=y, qs=res.interp)
         if self.record_steps:
             record.update(t=t_new, y=y_new, valid=accept)
         return new, {"__done__": bool(flags[0]), **record}

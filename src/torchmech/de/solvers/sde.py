@@ -9,8 +9,9 @@ Every solver here works on ``MultiTerm(ODETerm(drift), ControlTerm(diffusion, br
 - diagonal: ``DiagonalControlTerm(g, bm)`` with ``g`` and ``bm`` both of shape (B, *state).
 
 Each solver has ``sde_type`` ("ito", "stratonovich", or "any" where both coincide, as for
-additive noise) saying which calculus it converges to. All are fixed-step (``ConstantStep`` or
-``StepTo``); the dense output between steps is linear.
+additive noise) saying which calculus it converges to. They are fixed-step (``ConstantStep`` or
+``StepTo``) except ``StochasticHeun(adaptive=True)`` and ``EulerHeun(adaptive=True)``, which carry
+an error estimate for ``PIDController``; the dense output between steps is linear.
 """
 
 from __future__ import annotations
@@ -120,23 +121,49 @@ class Milstein(AbstractSDESolver):
         return StepResult(y1, None, vf1, (y1 - y0,), 2)
 
 
+def _check_adaptive(adaptive: Any, name: str) -> float | None:
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"{name}: adaptive must be a bool, got {type(adaptive).__name__}")
+    return 1.0 if adaptive else None
+
+
 class StochasticHeun(AbstractSDESolver):
     """Heun's method (explicit trapezoid on drift and diffusion), converging to the Stratonovich
     solution. Strong order 1 for commutative (e.g. diagonal, scalar, additive) noise, 0.5 in
-    general; weak order 1. Two evaluations per step."""
+    general; weak order 1. Two evaluations per step.
+
+    Args:
+        adaptive: if True, also return an error estimate (embedded pair with the Euler
+            predictor: ``err = y1 - (y0 + k0) = (k_p - k0) / 2``, of size ``O(h)`` for
+            multiplicative noise, ``O(h^1.5)`` for additive noise) so that the solver can be used
+            with :class:`~torchmech.de.controllers.PIDController` (``error_order = 1``). A
+            rejected step is retried over a shorter interval from the same point; the Brownian
+            motion answers that query consistently (``BrownianInterval`` by its Brownian
+            bridge, ``VirtualBrownianTree`` from its tree), so every sample stays on its one
+            path. Save times inside a step get the linear interpolant: pass the save times as
+            ``PIDController(step_ts=...)`` to land on them. Default False (fixed steps).
+    """
 
     sde_type = "stratonovich"
     strong_order = 1.0
     weak_order = 1.0
+
+    def __init__(self, adaptive: bool = False):
+        self.error_order = _check_adaptive(adaptive, "StochasticHeun")
+
+    def __repr__(self) -> str:
+        return "StochasticHeun(adaptive=True)" if self.adaptive else "StochasticHeun()"
 
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         sde_terms(terms, "StochasticHeun")
         control = terms.contr(t0, t1)
         k0 = terms.prod(vf0, control)
         vf_p = terms.vf(t1, y0 + k0, args)
-        y1 = y0 + 0.5 * (k0 + terms.prod(vf_p, control))
+        k1 = terms.prod(vf_p, control)
+        y1 = y0 + 0.5 * (k0 + k1)
         vf1 = terms.vf(t1, y1, args)
-        return StepResult(y1, None, vf1, (y1 - y0,), 2)
+        err = 0.5 * (k1 - k0) if self.error_order is not None else None
+        return StepResult(y1, err, vf1, (y1 - y0,), 2)
 
 
 class EulerHeun(AbstractSDESolver):
@@ -144,11 +171,22 @@ class EulerHeun(AbstractSDESolver):
 
     ``y' = y0 + g0 dW``, ``y1 = y0 + f0 h + (g0 + g(t1, y')) dW / 2``. Strong order 0.5 in
     general, 1 for commutative noise. One drift and two diffusion evaluations per step.
+
+    Args:
+        adaptive: if True, return the error estimate ``(g(t1, y') - g0) dW / 2`` against
+            Euler-Maruyama for :class:`~torchmech.de.controllers.PIDController`
+            (``error_order = 1``; see :class:`StochasticHeun`). Default False.
     """
 
     sde_type = "stratonovich"
     strong_order = 0.5
     weak_order = 1.0
+
+    def __init__(self, adaptive: bool = False):
+        self.error_order = _check_adaptive(adaptive, "EulerHeun")
+
+    def __repr__(self) -> str:
+        return "EulerHeun(adaptive=True)" if self.adaptive else "EulerHeun()"
 
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "EulerHeun")
@@ -156,9 +194,11 @@ class EulerHeun(AbstractSDESolver):
         f0, g0 = vf0
         gdW = diff.prod(g0, dW)
         g_p = diff.vf(t1, y0 + gdW, args)
-        y1 = y0 + drift.prod(f0, h) + 0.5 * (gdW + diff.prod(g_p, dW))
+        gdW_p = diff.prod(g_p, dW)
+        y1 = y0 + drift.prod(f0, h) + 0.5 * (gdW + gdW_p)
         vf1 = terms.vf(t1, y1, args)
-        return StepResult(y1, None, vf1, (y1 - y0,), 2)
+        err = 0.5 * (gdW_p - gdW) if self.error_order is not None else None
+        return StepResult(y1, err, vf1, (y1 - y0,), 2)
 
 
 class SRA1(AbstractSDESolver):
