@@ -141,3 +141,44 @@ def test_float32_dense_gradients_match_float64(slack):
     for x32, x64 in zip(a32, a64):
         assert x32.grad.dtype == torch.float32
         assert torch.allclose(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5 * x64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared", "two_axes", "slack"])
+def test_batch_chunking_matches_one_piece(monkeypatch, method, layout):
+    """CPU batch chunking (forced small here) gives the unchunked values and gradients, with inputs that are
+    per-sample, shared along the chunked axis, or broadcast from fewer batch axes."""
+    import torchmech.mnn.solve as solve_mod
+
+    B = (7, 2) if layout == "two_axes" else (7,)
+    args = random_problem(11, B=B, T=9, D=2, E=2)
+    kw = dict(weight_smooth=torch.rand(*B, generator=torch.Generator().manual_seed(2), dtype=f64) + 0.5)
+    if layout == "shared":
+        args[0], args[2] = args[0][:1], args[2][:1]  # size-1 batch axis: broadcast over the chunked axis
+        kw["weight_init"] = torch.tensor(1.5, dtype=f64)
+    if layout == "two_axes":
+        args[1] = args[1][0]  # rhs without the leading batch axis
+        kw["weight_equation"] = torch.full((2,), 1.2, dtype=f64)
+    if layout == "slack":
+        kw["slack"] = torch.full(B, 0.3, dtype=f64)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*B, 9, 2, 3, generator=g, dtype=f64)
+    results = []
+    for target in (solve_mod._CHUNK_TARGET, 2 * 9 * 36):  # one piece; then chunks of 2 samples (4 chunks)
+        monkeypatch.setattr(solve_mod, "_CHUNK_TARGET", target)
+        xs = [a.detach().clone().requires_grad_() for a in args]
+        ks = {k: v.detach().clone().requires_grad_() for k, v in kw.items()}
+        p = solve_mod.prepare(*xs, **ks)
+        results.append((solve_mod._chunk_size(p), *_solve_and_grads(xs, ks, w, method)))
+    (c0, u0, g0), (c1, u1, g1) = results
+    assert c0 is None and c1 == (1 if layout == "two_axes" else 2)
+    assert torch.allclose(u1, u0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _solve_and_grads(xs, ks, w, method):
+    u = solve_linear_ode(*xs, method=method, **ks)
+    leaves = xs + list(ks.values())
+    grads = torch.autograd.grad((u * w).sum(), leaves)
+    return u.detach(), grads
