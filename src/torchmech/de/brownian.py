@@ -191,6 +191,9 @@ class AbstractBrownian:
         if bool((pairs == pairs[:1]).all()):
             return self._scalar(float(pairs[0, 0]), float(pairs[0, 1]), levy_area)
         uniq, inv = torch.unique(pairs, dim=0, return_inverse=True)
+        # samples stepping apart (adaptive per-sample steps) work on that many places of the path;
+        # keep more pieces then (a step of one sample spans pieces made by the others)
+        self._spread = max(getattr(self, "_spread", 1), uniq.shape[0])
         outs = [self._scalar(float(a), float(b), levy_area) for a, b in uniq.tolist()]
         idx = inv.to(self.device)
         rows = torch.arange(B, device=self.device)
@@ -240,7 +243,11 @@ class BrownianInterval(AbstractBrownian):
     (plus, for long chains of splits inside one piece, every 16th level of the chain); an evicted
     piece is regenerated from its seed when queried again, which for the pieces a solver's steps
     create costs one normal draw (a solve's backward pass re-querying its steps in reverse order
-    stays O(1) per step). ``cache_size=None`` keeps every piece's values.
+    stays O(1) per step). ``cache_size=None`` keeps every piece's values. Per-sample queries over
+    ``U`` different intervals at once (samples with their own adaptive steps) scale the bound to
+    ``16 * cache_size * U`` (the largest ``U`` seen): each sample's step then spans pieces made
+    by the others' steps, so the work per query grows with ``U`` (for large batches with
+    per-sample adaptive steps, ``cache_size=None`` is fastest if memory allows).
 
     Args:
         t0, t1: interval, ``t0 < t1``.
@@ -285,7 +292,7 @@ class BrownianInterval(AbstractBrownian):
         cache = self._cache
         cache[piece] = (W, H)
         cache.move_to_end(piece)
-        if self.cache_size is not None and len(cache) > self.cache_size:
+        if self.cache_size is not None and len(cache) > self.cache_size * getattr(self, "_spread", 1) * 16:
             cache.popitem(last=False)
 
     def _lookup(self, piece: _Piece):

@@ -54,8 +54,8 @@ def _next_mark(marks: Tensor, t: Tensor, direction: Tensor) -> tuple[Tensor, Ten
     m = m.expand(t.shape[0], m.shape[-1])
     dist = direction[:, None] * (m - t[:, None])
     dist = torch.where(dist > 0, dist, torch.full_like(dist, float("inf")))
-    best, idx = dist.min(dim=1)
-    return best, m.gather(1, idx[:, None])[:, 0]
+    idx = dist.argmin(dim=1)  # (argmin + gather: min(dim=) with indices is ~100x slower on CPU)
+    return dist.gather(1, idx[:, None])[:, 0], m.gather(1, idx[:, None])[:, 0]
 
 
 class AbstractController:
