@@ -116,3 +116,55 @@ def test_smoothing_spline_matches_scipy():
     assert np.abs(SmoothingSpline()(y[:, None], t)[:, 0].numpy() - ref).max() < 5e-3
     with pytest.raises(ValueError, match="lam"):
         SmoothingSpline(lam=-1.0)
+
+
+def test_weak_form_identity_clean_regular_and_irregular():
+    # the weak derivative of x must equal the test-function mean of the true x' (integration by parts)
+    from torchmech.discovery.differentiation import WeakForm
+
+    g = torch.Generator().manual_seed(3)
+    regular = torch.linspace(0, 6, 400, dtype=torch.float64)
+    irregular = torch.sort(torch.rand(400, generator=g, dtype=torch.float64))[0] * 6
+    for t, tol in ((regular, 1e-9), (irregular, 5e-3)):
+        x, dx = signal(t)
+        means_of_dx, weak_dx = WeakForm().weak_system(x, t, dx)  # the "features" are the true derivatives
+        assert weak_dx.shape == means_of_dx.shape and weak_dx.shape[-1] == 2
+        assert (weak_dx - means_of_dx).abs().max() < tol
+        ones, _ = WeakForm().weak_system(x, t, torch.ones(400, 1, dtype=torch.float64))
+        assert torch.allclose(ones, torch.ones_like(ones), atol=1e-12)  # unit-integral test functions
+    # windows: every `stride` samples, the last one ending at the last sample
+    w = WeakForm(width=9, stride=4)
+    assert w.weak_system(x, t, x)[0].shape == (1 + (400 - 9) // 4 + 1, 2)
+
+
+def test_weak_form_pointwise_derivative_batched_float32_and_noise():
+    from torchmech.discovery.differentiation import WeakForm
+
+    t = torch.linspace(0, 6, 400, dtype=torch.float64)
+    x, dx = signal(t)
+    d = WeakForm()(x, t)
+    assert d.shape == x.shape and (d - dx)[20:-20].abs().max() < 5e-3
+    xb = torch.stack([x, 2 * x]).float()
+    db = WeakForm()(xb, float(t[1] - t[0]))
+    assert db.dtype == torch.float32 and db.shape == (2, 400, 2)
+    assert torch.allclose(db[1], 2 * db[0], rtol=1e-4, atol=1e-5)
+    fw, dw = WeakForm().weak_system(xb, t, xb)
+    assert fw.dtype == dw.dtype == torch.float32 and fw.shape[0] == 2
+    g = torch.Generator().manual_seed(0)
+    noisy = x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    err_weak = (WeakForm()(noisy, t) - dx)[20:-20].abs().mean()
+    err_fd = (FiniteDifference(2)(noisy, t) - dx)[20:-20].abs().mean()
+    assert err_weak < 0.05 and err_fd > 10 * err_weak
+
+
+def test_weak_form_bad_inputs():
+    from torchmech.discovery.differentiation import WeakForm
+
+    for kw in (dict(width=4), dict(width=8), dict(stride=0), dict(power=1)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            WeakForm(**kw)
+    x = torch.zeros(20, 2)
+    with pytest.raises(ValueError, match="at least 33 time samples"):
+        WeakForm()(x, 0.1)
+    with pytest.raises(ValueError, match=r"features: expected shape \(40,\) \+ \(F,\)"):
+        WeakForm().weak_system(torch.zeros(40, 2), 0.1, torch.zeros(39, 3))

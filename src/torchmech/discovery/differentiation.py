@@ -1,4 +1,4 @@
-"""Numerical differentiation of sampled trajectories: finite differences, Savitzky-Golay, splines, TV."""
+"""Numerical differentiation of sampled trajectories: finite differences, Savitzky-Golay, splines, TV, weak form."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ __all__ = [
     "SavitzkyGolay",
     "SmoothingSpline",
     "TotalVariation",
+    "WeakForm",
 ]
 
 
@@ -461,3 +462,121 @@ class TotalVariation(Differentiator):
 
     def __repr__(self) -> str:
         return f"TotalVariation(alpha={self.alpha}, max_iter={self.max_iter})"
+
+
+class WeakForm(Differentiator):
+    """Weak (integral) form: test-function means of ``x'`` obtained from ``x`` by integration by parts.
+
+    A test function ``phi`` lives on a window of ``width`` consecutive samples ``[t_a, t_b]``:
+    ``phi(t) = c * ((t - t_a) (t_b - t)) ** power`` with ``c`` such that ``integral phi dt = 1``,
+    so ``phi`` and its first ``power - 1`` derivatives vanish at both ends. Then
+
+        integral phi x' dt = - integral phi' x dt,
+
+    the phi-weighted mean of ``x'`` over the window, computed from ``x`` alone (integrals against the
+    linear interpolant of the samples, any strictly increasing grid). Noise in ``x`` is averaged,
+    not amplified.
+
+    Used as the ``differentiation`` of :class:`~torchmech.discovery.sindy.SINDy` (or
+    :func:`~torchmech.discovery.sindy.fit_sindy_batch`) it turns SINDy into weak SINDy (Messenger
+    & Bortz 2021): the regression rows are the windows, each equating the weighted mean of ``x'``
+    with the weighted means of the library features (see :meth:`weak_system`). That identity holds
+    for any window width, so on clean data the coefficients are exact up to quadrature error and
+    no pointwise derivative is ever formed.
+
+    Called like any :class:`Differentiator` it returns a pointwise estimate: the test-function
+    mean of ``x'`` over the window centred on each sample (shifted inside the series at the ends),
+    a smoothing derivative whose bias grows like ``(width * dt) ** 2`` times the third derivative.
+
+    Args:
+        width: samples per test function (odd, >= 5): longer averages out more noise, shorter
+            resolves faster dynamics.
+        stride: samples between the starts of consecutive windows of :meth:`weak_system`
+            (default ``max(1, width // 8)``); the last window always ends at the last sample.
+        power: exponent of the test function (>= 2).
+    """
+
+    def __init__(self, width: int = 33, stride: int | None = None, power: int = 4):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 5 or width % 2 == 0:
+            raise ValueError(f"width: expected an odd int >= 5, got {width!r}")
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
+            raise ValueError(f"stride: expected None or an int >= 1, got {stride!r}")
+        if isinstance(power, bool) or not isinstance(power, int) or power < 2:
+            raise ValueError(f"power: expected an int >= 2, got {power!r}")
+        self.width = width
+        self.stride = stride
+        self.power = power
+        self.min_points = width
+
+    def _weights(self, t: torch.Tensor, starts: torch.Tensor):
+        """Weights of phi and of its time derivative on the windows starting at ``starts`` (K,).
+
+        t (..., T) float64 -> idx (K, W), w_phi (..., K, W), w_dphi (..., K, W) with
+        ``w_phi[j] = integral phi * hat_j dt`` and ``w_dphi[j] = integral phi' * hat_j dt``, where
+        hat_j is the piecewise-linear hat function of sample j: the integrals of phi (resp. phi')
+        against the linear interpolant of the samples, exact (Gauss-Legendre with power + 1 nodes
+        per interval) on any grid. On clean data this keeps the two sides of the weak identity
+        consistent to O(h^2) on irregular grids and to rounding on regular ones.
+        """
+        W, p = self.width, self.power
+        idx = starts[:, None] + torch.arange(W, device=t.device)[None, :]  # (K, W)
+        tw = t[..., idx]  # (..., K, W)
+        L = tw[..., -1:, None] - tw[..., :1, None]  # (..., K, 1, 1)
+        nodes, gw = np.polynomial.legendre.leggauss(p + 1)
+        u = torch.as_tensor((nodes + 1) / 2, dtype=t.dtype, device=t.device)  # nodes on [0, 1]
+        gw = torch.as_tensor(gw / 2, dtype=t.dtype, device=t.device)
+        a = tw[..., :-1, None]
+        h = tw[..., 1:, None] - a  # (..., K, W-1, 1)
+        s = (a + h * u - tw[..., :1, None]) / L  # (..., K, W-1, G) in [0, 1]
+        v = 4.0 * s * (1.0 - s)  # 1 at the window's centre
+        psi = v**p
+        dpsi = p * v ** (p - 1) * 4.0 * (1.0 - 2.0 * s) / L  # d psi / dt
+        w_phi = torch.zeros_like(tw)
+        w_dphi = torch.zeros_like(tw)
+        for f, out in ((psi, w_phi), (dpsi, w_dphi)):
+            out[..., :-1] += (h * (gw * (1 - u) * f).sum(-1, keepdim=True))[..., 0]  # hat of the left sample
+            out[..., 1:] += (h * (gw * u * f).sum(-1, keepdim=True))[..., 0]  # hat of the right sample
+        c = w_phi.sum(-1, keepdim=True)  # integral psi dt: phi = psi / c has unit integral
+        return idx, w_phi / c, w_dphi / c
+
+    def _starts(self, T: int, device) -> torch.Tensor:
+        stride = self.stride or max(1, self.width // 8)
+        starts = list(range(0, T - self.width + 1, stride))
+        if starts[-1] != T - self.width:
+            starts.append(T - self.width)
+        return torch.tensor(starts, device=device)
+
+    def _differentiate(self, x, t):
+        idx = _window_indices(x.shape[-2], self.width, x.device)  # (T, W), centred where possible
+        _, _, w_dphi = self._weights(t, idx[:, 0])
+        w = (-w_dphi).to(x.dtype)  # (..., T, W)
+        return (w[..., None] * x[..., idx, :]).sum(-2)
+
+    def weak_system(self, x, t, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weak-form regression rows of one or many series.
+
+        Args:
+            x: (..., T, D) states.
+            t: (T,), (..., T) times or a float time step.
+            features: (..., T, F) library features on the samples (e.g. ``library.transform(x)``).
+
+        Returns:
+            ``(features_w, dx_w)`` of shapes (..., K, F) and (..., K, D): per window, the
+            test-function means of the features and of ``x'``; K is the number of windows.
+        """
+        x, t = check_xt(x, t, self.min_points)
+        if not isinstance(features, torch.Tensor) or features.ndim != x.ndim or features.shape[:-1] != x.shape[:-1]:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features: expected shape {tuple(x.shape[:-1])} + (F,) to match x, got {got}")
+        T = x.shape[-2]
+        idx, w_phi, w_dphi = self._weights(t, self._starts(T, x.device))
+        lead = torch.broadcast_shapes(t.shape[:-1], x.shape[:-2])
+        shape = lead + idx.shape
+        P = torch.zeros(lead + (idx.shape[0], T), dtype=torch.float64, device=x.device)
+        dP = torch.zeros_like(P)
+        P.scatter_(-1, idx.expand(shape), w_phi.expand(shape))  # dense (..., K, T): one matmul per series
+        dP.scatter_(-1, idx.expand(shape), w_dphi.expand(shape))
+        return P.to(features.dtype) @ features, -(dP.to(x.dtype) @ x)
+
+    def __repr__(self) -> str:
+        return f"WeakForm(width={self.width}, stride={self.stride}, power={self.power})"
