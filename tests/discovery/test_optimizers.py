@@ -100,3 +100,64 @@ def test_ensemble_with_per_problem_threshold():
     for b in (0, 1, 3):
         assert torch.equal(ens.coef_[b] != 0, Xi[b] != 0)
         assert (ens.inclusion_probabilities_[b][Xi[b] != 0] == 1).all()
+
+
+def test_auto_ridge_is_plain_least_squares_on_exact_data_even_when_collinear():
+    Theta, dX, Xi = sparse_problem(B=3)
+    # two nearly collinear extra columns, not in the model
+    g = torch.Generator().manual_seed(5)
+    extra = Theta[..., :1] + 1e-3 * torch.randn(Theta.shape[:-1] + (1,), generator=g, dtype=Theta.dtype)
+    Theta2 = torch.cat([Theta, extra], -1)
+    Xi2 = torch.cat([Xi, torch.zeros_like(Xi[:, :1])], 1)
+    opt = STLSQ(0.2, alpha="auto").fit(Theta2, Theta2 @ Xi2)
+    assert opt.alpha_.shape == (3, 3) and (opt.alpha_ < 1e-12).all()
+    assert torch.equal(opt.coef_ != 0, Xi2 != 0) and torch.allclose(opt.coef_, Xi2, atol=1e-6)
+    assert opt.alpha == "auto" and "alpha='auto'" in repr(opt)
+
+
+def test_auto_ridge_matches_its_formula_on_noisy_data():
+    # alpha_ = s^2 / (n prior_scale^2), s^2 the mean squared residual of least squares on all features
+    Theta, dX, Xi = sparse_problem(B=2, T=300)
+    g = torch.Generator().manual_seed(6)
+    noisy = dX + 0.5 * torch.randn(dX.shape, generator=g, dtype=dX.dtype)
+    ols = torch.linalg.lstsq(Theta, noisy).solution
+    s2 = (Theta @ ols - noisy).square().mean(-2)  # (B, D)
+    for tau in (1.0, 0.1):
+        opt = STLSQ(0.2, alpha="auto", prior_scale=tau).fit(Theta, noisy)
+        assert torch.allclose(opt.alpha_, s2 / (300 * tau**2), rtol=1e-6)
+    # the ridge shrinks: a tiny prior scale pulls every kept coefficient towards zero
+    loose = STLSQ(0.0, alpha="auto", prior_scale=100.0).fit(Theta, noisy).coef_
+    tight = STLSQ(0.0, alpha="auto", prior_scale=1e-3).fit(Theta, noisy).coef_
+    assert tight.abs().sum() < 0.5 * loose.abs().sum()
+    assert torch.allclose(loose, ols, atol=1e-3)
+    # unbatched, with sample weights and inside an ensemble
+    single = STLSQ(0.2, alpha="auto").fit(Theta[0], noisy[0], sample_weight=torch.ones(300, dtype=Theta.dtype))
+    assert single.alpha_.shape == (3,) and torch.allclose(single.alpha_, s2[0] / 300, rtol=1e-6)
+    ens = EnsembleOptimizer(STLSQ(0.2, alpha="auto"), n_models=5, seed=0).fit(Theta, noisy)
+    assert ens.coef_.shape == Xi.shape and torch.isfinite(ens.coef_).all()
+
+
+def test_masked_ridge_per_coefficient_weights():
+    from torchmech.discovery.optimizers import masked_ridge
+
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(2, 30, 4, generator=g, dtype=torch.float64)
+    G = A.transpose(1, 2) @ A / 30
+    b = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    alpha = torch.rand(2, 4, 3, generator=g, dtype=torch.float64)
+    support = torch.ones(2, 4, 3, dtype=torch.bool)
+    support[0, 1, 2] = False
+    out = masked_ridge(G, b, support, alpha)
+    for i in range(2):
+        for d in range(3):
+            keep = support[i, :, d]
+            Gs = G[i][keep][:, keep] + torch.diag(alpha[i, keep, d])
+            ref = torch.linalg.solve(Gs, b[i, keep, d])
+            assert torch.allclose(out[i, keep, d], ref) and (out[i, ~keep, d] == 0).all()
+
+
+def test_auto_ridge_bad_inputs():
+    with pytest.raises(ValueError, match="alpha: expected 'auto' or a finite number"):
+        STLSQ(0.1, alpha="ridge")
+    with pytest.raises(ValueError, match="prior_scale"):
+        STLSQ(0.1, alpha="auto", prior_scale=0.0)

@@ -19,6 +19,8 @@ class _Normalized:
     b: torch.Tensor  # (B, F, D) normalised Theta^T dX / n
     scale: torch.Tensor  # (B, F) column RMS (1 where a column is zero)
     valid: torch.Tensor  # (B, F) bool, column not identically zero
+    yy: torch.Tensor  # (B, D) mean square of the targets
+    n: torch.Tensor  # (B,) number of rows (sum of the weights)
 
 
 def _as_float_tensor(v, name: str) -> torch.Tensor:
@@ -100,12 +102,14 @@ def _normalized_stats(Theta: torch.Tensor, dX: torch.Tensor, weight: torch.Tenso
         n = torch.full((Th.shape[0],), float(Th.shape[1]), dtype=torch.float64, device=Th.device)
         G = Th.transpose(1, 2) @ Th
         b = Th.transpose(1, 2) @ Y
+        yy = Y.square().sum(1)
     elif weight.ndim == 2:
         w = weight.to(torch.float64)
         n = w.sum(-1)
         Tw = Th * w[..., None]
         G = Tw.transpose(1, 2) @ Th
         b = Tw.transpose(1, 2) @ Y
+        yy = (w[..., None] * Y.square()).sum(1)
     else:
         w = weight.to(torch.float64)  # (B, M, T)
         B, M, T = w.shape
@@ -113,15 +117,17 @@ def _normalized_stats(Theta: torch.Tensor, dX: torch.Tensor, weight: torch.Tenso
         Tw = Th[:, None] * w[..., None]  # (B, M, T, F)
         G = (Tw.transpose(-1, -2) @ Th[:, None]).reshape(B * M, Th.shape[2], Th.shape[2])
         b = (Tw.transpose(-1, -2) @ Y[:, None]).reshape(B * M, Th.shape[2], Y.shape[2])
+        yy = (w @ Y.square()).reshape(B * M, Y.shape[2])  # (B, M, T) @ (B, T, D)
     n = n.clamp_min(1e-300)
     G = G / n[:, None, None]
     b = b / n[:, None, None]
+    yy = yy / n[:, None]
     ms = torch.diagonal(G, dim1=-2, dim2=-1)  # mean squares
     valid = ms > 0
     scale = torch.where(valid, ms.sqrt(), torch.ones_like(ms))
     G = G / (scale[:, :, None] * scale[:, None, :])
     b = b / scale[:, :, None]
-    return _Normalized(G=G, b=b, scale=scale, valid=valid)
+    return _Normalized(G=G, b=b, scale=scale, valid=valid, yy=yy, n=n)
 
 
 def masked_ridge(G: torch.Tensor, b: torch.Tensor, support: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
@@ -131,17 +137,18 @@ def masked_ridge(G: torch.Tensor, b: torch.Tensor, support: torch.Tensor, alpha:
         G: (B, F, F) symmetric positive semi-definite Gram matrices.
         b: (B, F, D) right-hand sides.
         support: (B, F, D) bool; coefficients outside it are zero.
-        alpha: ridge weight (float or tensor broadcastable to (B, 1, D)).
+        alpha: ridge weight: a float or a tensor broadcastable to (B, F, D) (one weight per
+            coefficient, e.g. (B, 1, D) per target or (B, F, 1) per feature).
 
     Returns:
-        (B, F, D) coefficients solving ``(G_SS + alpha I) xi_S = b_S`` per (batch, target);
+        (B, F, D) coefficients solving ``(G_SS + diag(alpha_S)) xi_S = b_S`` per (batch, target);
         systems that are singular fall back to the pseudo-inverse.
     """
     B, F, D = b.shape
     m = support.to(G.dtype).transpose(1, 2)  # (B, D, F)
     A = G[:, None] * (m[..., :, None] * m[..., None, :])  # (B, D, F, F)
     alpha_t = torch.as_tensor(alpha, dtype=G.dtype, device=G.device)
-    alpha_t = torch.broadcast_to(alpha_t, (B, 1, D)).transpose(1, 2)  # (B, D, 1)
+    alpha_t = torch.broadcast_to(alpha_t, (B, F, D)).transpose(1, 2)  # (B, D, F)
     diag = alpha_t * m + (1.0 - m)  # alpha on the support, 1 off it (pins those to zero)
     A = A + torch.diag_embed(diag)
     rhs = b.transpose(1, 2) * m  # (B, D, F)
@@ -243,54 +250,99 @@ class STLSQ(SparseOptimizer):
     stop when no support changes. Every (batch, target) pair has its own support; all are
     solved together as masked normal equations with ``torch.linalg.solve``.
 
+    The ridge ``alpha="auto"`` adapts to the noise: it is the posterior mode of a
+    Gaussian prior ``xi ~ N(0, prior_scale^2)`` on every (unscaled) coefficient under Gaussian
+    residuals whose variance ``s_d^2`` is estimated per problem and target from the least-squares
+    fit on all allowed features. In the mean-over-rows normal equations that is the penalty
+    ``s_d^2 / (n * prior_scale^2) * |xi|^2`` (n rows): zero on exact data (so clean problems are
+    solved by plain least squares, however collinear the library), growing with the noise, and
+    vanishing as the data grow. It keeps ill-determined combinations of nearly collinear features
+    small instead of letting them cancel with huge coefficients, which is what spoils thresholding
+    on noisy data.
+
     Args:
         threshold: smallest kept coefficient magnitude, in the units of the returned
             coefficients: a number, or a tensor of shape (B,) (one per problem of a batched
             fit), (B, D) or (1, D) (per problem and target), or (D,) for an unbatched fit.
-        alpha: ridge weight on the unit-RMS-column problem (dimensionless; 0 = plain least squares).
+        alpha: a fixed ridge weight >= 0 (default 0 = plain least squares): on the
+            unit-RMS-column problem (dimensionless) when ``normalize_columns``, else on the raw
+            coefficients (mean-over-rows form: ``alpha * |xi|^2`` next to
+            ``mean |dX - Theta xi|^2``); or ``"auto"`` (see above; recommended for noisy data,
+            e.g. with :class:`~torchmech.discovery.differentiation.WeakForm`).
         max_iter: maximal thresholding rounds.
         normalize_columns: scale features to unit RMS before the ridge solve (better conditioned;
-            the threshold still applies to the returned, unscaled coefficients). If False the
-            ridge penalty acts on the raw coefficients.
+            the threshold still applies to the returned, unscaled coefficients). Only changes
+            what a fixed ``alpha`` penalises.
+        prior_scale: with ``alpha="auto"``, the prior standard deviation of a coefficient, in the
+            units of the returned coefficients (> 0; larger = weaker ridge).
+
+    Learned attributes: ``coef_``, ``n_iter_`` and, with ``alpha="auto"``, ``alpha_`` (B, D)
+    (or (D,) unbatched): the ridge weight used on the raw coefficients.
     """
 
-    def __init__(self, threshold: float = 0.1, alpha: float = 0.0, max_iter: int = 20, normalize_columns: bool = True):
+    def __init__(self, threshold: float = 0.1, alpha: float | str = 0.0, max_iter: int = 20,
+                 normalize_columns: bool = True, prior_scale: float = 1.0):
         self.threshold = _check_threshold(threshold)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                or not math.isfinite(alpha) or alpha < 0):
+            raise ValueError(f"alpha: expected 'auto' or a finite number >= 0, got {alpha!r}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
-        self.alpha = float(alpha)
+        if (isinstance(prior_scale, bool) or not isinstance(prior_scale, (int, float)) or not math.isfinite(prior_scale)
+                or prior_scale <= 0):
+            raise ValueError(f"prior_scale: expected a finite number > 0, got {prior_scale!r}")
+        self.alpha = alpha if alpha == "auto" else float(alpha)
         self.max_iter = max_iter
         self.normalize_columns = bool(normalize_columns)
+        self.prior_scale = float(prior_scale)
+
+    def fit(self, Theta, dX, mask=None, sample_weight=None) -> "STLSQ":
+        super().fit(Theta, dX, mask=mask, sample_weight=sample_weight)
+        if hasattr(self, "alpha_") and self.coef_.ndim == 2:
+            self.alpha_ = self.alpha_[0]
+        return self
+
+    fit.__doc__ = SparseOptimizer.fit.__doc__
+
+    def _penalty(self, stats: _Normalized, support: torch.Tensor):
+        """Ridge weights in normalised coordinates: a float or a (B, F, D) / (B, F, 1) tensor."""
+        if self.alpha == "auto":
+            s2 = _residual_variance(stats, support)  # (B, D)
+            raw = s2 / (stats.n[:, None] * self.prior_scale**2)
+            self.alpha_ = raw
+            return raw[:, None, :] / stats.scale[:, :, None] ** 2
+        if self.normalize_columns:
+            return self.alpha
+        return self.alpha / stats.scale[:, :, None] ** 2  # alpha |xi|^2 on raw coefficients
 
     def _solve(self, stats, mask, threshold):
         th = threshold
         support = self._initial_support(stats, mask)
         scale = stats.scale[:, :, None]  # (B, F, 1)
-        if self.normalize_columns:
-            alpha = self.alpha
-        else:  # penalty alpha * |xi|^2 on raw coefficients: alpha / scale^2 per normalised coordinate
-            alpha = None
+        alpha = self._penalty(stats, support)
         self.n_iter_ = 0
         for _ in range(self.max_iter):
-            coef = self._ridge(stats, support, alpha) / scale
+            coef = masked_ridge(stats.G, stats.b, support, alpha) / scale
             new = support & (coef.abs() >= th)
             self.n_iter_ += 1
             if torch.equal(new, support):
                 break
             support = new
-        return self._ridge(stats, support, alpha) / scale
-
-    def _ridge(self, stats, support, alpha):
-        if alpha is not None:
-            return masked_ridge(stats.G, stats.b, support, alpha)
-        # raw-coefficient ridge: divide by scale^2 per coordinate -> add alpha/scale^2 on the diagonal
-        G = stats.G + torch.diag_embed(self.alpha / stats.scale**2)
-        return masked_ridge(G, stats.b, support, 0.0)
+        return masked_ridge(stats.G, stats.b, support, alpha) / scale
 
     def __repr__(self) -> str:
-        return f"STLSQ(threshold={self.threshold}, alpha={self.alpha}, max_iter={self.max_iter})"
+        return f"STLSQ(threshold={self.threshold}, alpha={self.alpha!r}, max_iter={self.max_iter})"
+
+
+def _residual_variance(stats: _Normalized, support: torch.Tensor) -> torch.Tensor:
+    """Mean squared residual of the least-squares fit on ``support`` (B, F, D) per target -> (B, D).
+
+    ``mean |y|^2 - b_S^T xi_S`` with ``(G_SS + 1e-12 I) xi_S = b_S`` on the unit-RMS columns: the
+    least-squares fit up to directions with relative eigenvalue below 1e-12, so collinear
+    libraries are fine and exact data give (almost) zero. Clamped at 0.
+    """
+    xi = masked_ridge(stats.G, stats.b, support, 1e-12)  # (B, F, D)
+    return (stats.yy - (stats.b * xi).sum(1)).clamp_min(0.0)
 
 
 class SR3(SparseOptimizer):
