@@ -160,3 +160,95 @@ def test_float32_data_on_a_late_fine_clock_keeps_time_precision():
     assert model.coefficients_.dtype == torch.float32
     assert model.coefficients_[0, 1] == pytest.approx(-1.0, rel=1e-4) and model.complexity == 1
     assert model.simulate(torch.zeros(0, 1), t[:5].float()).shape == (0, 5, 1)  # an empty batch is fine
+
+
+def test_weak_sindy_exact_on_clean_data_and_robust_to_noise():
+    from torchmech.discovery.differentiation import WeakForm
+
+    lib = PolynomialLibrary(3)
+    t = torch.linspace(0, 10, 512, dtype=torch.float64)
+    true = systems.get("lorenz").true_coefficients(lib)
+    clean = systems.simulate("lorenz", t, y0=[-8.0, 8.0, 27.0])
+    model = SINDy(lib, WeakForm(), STLSQ(0.5)).fit(clean.x, t)
+    assert bool(metrics.exact_recovery(model.coefficients_, true))
+    assert float(metrics.coefficient_error(model.coefficients_, true, "max")) < 1e-4
+    fd = SINDy(lib, FiniteDifference(2), STLSQ(0.5)).fit(clean.x, t)  # same data: truncation error shows
+    assert float(metrics.coefficient_error(fd.coefficients_, true, "max")) > 100 * float(
+        metrics.coefficient_error(model.coefficients_, true, "max"))
+    assert model.n_samples_ == WeakForm().weak_system(clean.x, t, clean.x)[0].shape[0]
+    t = torch.linspace(0, 10, 1000, dtype=torch.float64)
+    noisy = systems.simulate("lorenz", t, noise=0.02, seed=1)  # both default initial conditions, pooled
+    weak = SINDy(lib, WeakForm(), STLSQ(0.2, alpha="auto")).fit(noisy.x, t)
+    fd = SINDy(lib, FiniteDifference(2), STLSQ(0.2, alpha="auto")).fit(noisy.x, t)
+    assert bool(metrics.exact_recovery(weak.coefficients_, true))
+    weak_err = float(metrics.coefficient_error(weak.coefficients_, true, "median"))
+    assert weak_err < 0.005 and weak_err < float(metrics.coefficient_error(fd.coefficients_, true, "median")) / 5
+    assert weak.score(noisy.x_clean, t, x_dot=systems.get("lorenz").vector_field(t, noisy.x_clean)) > 0.999
+    # lists of unequal trajectories
+    lists = SINDy(lib, WeakForm(), STLSQ(0.2, alpha="auto")).fit([noisy.x[0], noisy.x[1, :700]], [t, t[:700]])
+    assert bool(metrics.exact_recovery(lists.coefficients_, true))
+    assert lists.n_samples_ == sum(WeakForm().weak_system(x, t[:len(x)], x)[0].shape[0]
+                                   for x in (noisy.x[0], noisy.x[1, :700]))
+
+
+def test_fit_sindy_batch_weak_and_cv_threshold_selection():
+    from torchmech.discovery.differentiation import WeakForm
+    from torchmech.discovery.sindy import fit_sindy_cv
+
+    lib = PolynomialLibrary(3)
+    t = torch.linspace(0, 10, 1000, dtype=torch.float64)
+    lv = systems.simulate("lotka_volterra", t, noise=0.02, seed=0)  # two initial conditions each
+    vdp = systems.simulate("van_der_pol", t, noise=0.02, seed=1)
+    x = torch.cat([lv.x, vdp.x])
+    C = fit_sindy_batch(x, t, lib, WeakForm(), STLSQ(0.05, alpha="auto"))
+    assert C.shape == (4, 2, 10)
+    assert torch.allclose(C[2], SINDy(lib, WeakForm(), STLSQ(0.05, alpha="auto")).fit(vdp.x[0], t).coefficients_)
+    grid = (0.001, 0.01, 0.1, 0.5, 5.0)
+    res = fit_sindy_cv(vdp.x, t, lib, WeakForm(), STLSQ(alpha="auto"), thresholds=grid[::-1])  # any order
+    true = systems.get("van_der_pol").true_coefficients(lib).expand(2, 2, 10)
+    assert res.coefficients.shape == (2, 2, 10) and res.threshold.shape == (2, 2)
+    assert res.path.shape == (5, 2, 2, 10) and res.cv_error.shape == (5, 2, 2, 5)
+    assert torch.equal(res.thresholds, torch.tensor(grid, dtype=torch.float64))
+    assert metrics.exact_recovery(res.coefficients, true).all()  # chosen without the truth
+    assert (res.threshold < 5.0).all()  # the largest threshold empties the model: never chosen
+    for b in range(2):
+        for d in range(2):
+            assert torch.equal(res.coefficients[b, d], res.path[res.index[b, d], b, d])
+    lorenz = systems.simulate("lorenz", t, noise=0.01, seed=0)
+    lib2 = PolynomialLibrary(2)
+    res = fit_sindy_cv(lorenz.x, t, lib2, WeakForm(), STLSQ(alpha="auto"), thresholds=grid)
+    assert metrics.exact_recovery(res.coefficients, systems.get("lorenz").true_coefficients(lib2).expand(2, 3, 10)).all()
+    shared = fit_sindy_cv(x, t, lib, WeakForm(), STLSQ(alpha="auto"), thresholds=(0.05, 0.001), per_equation=False)
+    assert (shared.threshold[:, 0] == shared.threshold[:, 1]).all()
+    ens = fit_sindy_cv(x[:1], t, lib, FiniteDifference(2), EnsembleOptimizer(STLSQ(), n_models=4, seed=0),
+                       thresholds=(0.05, 0.2), folds=3)
+    assert ens.coefficients.shape == (1, 2, 10) and ens.cv_error.shape == (2, 1, 2, 3)
+    with pytest.raises(ValueError, match="folds"):
+        fit_sindy_cv(x, t, lib, folds=1)
+    with pytest.raises(ValueError, match="thresholds"):
+        fit_sindy_cv(x, t, lib, thresholds=())
+
+
+def test_select_threshold_rules():
+    import math
+
+    from torchmech.discovery.sindy import select_threshold
+
+    # scores are log errors: thresholds 0-3 have mean log errors 0, 0.05, 0.4, 2 (relative to the best);
+    # the best threshold's fold scores (-1, 0, 1) have standard error 1/sqrt(3) = 0.577
+    base = torch.tensor([-1.0, 0.0, 1.0])
+    e = torch.exp(torch.stack([base, base + 0.05, base + 0.4, base + 2.0]))
+    assert int(select_threshold(e[:, None])[0]) == 2
+    assert int(select_threshold(e[:, None], one_se=False)[0]) == 0
+    # one fold that the models cannot extrapolate to does not swamp the others on the log scale:
+    # threshold 1 is 10x worse on two folds and slightly better on the blown-up one
+    blowup = torch.tensor([[1e6, 1.0, 1.0], [0.9e6, 10.0, 10.0]])
+    assert int(select_threshold(blowup[:, None], one_se=False)[0]) == 0
+    tight = torch.tensor([[1.0, 1.0, 1.0], [1.1, 1.1, 1.1], [0.9, 1.0, 1.2]])  # no spread at the best
+    assert int(select_threshold(tight[:, None])[0]) == 0
+    batched = torch.stack([e, e.flip(0)], 1)  # (G, 2, K): the second problem prefers the last threshold
+    assert select_threshold(batched).tolist() == [2, 3]
+    assert int(select_threshold(torch.zeros(2, 1, 3))[0]) == 1  # exact fits everywhere: the sparsest
+    with pytest.raises(ValueError, match="cv_error"):
+        select_threshold(torch.zeros(3))
+    assert math.isfinite(float(select_threshold(torch.tensor([[float("nan"), 1.0], [1.0, 1.0]])[:, None])[0]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torchmech.discovery.differentiation import Differentiator, FiniteDifference
 from torchmech.discovery.library import Library, PolynomialLibrary
 from torchmech.discovery.optimizers import SparseOptimizer, STLSQ
 
-__all__ = ["SINDy", "fit_sindy_batch"]
+__all__ = ["SINDy", "fit_sindy_batch", "fit_sindy_cv", "SINDyCV", "select_threshold"]
 
 
 def _check_parts(library, differentiation, optimizer):
@@ -39,14 +40,17 @@ class SINDy(BaseDiscovery):
 
     Args:
         library: feature library (default ``PolynomialLibrary(degree=2)``).
-        differentiation: derivative estimator (default ``FiniteDifference(order=2)``).
+        differentiation: derivative estimator (default ``FiniteDifference(order=2)``); a
+            :class:`~torchmech.discovery.differentiation.WeakForm` makes this weak SINDy (the
+            regression rows are test-function windows instead of samples: much more robust to
+            noise and exact on clean data).
         optimizer: sparse regression (default ``STLSQ(threshold=0.1)``); an
             :class:`~torchmech.discovery.optimizers.EnsembleOptimizer` also gives
             ``inclusion_probabilities_``.
 
     Learned attributes (after :meth:`fit`): ``coefficients_`` (D, F), ``feature_names_``,
     ``variable_names_``, ``control_names_``, ``optimizer_`` (the fitted copy of ``optimizer``),
-    ``n_samples_``, and ``inclusion_probabilities_`` (D, F) with an ensemble optimiser.
+    ``n_samples_`` (regression rows: samples, or windows in weak form), and ``inclusion_probabilities_`` (D, F) with an ensemble optimiser.
 
     Example::
 
@@ -80,25 +84,35 @@ class SINDy(BaseDiscovery):
         D = xs[0].shape[-1]
         M = 0 if us is None else us[0].shape[-1]
         vnames, cnames = self._names(variable_names, D, control_names, M)
-        if x_dot is not None:
-            dxs, _, _ = as_trajectories(x_dot, ts)
-            for i, (a, b) in enumerate(zip(dxs, xs)):
-                if a.shape != b.shape:
-                    raise ValueError(f"x_dot[{i}]: expected shape {tuple(b.shape)} like x, got {tuple(a.shape)}")
-        elif all(a.shape == xs[0].shape for a in xs) and len(xs) > 1:
-            dxs = list(self.differentiation(torch.stack(xs), torch.stack(ts)).unbind(0))  # one batched call
-        else:
-            dxs = [self.differentiation(a, ti) for a, ti in zip(xs, ts)]
         inputs = [a if us is None else torch.cat([a, c], -1) for a, c in zip(xs, us or [None] * len(xs))]
-        Theta = self.library.transform(torch.cat(inputs))
-        dX = torch.cat(dxs).to(dtype=Theta.dtype, device=Theta.device)
+        same = len(xs) > 1 and all(a.shape == xs[0].shape for a in xs)
+        weak = x_dot is None and _is_weak(self.differentiation)
+        if weak:  # weak SINDy: rows are test-function windows, no pointwise derivative
+            if same:
+                X = torch.stack(xs)
+                Fw, dXw = self.differentiation.weak_system(X, torch.stack(ts), self._library_values(torch.stack(inputs)))
+                Theta, dX = Fw.flatten(0, 1), dXw.flatten(0, 1)
+            else:
+                pairs = [self.differentiation.weak_system(a, ti, self._library_values(c))
+                         for a, ti, c in zip(xs, ts, inputs)]
+                Theta, dX = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        else:
+            if x_dot is not None:
+                dxs, _, _ = as_trajectories(x_dot, ts)
+                for i, (a, b) in enumerate(zip(dxs, xs)):
+                    if a.shape != b.shape:
+                        raise ValueError(f"x_dot[{i}]: expected shape {tuple(b.shape)} like x, got {tuple(a.shape)}")
+            elif same:
+                dxs = list(self.differentiation(torch.stack(xs), torch.stack(ts)).unbind(0))  # one batched call
+            else:
+                dxs = [self.differentiation(a, ti) for a, ti in zip(xs, ts)]
+            Theta = self._library_values(torch.cat(inputs))
+        dX = (dX if weak else torch.cat(dxs)).to(dtype=Theta.dtype, device=Theta.device)
         F = Theta.shape[-1]
         if Theta.shape[0] < F:
-            raise ValueError(f"x: {Theta.shape[0]} samples in all, fewer than the {F} library features; "
+            rows = "weak-form windows" if weak else "samples"
+            raise ValueError(f"x: {Theta.shape[0]} {rows} in all, fewer than the {F} library features; "
                              "pass more data or a smaller library")
-        if not torch.isfinite(Theta).all():
-            raise ValueError("library: non-finite feature values on the data (e.g. a division by zero or log of "
-                             "a negative number)")
         if not torch.isfinite(dX).all():
             raise ValueError("differentiation: produced non-finite derivatives")
         opt = copy.deepcopy(self.optimizer).fit(Theta, dX)
@@ -108,6 +122,13 @@ class SINDy(BaseDiscovery):
         if hasattr(opt, "inclusion_probabilities_"):
             self.inclusion_probabilities_ = opt.inclusion_probabilities_.T.contiguous()
         return self
+
+    def _library_values(self, inputs: torch.Tensor) -> torch.Tensor:
+        Theta = self.library.transform(inputs)
+        if not torch.isfinite(Theta).all():
+            raise ValueError("library: non-finite feature values on the data (e.g. a division by zero or log of "
+                             "a negative number)")
+        return Theta
 
     def __repr__(self) -> str:
         return f"SINDy(library={self.library!r}, differentiation={self.differentiation!r}, optimizer={self.optimizer!r})"
@@ -121,21 +142,174 @@ def fit_sindy_batch(x: torch.Tensor, t: Any, library: Library | None = None,
     Args:
         x: (B, T, D) trajectories; problem b is fitted on ``x[b]`` alone.
         t: (T,) shared times, (B, T) per-problem times, or a number (the time step).
-        library, differentiation, optimizer: as in :class:`SINDy` (same defaults). The optimiser's
-            ``threshold`` may be a tensor of shape (B,) (one per problem) or (B, D) (one per
-            problem and variable).
+        library, differentiation, optimizer: as in :class:`SINDy` (same defaults; a
+            :class:`~torchmech.discovery.differentiation.WeakForm` fits weak SINDy). The
+            optimiser's ``threshold`` may be a tensor of shape (B,) (one per problem) or (B, D)
+            (one per problem and variable).
 
     Returns:
         (B, D, F) coefficients, ``x'_d = sum_f C[b, d, f] feature_f(x)`` for problem b.
     """
     library, differentiation, optimizer = _check_parts(library, differentiation, optimizer)
+    Theta, dx = _regression_rows(x, t, library, differentiation)
+    opt = copy.deepcopy(optimizer).fit(Theta, dx)
+    return opt.coef_.transpose(-1, -2).contiguous()
+
+
+def _is_weak(differentiation) -> bool:
+    return callable(getattr(differentiation, "weak_system", None))
+
+
+def _regression_rows(x, t, library, differentiation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched regression rows: features (B, N, F) and derivative targets (B, N, D).
+
+    N = T samples (pointwise derivatives) or the number of windows (a weak-form ``differentiation``).
+    """
     x = _tensor(x, "x")
     if x.ndim != 3:
         raise ValueError(f"x: expected a batch of problems of shape (B, T, D), got {tuple(x.shape)}")
     x, tt = check_xt(x, t, getattr(differentiation, "min_points", 2))
-    dx = differentiation(x, tt.to(x.device))
+    tt = tt.to(x.device)
     Theta = library.transform(x)
     if not torch.isfinite(Theta).all():
         raise ValueError("library: non-finite feature values on the data")
-    opt = copy.deepcopy(optimizer).fit(Theta, dx.to(Theta.dtype))
-    return opt.coef_.transpose(-1, -2).contiguous()
+    if _is_weak(differentiation):
+        Theta, dx = differentiation.weak_system(x, tt, Theta)
+    else:
+        dx = differentiation(x, tt)
+    if not torch.isfinite(dx).all():
+        raise ValueError("differentiation: produced non-finite derivatives")
+    return Theta, dx.to(Theta.dtype)
+
+
+def select_threshold(cv_error: torch.Tensor, one_se: bool = True) -> torch.Tensor:
+    """Index of the chosen threshold from held-out errors along an increasing threshold grid.
+
+    Args:
+        cv_error: (G, ..., K) held-out mean squared errors for G increasing thresholds and K folds
+            (any batch axes between, e.g. (G, B, D, K): one choice per problem and equation).
+        one_se: the one-standard-error rule (Hastie, Tibshirani & Friedman, Elements of Statistical
+            Learning, 7.10): the LARGEST threshold (sparsest model) whose mean score is at most the
+            smallest mean score plus the standard error (over folds) of that best threshold's fold
+            scores. False: the threshold of the smallest mean score.
+
+    The score of a fold is the LOGARITHM of its held-out error: blocked folds of one trajectory
+    differ by orders of magnitude (a held-out transient outside the region the other blocks cover
+    is extrapolated), and on the log scale such a fold counts by its ratios between thresholds
+    instead of swamping the others.
+
+    Returns:
+        (...) long indices into the grid. The rule sees only held-out errors of the data: it is
+        the same for any estimator that produces them (the benchmark applies it to PySINDy too).
+    """
+    e = torch.as_tensor(cv_error, dtype=torch.float64)
+    if e.ndim < 2 or e.shape[0] < 1 or e.shape[-1] < 1:
+        raise ValueError(f"cv_error: expected shape (G, ..., K) with G, K >= 1, got {tuple(e.shape)}")
+    e = torch.nan_to_num(e, nan=float("inf"), posinf=float("inf"))
+    e = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny))  # exact fits: log of the tiniest positive
+    mean = e.mean(-1)  # (G, ...)
+    best = mean.argmin(0)  # (...)
+    if not one_se:
+        return best
+    K = e.shape[-1]
+    at_best = e.gather(0, best[None, ..., None].expand((1,) + e.shape[1:]))[0]  # (..., K)
+    se = at_best.std(-1, correction=1) / K**0.5 if K > 1 else torch.zeros_like(at_best[..., 0])
+    limit = mean.gather(0, best[None])[0] + torch.nan_to_num(se, nan=0.0)
+    ok = mean <= limit  # always true at the best threshold
+    grid = torch.arange(e.shape[0], device=e.device).reshape((-1,) + (1,) * (e.ndim - 2))
+    return torch.where(ok, grid, torch.full_like(grid, -1)).amax(0)
+
+
+@dataclass
+class SINDyCV:
+    """Result of :func:`fit_sindy_cv`.
+
+    Attributes:
+        coefficients: (B, D, F) the selected model per problem (each equation at its own threshold
+            when ``per_equation``).
+        threshold: (B, D) the selected threshold per problem and equation.
+        index: (B, D) its index in ``thresholds``.
+        thresholds: (G,) the increasing grid.
+        path: (G, B, D, F) the fit on all rows at every threshold.
+        cv_error: (G, B, D, K) held-out mean squared error of the derivative targets per fold.
+    """
+
+    coefficients: torch.Tensor
+    threshold: torch.Tensor
+    index: torch.Tensor
+    thresholds: torch.Tensor
+    path: torch.Tensor
+    cv_error: torch.Tensor
+
+
+def _with_threshold(optimizer: SparseOptimizer, threshold: float) -> SparseOptimizer:
+    opt = copy.deepcopy(optimizer)
+    target = opt if hasattr(opt, "threshold") else getattr(opt, "base", None)
+    if target is None or not hasattr(target, "threshold"):
+        raise TypeError(f"optimizer: {type(optimizer).__name__} has no threshold to select")
+    target.threshold = float(threshold)
+    return opt
+
+
+def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
+                 differentiation: Differentiator | None = None, optimizer: SparseOptimizer | None = None,
+                 thresholds: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), folds: int = 5,
+                 one_se: bool = True, per_equation: bool = True) -> SINDyCV:
+    """Batched SINDy with the sparsity threshold chosen by blocked cross-validation.
+
+    The regression rows of each problem (samples, or windows with a weak-form ``differentiation``)
+    are cut into ``folds`` contiguous blocks in time. For every threshold the optimiser is fitted
+    once on all rows and once per fold on the other blocks (zero sample weights on the held-out
+    block, so all B problems, thresholds and folds are batched fits), and the held-out block's
+    mean squared derivative error is recorded. :func:`select_threshold` then picks the threshold
+    per problem, and per equation when ``per_equation`` (STLSQ and SR3 treat equations as
+    independent regressions): the one-standard-error rule on log held-out errors by default. No
+    ground truth is involved. (Weak-form windows that straddle a block boundary share samples with
+    the neighbouring block.)
+
+    Args:
+        x: (B, T, D) trajectories, one problem each; t: (T,), (B, T) or a time step.
+        library, differentiation, optimizer: as in :func:`fit_sindy_batch`; the optimiser (or an
+            ensemble's base optimiser) gets each threshold of the grid in turn.
+        thresholds: the grid (sorted increasingly here).
+        folds: number of contiguous blocks (>= 2).
+        one_se: the one-standard-error rule (sparser); False picks the smallest held-out error.
+        per_equation: select per equation (True) or one threshold per problem.
+
+    Returns:
+        :class:`SINDyCV`.
+    """
+    library, differentiation, optimizer = _check_parts(library, differentiation, optimizer)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds: expected an int >= 2, got {folds!r}")
+    grid = sorted(float(v) for v in thresholds)
+    if not grid or any(not (v >= 0 and v < float("inf")) for v in grid):
+        raise ValueError(f"thresholds: expected a non-empty sequence of finite numbers >= 0, got {thresholds!r}")
+    Theta, dx = _regression_rows(x, t, library, differentiation)
+    B, N, _ = Theta.shape
+    D = dx.shape[-1]
+    if N < 2 * folds:
+        raise ValueError(f"folds: {folds} folds need at least {2 * folds} regression rows, got {N}")
+    block = torch.arange(N, device=Theta.device) * folds // N  # (N,) fold of each row
+    path, errors = [], []
+    for th in grid:
+        opt = _with_threshold(optimizer, th)
+        path.append(copy.deepcopy(opt).fit(Theta, dx).coef_.transpose(-1, -2))  # (B, D, F)
+        err = []
+        for k in range(folds):
+            train = (block != k).to(Theta.dtype).expand(B, N)
+            C = copy.deepcopy(opt).fit(Theta, dx, sample_weight=train).coef_  # (B, F, D)
+            held = block == k
+            err.append((Theta[:, held] @ C - dx[:, held]).double().square().mean(-2))  # (B, D)
+        errors.append(torch.stack(err, -1))  # (B, D, K)
+    path = torch.stack(path)  # (G, B, D, F)
+    cv_error = torch.stack(errors)  # (G, B, D, K)
+    if per_equation:
+        index = select_threshold(cv_error, one_se)  # (B, D)
+    else:
+        index = select_threshold(cv_error.mean(-2), one_se)[:, None].expand(B, D)  # mean over equations
+    index = index.to(Theta.device)
+    coefficients = path.gather(0, index[None, ..., None].expand((1,) + path.shape[1:])).squeeze(0)
+    grid_t = torch.tensor(grid, dtype=torch.float64, device=Theta.device)
+    return SINDyCV(coefficients=coefficients.contiguous(), threshold=grid_t[index], index=index,
+                   thresholds=grid_t, path=path, cv_error=cv_error)
