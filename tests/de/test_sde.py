@@ -14,6 +14,7 @@ from torchmech.de.solvers.sde import (
     Milstein,
     ReversibleHeun,
     StochasticHeun,
+    StochasticMidpoint,
 )
 from torchmech.de.terms import DiagonalControlTerm
 
@@ -47,6 +48,7 @@ def _gbm_errors(solver, stratonovich, Ns=NS):
     (Milstein("ito"), False, 1.0),
     (Milstein("stratonovich"), True, 1.0),
     (StochasticHeun(), True, 1.0),
+    (StochasticMidpoint(), True, 1.0),  # commutative (diagonal) noise
     (EulerHeun(), True, 1.0),  # commutative (diagonal) noise
     (ReversibleHeun(), True, 1.0),  # observed on GBM (scalar noise); 0.5 in general
 ])
@@ -110,7 +112,7 @@ def test_general_noise_matches_diagonal_when_matrix_is_diagonal():
     diag = de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(lambda t, y, a: 0.3 * torch.sin(y), bm))
     gen = de.MultiTerm(de.ODETerm(f), de.ControlTerm(lambda t, y, a: torch.diag_embed(0.3 * torch.sin(y)), bm))
     y0 = torch.randn(n, d, dtype=DT)
-    for solver in (EulerMaruyama(), StochasticHeun(), EulerHeun(), ReversibleHeun()):
+    for solver in (EulerMaruyama(), StochasticHeun(), StochasticMidpoint(), EulerHeun(), ReversibleHeun()):
         a = de.solve(diag, solver, 0.0, 1.0, y0, dt0=0.05).ys
         b = de.solve(gen, solver, 0.0, 1.0, y0, dt0=0.05).ys
         torch.testing.assert_close(a, b)
@@ -188,3 +190,27 @@ def test_errors():
                  0.0, 2.0, y0, dt0=0.1)
     with pytest.raises(ValueError, match="sde_type"):
         Milstein("backward")
+
+
+def test_midpoint_general_noise_order_half_and_additive_order_one():
+    """Stratonovich midpoint: strong order 0.5 for non-commutative noise (against a fine midpoint
+    solve on the same path), 1 for additive noise (time-dependent OU, fine SRA1 reference)."""
+    n = 400
+    bm = de.BrownianInterval(0.0, 1.0, (n, 2), dtype=DT, seed=8)
+
+    def g(t, y, a):  # non-commutative: columns (y2, 0) and (0, y1) scaled
+        z = torch.zeros_like(y[:, :1])
+        return 0.8 * torch.stack([torch.cat([y[:, 1:], z], 1), torch.cat([z, y[:, :1]], 1)], dim=-1)
+
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -0.3 * y), de.ControlTerm(g, bm))
+    y0 = torch.ones(n, 2, dtype=DT)
+    ref = de.solve(terms, StochasticMidpoint(), 0.0, 1.0, y0, dt0=1 / 2048, max_steps=3000).ys[:, -1]
+    Ns = (8, 16, 32, 64)
+    errs = [(de.solve(terms, StochasticMidpoint(), 0.0, 1.0, y0, dt0=1 / N).ys[:, -1] - ref).norm(dim=-1).mean().item()
+            for N in Ns]
+    assert abs(_slope(errs, Ns) - 0.5) < 0.2, errs
+    terms, y0 = _ou_terms(levy=None, n=1000)
+    ref = de.solve(terms, StochasticMidpoint(), 0.0, 1.0, y0, dt0=1 / 1024, max_steps=2000).ys[:, -1]
+    errs = [(de.solve(terms, StochasticMidpoint(), 0.0, 1.0, y0, dt0=1 / N).ys[:, -1] - ref).abs().mean().item()
+            for N in (4, 8, 16, 32)]
+    assert 0.85 < _slope(errs, (4, 8, 16, 32)) < 1.7, errs

@@ -16,7 +16,7 @@ def _gbm(bm, mu=0.3, sig=0.9):
     return de.MultiTerm(de.ODETerm(lambda t, y, a: mu * y), DiagonalControlTerm(lambda t, y, a: sig * y, bm))
 
 
-@pytest.mark.parametrize("solver_cls", [de.StochasticHeun, de.EulerHeun])
+@pytest.mark.parametrize("solver_cls", [de.StochasticHeun, de.StochasticMidpoint, de.EulerHeun])
 @pytest.mark.parametrize("brownian", ["interval", "tree"])
 def test_adaptive_gbm_converges_to_closed_form_on_the_same_path(solver_cls, brownian):
     """Stratonovich GBM y = y0 exp(mu t + sig W_t). Rejected steps re-query the Brownian motion

@@ -44,7 +44,7 @@ def test_sdeint_matches_closed_form_and_shapes():
 def test_methods_and_noise_types_run():
     y0 = torch.ones(4, 2, dtype=DT)
     ts = torch.linspace(0, 1, 5, dtype=DT)
-    for sde_type, methods in (("ito", ["euler", "milstein"]), ("stratonovich", ["heun", "euler_heun",
+    for sde_type, methods in (("ito", ["euler", "milstein"]), ("stratonovich", ["heun", "midpoint", "euler_heun",
                                                                                "reversible_heun", "milstein"])):
         for m in methods:
             ys = torchsde.sdeint(GBM(sde_type), y0, ts, method=m, dt=0.05)
@@ -82,8 +82,8 @@ def test_errors():
         torchsde.sdeint(GBM(), y0, ts, method="srk")
     with pytest.raises(ValueError, match="noise_type"):
         torchsde.sdeint(GBM("ito", "weird"), y0, ts)
-    with pytest.raises(ValueError, match="midpoint"):
-        torchsde.sdeint(GBM("stratonovich"), y0, ts, method="midpoint")
+    with pytest.raises(ValueError, match="midpoint.*solves stratonovich SDEs"):
+        torchsde.sdeint(GBM("ito"), y0, ts, method="midpoint")
     with pytest.raises(ValueError, match="adaptive"):
         torchsde.sdeint(GBM(), y0, ts, adaptive=True)
     with pytest.raises(ValueError, match="bm.shape"):

@@ -12,20 +12,25 @@ from torchmech.de.brownian import AbstractBrownian, BrownianInterval, VirtualBro
 from torchmech.de.controllers import PIDController, StepTo
 from torchmech.de.integrate import SaveAt, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
-from torchmech.de.solvers.sde import SRA1, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
+from torchmech.de.solvers.sde import (
+    SRA1,
+    EulerHeun,
+    EulerMaruyama,
+    Milstein,
+    ReversibleHeun,
+    StochasticHeun,
+    StochasticMidpoint,
+)
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "VirtualBrownianTree"]
 
 _NOISE = ("diagonal", "scalar", "additive", "general")
-_METHODS = ("euler", "milstein", "srk", "euler_heun", "heun", "reversible_heun")
-_ADAPTIVE = ("heun", "euler_heun")  # methods with an embedded error estimate (adaptive=True)
+_METHODS = ("euler", "milstein", "srk", "midpoint", "euler_heun", "heun", "reversible_heun")
+_ADAPTIVE = ("heun", "midpoint", "euler_heun")  # methods with an embedded error estimate (adaptive=True)
 
 
 def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = False):
-    if method == "midpoint":
-        raise ValueError("sdeint: method 'midpoint' is not implemented; use 'heun' or 'reversible_heun' "
-                         "(Stratonovich) instead")
     if method not in _METHODS:
         raise ValueError(f"sdeint: unknown method {method!r}; expected one of {list(_METHODS)}")
     if method == "milstein":
@@ -35,7 +40,7 @@ def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = F
     if method == "srk" and noise_type != "additive":
         raise ValueError(f"sdeint: method 'srk' (SRA1) supports noise_type 'additive' only, got {noise_type!r}")
     solver = {"euler": EulerMaruyama, "srk": SRA1, "euler_heun": EulerHeun, "heun": StochasticHeun,
-              "reversible_heun": ReversibleHeun}[method]()
+              "midpoint": StochasticMidpoint, "reversible_heun": ReversibleHeun}[method]()
     if solver.sde_type not in ("any", sde_type):
         raise ValueError(f"sdeint: method {method!r} solves {solver.sde_type} SDEs but sde.sde_type is {sde_type!r}")
     if not isinstance(adaptive, bool):
@@ -220,13 +225,13 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
         bm: a :class:`~torchmech.de.brownian.BrownianInterval` or ``VirtualBrownianTree`` of shape
             (B, m) on ``[ts[0], ts[-1]]`` (default: a new ``BrownianInterval``).
         method: "euler" (Ito), "milstein" (diagonal), "srk" (additive; SRA1), "euler_heun", "heun",
-            "reversible_heun" (Stratonovich). Default: "srk" for additive noise, else "euler"
+            "midpoint", "reversible_heun" (Stratonovich). Default: "srk" for additive noise, else "euler"
             (Ito) / "heun" (Stratonovich).
         dt: step size; steps land exactly on every ``ts``.
         names: rename ``drift``/``diffusion``/``prior_drift`` methods, e.g. ``{"drift": "f_post"}``.
         logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B).
         extra: also return the torchmech ``Solution``.
-        adaptive: adaptive steps (methods "heun" and "euler_heun", which carry an error estimate
+        adaptive: adaptive steps (methods "heun", "midpoint" and "euler_heun", which carry an error estimate
             against Euler-Maruyama): a ``PIDController(rtol, atol, dtmin=dt_min, force_dtmin=True,
             step_ts=ts)`` starting from ``dt``; every step lands on the output times, a rejected
             step re-queries the Brownian motion over the shorter interval (consistently, on the same
@@ -257,13 +262,13 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
     - otherwise (torchsde's stochastic adjoint): :class:`~torchmech.de.adjoint.BacksolveAdjoint`
       solves the adjoint SDE backwards in time on the same Brownian path (gradients of the
       continuous SDE, converging to those of :func:`sdeint` as ``dt`` shrinks; O(1) memory in the
-      number of steps). ``adjoint_method`` is the backward solver: "heun", "euler_heun",
+      number of steps). ``adjoint_method`` is the backward solver: "midpoint", "heun", "euler_heun",
       "reversible_heun" ("srk" for additive noise); default: torchsde's, "midpoint" for
       Stratonovich SDEs. The adjoint SDE is solved in Stratonovich form, so for Ito SDEs (diagonal
       noise only; the drift gets the correction ``-1/2 g dg/dy``) torchsde's Ito names "euler" and
       "milstein" (and the default) use "heun" on that form. Backward steps follow the forward grid,
       or with ``adjoint_adaptive=True`` a ``PIDController(adjoint_rtol, adjoint_atol,
-      dtmin=dt_min)`` ("heun"/"euler_heun").
+      dtmin=dt_min)`` ("midpoint"/"heun"/"euler_heun").
     - ``adjoint_method="checkpoint"`` (not in torchsde): autograd through the forward solve with
       recomputed segments (exact gradients of the discrete solve, O(sqrt(steps)) memory); the
       option for Ito SDEs with general noise.
@@ -315,5 +320,5 @@ def _adaptive_solver_classes() -> tuple:
 
 
 # backward solvers of the stochastic adjoint (Stratonovich, working through the terms' products)
-_ADJOINT_SOLVERS = {"heun": StochasticHeun, "midpoint": StochasticHeun, "euler_heun": EulerHeun,
+_ADJOINT_SOLVERS = {"heun": StochasticHeun, "midpoint": StochasticMidpoint, "euler_heun": EulerHeun,
                     "reversible_heun": ReversibleHeun, "srk": SRA1}

@@ -38,6 +38,7 @@ from torchmech.de.solvers import (
     Milstein,
     ReversibleHeun,
     StochasticHeun,
+    StochasticMidpoint,
     Heun,
     Midpoint,
     Ralston,
@@ -56,5 +57,6 @@ __all__ = [
     "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
     "AbstractInterpolation", "LinearInterpolation", "RectilinearInterpolation", "CubicHermiteInterpolation",
     "NaturalCubicSpline", "fill_missing", "observational_intensity",
-    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "EulerHeun", "SRA1", "ReversibleHeun",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
+    "ReversibleHeun",
 ]

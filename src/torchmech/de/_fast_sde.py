@@ -28,9 +28,10 @@ __all__ = ["unsupported", "run", "plan"]
 
 
 def _solvers():
-    from torchmech.de.solvers.sde import EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
+    from torchmech.de.solvers.sde import (EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun,
+                                          StochasticMidpoint)
 
-    return (EulerMaruyama, ReversibleHeun, StochasticHeun, EulerHeun, Milstein)
+    return (EulerMaruyama, ReversibleHeun, StochasticHeun, StochasticMidpoint, EulerHeun, Milstein)
 
 
 def unsupported(integ) -> str | None:

@@ -244,8 +244,8 @@ class BrownianInterval(AbstractBrownian):
     piece is regenerated from its seed when queried again, which for the pieces a solver's steps
     create costs one normal draw (a solve's backward pass re-querying its steps in reverse order
     stays O(1) per step). ``cache_size=None`` keeps every piece's values. Per-sample queries over
-    ``U`` different intervals at once (samples with their own adaptive steps) scale the bound to
-    ``16 * cache_size * U`` (the largest ``U`` seen): each sample's step then spans pieces made
+    ``U > 1`` different intervals at once (samples with their own adaptive steps) scale the bound
+    to ``16 * cache_size * U`` (the largest ``U`` seen): each sample's step then spans pieces made
     by the others' steps, so the work per query grows with ``U`` (for large batches with
     per-sample adaptive steps, ``cache_size=None`` is fastest if memory allows).
 
@@ -292,7 +292,8 @@ class BrownianInterval(AbstractBrownian):
         cache = self._cache
         cache[piece] = (W, H)
         cache.move_to_end(piece)
-        if self.cache_size is not None and len(cache) > self.cache_size * getattr(self, "_spread", 1) * 16:
+        spread = getattr(self, "_spread", 1)
+        if self.cache_size is not None and len(cache) > self.cache_size * (1 if spread == 1 else 16 * spread):
             cache.popitem(last=False)
 
     def _lookup(self, piece: _Piece):

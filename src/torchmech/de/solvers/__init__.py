@@ -19,11 +19,13 @@ from torchmech.de.solvers.sde import (
     Milstein,
     ReversibleHeun,
     StochasticHeun,
+    StochasticMidpoint,
 )
 from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, StepResult
 
 __all__ = [
     "AbstractSolver", "ButcherTableau", "ExplicitRK", "StepResult",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
-    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "EulerHeun", "SRA1", "ReversibleHeun",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
+    "ReversibleHeun",
 ]

@@ -1,4 +1,4 @@
-"""SDE solvers: Euler-Maruyama, Milstein, stochastic Heun, Euler-Heun, SRA1 and Reversible Heun.
+"""SDE solvers: Euler-Maruyama, Milstein, stochastic Heun and midpoint, Euler-Heun, SRA1, Reversible Heun.
 
 Every solver here works on ``MultiTerm(ODETerm(drift), ControlTerm(diffusion, brownian))``:
 ``dy = f(t, y) dt + g(t, y) dW``. Noise types are expressed by the diffusion term:
@@ -10,7 +10,7 @@ Every solver here works on ``MultiTerm(ODETerm(drift), ControlTerm(diffusion, br
 
 Each solver has ``sde_type`` ("ito", "stratonovich", or "any" where both coincide, as for
 additive noise) saying which calculus it converges to. They are fixed-step (``ConstantStep`` or
-``StepTo``) except ``StochasticHeun(adaptive=True)`` and ``EulerHeun(adaptive=True)``, which carry
+``StepTo``) except ``StochasticHeun``, ``StochasticMidpoint`` and ``EulerHeun`` with ``adaptive=True``, which carry
 an error estimate for ``PIDController``; the dense output between steps is linear.
 """
 
@@ -25,7 +25,8 @@ from torchmech.de.solvers.rk import AbstractSolver, StepResult
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = [
-    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "EulerHeun", "SRA1", "ReversibleHeun",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
+    "ReversibleHeun",
 ]
 
 
@@ -163,6 +164,43 @@ class StochasticHeun(AbstractSDESolver):
         y1 = y0 + 0.5 * (k0 + k1)
         vf1 = terms.vf(t1, y1, args)
         err = 0.5 * (k1 - k0) if self.error_order is not None else None
+        return StepResult(y1, err, vf1, (y1 - y0,), 2)
+
+
+class StochasticMidpoint(AbstractSDESolver):
+    """The explicit midpoint method on drift and diffusion, converging to the Stratonovich solution
+    (torchsde's ``midpoint``).
+
+    ``y_m = y0 + (f0 h + g0 dW) / 2``, ``y1 = y0 + f(t0 + h/2, y_m) h + g(t0 + h/2, y_m) dW``
+    (the same ``dW`` over the whole step in both stages). Strong order 1 for commutative (e.g.
+    diagonal, scalar, additive) noise, 0.5 in general; weak order 1. Two evaluations of drift
+    and diffusion per step.
+
+    Args:
+        adaptive: if True, return the error estimate ``y1 - (y0 + f0 h + g0 dW)`` against
+            Euler-Maruyama for :class:`~torchmech.de.controllers.PIDController`
+            (``error_order = 1``; see :class:`StochasticHeun`). Default False.
+    """
+
+    sde_type = "stratonovich"
+    strong_order = 1.0
+    weak_order = 1.0
+
+    def __init__(self, adaptive: bool = False):
+        self.error_order = _check_adaptive(adaptive, "StochasticMidpoint")
+
+    def __repr__(self) -> str:
+        return "StochasticMidpoint(adaptive=True)" if self.adaptive else "StochasticMidpoint()"
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        sde_terms(terms, "StochasticMidpoint")
+        control = terms.contr(t0, t1)
+        k0 = terms.prod(vf0, control)
+        vf_m = terms.vf(t0 + 0.5 * (t1 - t0), y0 + 0.5 * k0, args)
+        k1 = terms.prod(vf_m, control)
+        y1 = y0 + k1
+        vf1 = terms.vf(t1, y1, args)
+        err = k1 - k0 if self.error_order is not None else None
         return StepResult(y1, err, vf1, (y1 - y0,), 2)
 
 
