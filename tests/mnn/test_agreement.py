@@ -166,10 +166,11 @@ def test_batch_chunking_matches_one_piece(monkeypatch, method, layout):
     results = []
     for target in (solve_mod._CHUNK_TARGET, 2 * 9 * 36):  # one piece; then chunks of 2 samples (4 chunks)
         monkeypatch.setattr(solve_mod, "_CHUNK_TARGET", target)
+        monkeypatch.setattr(solve_mod, "_BANDED_MIN_CHUNK", 1)
         xs = [a.detach().clone().requires_grad_() for a in args]
         ks = {k: v.detach().clone().requires_grad_() for k, v in kw.items()}
         p = solve_mod.prepare(*xs, **ks)
-        results.append((solve_mod._chunk_size(p), *_solve_and_grads(xs, ks, w, method)))
+        results.append((solve_mod._chunk_size(p, method), *_solve_and_grads(xs, ks, w, method)))
     (c0, u0, g0), (c1, u1, g1) = results
     assert c0 is None and c1 == (1 if layout == "two_axes" else 2)
     assert torch.allclose(u1, u0, rtol=1e-12, atol=1e-12)
@@ -182,3 +183,20 @@ def _solve_and_grads(xs, ks, w, method):
     leaves = xs + list(ks.values())
     grads = torch.autograd.grad((u * w).sum(), leaves)
     return u.detach(), grads
+
+
+def test_chunk_size_rules():
+    """Chunks only on CPU, only with >= 2 chunks, and for the banded sweep only with >= 64 samples each."""
+    import torchmech.mnn.solve as solve_mod
+
+    def p(B, T):
+        return solve_mod.prepare(torch.zeros(*B, 1, 1, 1, 3, dtype=f64), torch.zeros(1, 1, dtype=f64),
+                                 torch.zeros(1, 1, 2, dtype=f64), torch.full((T - 1,), 0.1, dtype=f64))
+
+    assert solve_mod._chunk_size(p((64,), 1000), "parallel") is None  # one chunk would hold the batch
+    assert solve_mod._chunk_size(p((1024,), 1000), "parallel") == 131
+    assert solve_mod._chunk_size(p((1024,), 1000), "banded") == 131
+    assert solve_mod._chunk_size(p((64,), 10000), "parallel") == 13
+    assert solve_mod._chunk_size(p((64,), 10000), "banded") is None
+    assert solve_mod._chunk_size(p((), 100000), "parallel") is None
+    assert solve_mod._chunk_size(p((1, 1024), 1000), "parallel") is None  # leading axis of size 1
