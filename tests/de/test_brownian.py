@@ -132,7 +132,7 @@ def test_errors():
     with pytest.raises(ValueError, match="t0 < t1"):
         BrownianInterval(1.0, 0.0, (2,))
     with pytest.raises(ValueError, match="levy_area"):
-        BrownianInterval(0.0, 1.0, (2,), levy_area="davie")
+        BrownianInterval(0.0, 1.0, (2,), levy_area="wiktorsson")
     with pytest.raises(ValueError, match="tol"):
         VirtualBrownianTree(0.0, 1.0, (2,), tol=-1.0)
     with pytest.raises(TypeError, match="dtype"):

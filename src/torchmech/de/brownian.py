@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import struct
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -28,12 +29,17 @@ class BrownianIncrement(tuple):
 
     ``H = (1/h) int_s^u (W_r - W_s - (r - s)/h W_{s,u}) dr`` with ``h = u - s``; ``H ~ N(0, h/12)``
     independent of ``W``. The double integral ``int_s^u (W_r - W_s) dr = h (W/2 + H)``.
+
+    ``A`` (attribute; None unless the Brownian motion was built with ``levy_area="davie"`` or
+    ``"foster"``): approximate space-space Levy area between the channels of the last axis,
+    shape ``shape + (shape[-1],)``, ``A[..., i, j] ~ 1/2 int_s^u (W^i_{s,r} dW^j_r - W^j_{s,r} dW^i_r)``
+    (antisymmetric, zero diagonal). Unpacking stays ``W, H = increment``.
     """
 
-    __slots__ = ()
-
-    def __new__(cls, W: Tensor, H: Tensor):
-        return tuple.__new__(cls, (W, H))
+    def __new__(cls, W: Tensor, H: Tensor, A: Tensor | None = None):
+        obj = tuple.__new__(cls, (W, H))
+        obj.A = A
+        return obj
 
     @property
     def W(self) -> Tensor:
@@ -82,12 +88,49 @@ def _add(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else a + b
 
 
-def _check_levy(levy_area: Any, name: str) -> bool:
+_LEVY_KINDS = (None, "space-time", "davie", "foster")
+
+
+def _check_levy(levy_area: Any, name: str) -> str | None:
+    """Normalised Levy-area kind: None, "space-time", "davie" or "foster"."""
     if levy_area is None or levy_area is False:
-        return False
-    if levy_area in ("space-time", "space_time", True):
-        return True
-    raise ValueError(f"{name}: levy_area must be None or 'space-time', got {levy_area!r}")
+        return None
+    if levy_area is True or levy_area in ("space-time", "space_time"):
+        return "space-time"
+    if levy_area in ("davie", "foster"):
+        return levy_area
+    raise ValueError(f"{name}: levy_area must be one of {list(_LEVY_KINDS)}, got {levy_area!r}")
+
+
+def _interval_seed(seed: int, s: float, u: float) -> int:
+    """A seed that depends only on the interval [s, u] (so a re-query draws the same normals)."""
+    bs, bu = struct.unpack("<qq", struct.pack("<dd", s, u))
+    return _mix(_mix(seed ^ 0x5EED5EED5EED5EED, bs & _MASK64), bu & _MASK64)
+
+
+def _space_space_area(kind: str, W: Tensor, H: Tensor, h: float, Z: Tensor) -> Tensor:
+    """Davie's or Foster's approximation of the space-space Levy area from ``W``, ``H`` ((..., d))
+    and standard normals ``Z`` ((..., d, d), only the strict upper triangle is used).
+
+    Both are ``A_ij = H_i W_j - W_i H_j + sigma_ij lambda_ij`` with ``lambda_ij = -lambda_ji``
+    standard normal for ``i < j``. The first part has variance ``h^2/6``; the Levy area has
+    ``h^2/4``, so the Gaussian part supplies ``h^2/12`` on average:
+
+    - Davie (2014): ``sigma_ij^2 = h^2/12`` (independent of ``W`` and ``H``).
+    - Foster (2020, thesis; github.com/james-m-foster/levy-area-simulation):
+      ``sigma_ij^2 = h^2/20 + h (H_i^2 + H_j^2)/5`` (mean ``h^2/12`` since ``E H^2 = h/12``): the
+      conditional variance of the Levy area given ``H``. Foster also draws ``lambda`` from a
+      logistic/normal mixture to match the fourth moment; here ``lambda`` is Gaussian.
+    """
+    Hi, Wj = H.unsqueeze(-1), W.unsqueeze(-2)
+    base = Hi * Wj - W.unsqueeze(-1) * H.unsqueeze(-2)
+    if kind == "davie":
+        sig = torch.full_like(base, h / math.sqrt(12.0))
+    else:
+        H2 = H * H
+        sig = torch.sqrt(h * h / 20.0 + (h / 5.0) * (H2.unsqueeze(-1) + H2.unsqueeze(-2)))
+    up = torch.triu(sig * Z, diagonal=1)
+    return base + up - up.transpose(-1, -2)
 
 
 class AbstractBrownian:
@@ -148,28 +191,50 @@ class AbstractBrownian:
                 f"interval [t0, t1] = [{self.t0}, {self.t1}]"
             )
 
+    @property
+    def has_space_space_levy_area(self) -> bool:
+        """True when ``evaluate(..., levy_area=True)`` also gives ``A`` (``levy_area`` davie/foster)."""
+        return self.levy_area in ("davie", "foster")
+
+    def _with_area(self, s: float, u: float, out):
+        """Attach the (approximate) space-space Levy area over [s, u] (s < u) to ``(W, H)``."""
+        W, H = out
+        self._gen.manual_seed(_interval_seed(self.seed, s, u))
+        Z = torch.randn(self.shape + (self.shape[-1],), generator=self._gen, dtype=self.dtype, device=self.device)
+        return BrownianIncrement(W, H, _space_space_area(self.levy_area, W, H, u - s, Z))
+
     def _scalar(self, s: float, u: float, levy: bool):
         self._check_t(s, "t0")
         self._check_t(u, "t1")
+        area = levy and self.has_space_space_levy_area
         if s == u:
             z = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            return BrownianIncrement(z, z.clone()) if levy else z
+            if not levy:
+                return z
+            return BrownianIncrement(z, z.clone(), z.new_zeros(self.shape + (self.shape[-1],)) if area else None)
         if u < s:
             out = self._query(u, s, levy)
-            return BrownianIncrement(-out[0], out[1]) if levy else -out
-        return self._query(s, u, levy)
+            if not levy:
+                return -out
+            if area:  # the reversed path: increment and area change sign, H does not
+                A = self._with_area(u, s, out).A
+                return BrownianIncrement(-out[0], out[1], -A)
+            return BrownianIncrement(-out[0], out[1])
+        out = self._query(s, u, levy)
+        return self._with_area(s, u, out) if area else out
 
     def evaluate(self, t0: Any, t1: Any = None, levy_area: bool = False):
         """Increment ``W(t1) - W(t0)`` (``W(t0) - W(self.t0)`` if ``t1`` is None), of ``shape``.
 
         Args:
             t0, t1: floats, 0-d tensors or per-sample (B,) tensors with ``B == shape[0]``.
-            levy_area: also return the space-time Levy area; needs ``levy_area='space-time'`` at
-                construction. Returns a :class:`BrownianIncrement` ``(W, H)`` then.
+            levy_area: also return the space-time Levy area; needs ``levy_area`` at construction.
+                Returns a :class:`BrownianIncrement` ``(W, H)`` then, with the approximate
+                space-space Levy area as its ``A`` for ``levy_area="davie"``/``"foster"``.
         """
         if levy_area and not self.has_levy_area:
             raise ValueError(f"{type(self).__name__}: Levy area requested but the Brownian motion was built "
-                             "with levy_area=None; pass levy_area='space-time'")
+                             "with levy_area=None; pass levy_area='space-time' (or 'davie'/'foster')")
         if t1 is None:
             t0, t1 = self.t0, t0
         s_vec = isinstance(t0, Tensor) and t0.dim() > 0
@@ -200,7 +265,8 @@ class AbstractBrownian:
         if levy_area:
             Ws = torch.stack([o[0] for o in outs])[idx, rows]
             Hs = torch.stack([o[1] for o in outs])[idx, rows]
-            return BrownianIncrement(Ws, Hs)
+            As = torch.stack([o.A for o in outs])[idx, rows] if self.has_space_space_levy_area else None
+            return BrownianIncrement(Ws, Hs, As)
         return torch.stack(outs)[idx, rows]
 
     def __call__(self, t0: Any, t1: Any = None, levy_area: bool = False):
@@ -208,7 +274,7 @@ class AbstractBrownian:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(t0={self.t0}, t1={self.t1}, shape={self.shape}, dtype={self.dtype}, "
-                f"device={self.device}, levy_area={'space-time' if self.has_levy_area else None})")
+                f"device={self.device}, levy_area={self.levy_area!r})")
 
 
 class _Piece:
@@ -256,7 +322,12 @@ class BrownianInterval(AbstractBrownian):
         seed: int; default draws one from torch's global generator (so ``torch.manual_seed``
             makes it reproducible). Random streams are per device type: the same seed gives
             different paths on CPU and CUDA.
-        levy_area: None or ``"space-time"``.
+        levy_area: None, ``"space-time"`` (``H`` exact), or ``"davie"``/``"foster"``: ``H`` exact
+            plus an approximate space-space Levy area ``A`` (see :class:`BrownianIncrement` and
+            :func:`_space_space_area` for the formulas). ``A`` comes from ``W``, ``H`` and normals
+            drawn from a seed of the interval, so a re-query gives the same value; being an
+            approximation, areas of adjacent intervals do not add up as exact ones would (Chen's
+            relation), and it matches the true area's mean and (conditional) variance, not its law.
         cache_size: number of pieces whose values are kept (default 32), or None for all.
     """
 
@@ -266,7 +337,8 @@ class BrownianInterval(AbstractBrownian):
                  device: Any = None, seed: int | None = None, levy_area: str | None = None,
                  cache_size: int | None = 32):
         self._init_common("BrownianInterval", t0, t1, shape, dtype, device, seed)
-        self.has_levy_area = _check_levy(levy_area, "BrownianInterval")
+        self.levy_area = _check_levy(levy_area, "BrownianInterval")
+        self.has_levy_area = self.levy_area is not None
         if cache_size is not None and (isinstance(cache_size, bool) or not isinstance(cache_size, int)
                                        or cache_size < 2):
             raise ValueError(f"BrownianInterval: cache_size must be an int >= 2 or None, got {cache_size!r}")
@@ -422,7 +494,8 @@ class VirtualBrownianTree(AbstractBrownian):
                  dtype: torch.dtype | None = None, device: Any = None, seed: int | None = None,
                  levy_area: str | None = None):
         self._init_common("VirtualBrownianTree", t0, t1, shape, dtype, device, seed)
-        self.has_levy_area = _check_levy(levy_area, "VirtualBrownianTree")
+        self.levy_area = _check_levy(levy_area, "VirtualBrownianTree")
+        self.has_levy_area = self.levy_area is not None
         span = self.t1 - self.t0
         tol = span * 2.0 ** -16 if tol is None else tol
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not (0 < tol):
