@@ -271,7 +271,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             ok = fwd.sde_type in ("stratonovich", "any") and not isinstance(fwd, S.Milstein)
             solver = fwd if ok else S.StochasticHeun()
             if ctrl.adaptive and not solver.adaptive:
-                cls = type(solver) if type(solver) in _ADAPTIVE_SDE_SOLVERS() else S.StochasticHeun
+                cls = type(solver) if type(solver) in _adaptive_sde_solvers() else S.StochasticHeun
                 solver = cls(adaptive=True)
         elif (not isinstance(solver, S.AbstractSDESolver) or solver.sde_type not in ("stratonovich", "any")
               or isinstance(solver, S.Milstein)):
@@ -405,7 +405,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                     grads[i] += g
 
 
-def _ADAPTIVE_SDE_SOLVERS() -> tuple:
+def _adaptive_sde_solvers() -> tuple:
     """SDE solver classes that take ``adaptive=True``."""
     from torchmech.de.solvers import sde as S
 
