@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchmech.de.adjoint import AbstractAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
 from torchmech.de.brownian import AbstractBrownian, BrownianInterval
 from torchmech.de.controllers import StepTo
 from torchmech.de.integrate import SaveAt, Solution, solve
@@ -73,12 +73,14 @@ def sde_adjoint(adjoint: Any, solver: AbstractSDESolver, owner: str) -> Abstract
         return DirectAdjoint()
     if adjoint == "checkpoint":
         return CheckpointAdjoint()
+    if adjoint == "backsolve":
+        return BacksolveAdjoint()
     if adjoint == "reversible":
         if not isinstance(solver, ReversibleHeun):
             raise ValueError(f"{owner}: adjoint='reversible' needs solver='reversible_heun' (Stratonovich), got "
                              f"{type(solver).__name__}")
         return ReversibleAdjoint()
-    raise ValueError(f"{owner}: adjoint must be 'direct', 'checkpoint', 'reversible' or an AbstractAdjoint, "
+    raise ValueError(f"{owner}: adjoint must be 'direct', 'checkpoint', 'backsolve', 'reversible' or an AbstractAdjoint, "
                      f"got {adjoint!r}")
 
 
@@ -180,7 +182,9 @@ class NeuralSDE(nn.Module):
         dt: largest step; each interval between output times is cut into equal steps of at most
             ``dt`` (the same number for the whole batch). ``None``: one step per output interval.
         adjoint: "direct" (backpropagate through the steps), "checkpoint" (same gradients, less
-            memory), "reversible" (Reversible Heun's exact O(1)-memory gradients; needs
+            memory), "backsolve" (the stochastic adjoint: the adjoint SDE solved backwards on the same
+            Brownian path, O(1) memory, gradients converge to direct ones as ``dt`` shrinks; Stratonovich,
+            or Ito with diagonal noise), "reversible" (Reversible Heun's exact O(1)-memory gradients; needs
             ``solver="reversible_heun"`` and ``sde_type="stratonovich"``) or an ``AbstractAdjoint``.
         time_dependent: default networks also see ``t`` (default True).
         drift, diffusion: optional modules replacing the default networks.
