@@ -26,9 +26,18 @@ def _raise_if_failed(infos: list[Tensor], factors: list[Tensor], min_pivot: floa
     negative one, and the factor is then garbage. For a matrix scaled to a unit diagonal the pivots are
     relative, and one at the rounding level of the precision means the matrix is singular in it.
     """
-    bad = torch.stack([(i > 0).any() for i in infos]).any()
-    if min_pivot > 0:
-        mins = [L.diagonal(dim1=-2, dim2=-1).amin() for L in factors if L.numel()]
+    _raise_if_bad(torch.stack([(i > 0).any() for i in infos]).any(),
+                  [L.diagonal(dim1=-2, dim2=-1) for L in factors], min_pivot)
+
+
+def _raise_if_bad(bad: Tensor, diags: list[Tensor], min_pivot: float, strict: bool = False) -> None:
+    """Raise if `bad` or, with min_pivot > 0 (or strict), if any Cholesky diagonal entry is <= sqrt(min_pivot).
+
+    strict: the diagonals come from the unrolled Cholesky, which marks a failed pivot by a NaN or zero entry
+    instead of an info code, so they are checked even when min_pivot is 0.
+    """
+    if min_pivot > 0 or strict:
+        mins = [d.amin() for d in diags if d.numel()]
         if mins:
             # `not >` also catches a NaN pivot
             bad = bad | ~(torch.stack(mins).amin() > math.sqrt(min_pivot))
@@ -46,6 +55,85 @@ def _tri_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
     if transpose:
         return torch.linalg.solve_triangular(L.mT, B, upper=True)
     return torch.linalg.solve_triangular(L, B, upper=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small blocks: structure-of-arrays kernels. A batch of m x m blocks is stored as (m, m, *batch, N): entry
+# (i, j) of every block is one contiguous vector over the batch and time axes, so each step of an unrolled
+# Cholesky / substitution / product is one elementwise kernel over all blocks of a cyclic-reduction level,
+# instead of a batched LAPACK/BLAS call that pays its per-matrix overhead on matrices of 3x3 or 6x6.
+# ----------------------------------------------------------------------------------------------
+
+_SMALL_MAX = 8  # block sizes up to this use the unrolled kernels (the NeuRLP blocks are D*K or 2*D*K)
+
+
+def _to_soa(x: Tensor, copy: bool = False) -> Tensor:
+    """(..., N, a, b) -> (a, b, ..., N), contiguous (a fresh tensor with copy=True)."""
+    nd = x.dim()
+    y = x.permute(nd - 2, nd - 1, *range(nd - 3), nd - 3)
+    return y.clone(memory_format=torch.contiguous_format) if copy else y.contiguous()
+
+
+def _from_soa(x: Tensor) -> Tensor:
+    """(a, b, ..., N) -> (..., N, a, b)."""
+    nd = x.dim()
+    return x.permute(*range(2, nd - 1), nd - 1, 0, 1)
+
+
+def _chol_soa(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cholesky of SoA blocks A (m, m, ...): returns (L, Ldiag, Linv) with L's lower triangle valid.
+
+    Right-looking, column by column, in place on a copy of A. A non-positive pivot gives a NaN diagonal entry
+    (instead of LAPACK's info > 0); the caller checks the diagonal.
+    """
+    m = A.shape[0]
+    L = A.clone()
+    diag = torch.empty_like(L[0])  # (m, ...)
+    inv = torch.empty_like(L[0])
+    for k in range(m):
+        torch.sqrt(L[k, k], out=diag[k])
+        torch.reciprocal(diag[k], out=inv[k])
+        if k + 1 < m:
+            col = L[k + 1:, k]
+            col.mul_(inv[k])
+            L[k + 1:, k + 1:].addcmul_(col.unsqueeze(1), col.unsqueeze(0), value=-1)
+    return L, diag, inv
+
+
+def _fsub_soa(L: Tensor, inv: Tensor, B: Tensor) -> Tensor:
+    """L^{-1} B in place for SoA L (m, m, ...), inv = 1/diag(L) (m, ...), B (m, c, ...)."""
+    m = L.shape[0]
+    for k in range(m):
+        B[k].mul_(inv[k].unsqueeze(0))
+        if k + 1 < m:
+            B[k + 1:].addcmul_(L[k + 1:, k].unsqueeze(1), B[k].unsqueeze(0), value=-1)
+    return B
+
+
+def _bsub_soa(L: Tensor, inv: Tensor, B: Tensor) -> Tensor:
+    """L^{-T} B in place for SoA L (m, m, ...), inv = 1/diag(L) (m, ...), B (m, c, ...)."""
+    m = L.shape[0]
+    for k in range(m - 1, -1, -1):
+        B[k].mul_(inv[k].unsqueeze(0))
+        if k > 0:
+            B[:k].addcmul_(L[k, :k].unsqueeze(1), B[k].unsqueeze(0), value=-1)
+    return B
+
+
+def _tmm_soa(W: Tensor, Z: Tensor) -> Tensor:
+    """W^T Z for SoA W (k, a, ...), Z (k, b, ...) -> (a, b, ...)."""
+    out = W[0].unsqueeze(1) * Z[0].unsqueeze(0)
+    for k in range(1, W.shape[0]):
+        out.addcmul_(W[k].unsqueeze(1), Z[k].unsqueeze(0))
+    return out
+
+
+def _mm_soa(W: Tensor, Z: Tensor) -> Tensor:
+    """W Z for SoA W (a, k, ...), Z (k, b, ...) -> (a, b, ...)."""
+    out = W[:, 0].unsqueeze(1) * Z[0].unsqueeze(0)
+    for k in range(1, W.shape[1]):
+        out.addcmul_(W[:, k].unsqueeze(1), Z[k].unsqueeze(0))
+    return out
 
 
 class SequentialCholesky:
@@ -98,11 +186,16 @@ class CyclicReduction:
     SequentialCholesky (including the min_pivot test).
     """
 
-    def __init__(self, diag: Tensor, off: Tensor, min_pivot: float = 0.0):
+    def __init__(self, diag: Tensor, off: Tensor, min_pivot: float = 0.0, unrolled: bool | None = None):
+        m = diag.shape[-1]
+        # unrolled: None picks the structure-of-arrays kernels for blocks up to _SMALL_MAX, batched LAPACK above.
+        self.unrolled = m <= _SMALL_MAX if unrolled is None else bool(unrolled)
+        if self.unrolled:
+            self._factor_soa(diag, off, min_pivot)
+            return
         self.levels: list[tuple[Tensor, Tensor, Tensor, bool]] = []
         infos = []
         D, U = diag, off
-        m = D.shape[-1]
         while D.shape[-3] > 1:
             # Odd blocks 1, 3, ... are eliminated. With N even the last odd block has no right
             # neighbour: its right coupling is a zero block, so nothing extra is materialised.
@@ -128,7 +221,68 @@ class CyclicReduction:
         infos.append(info)
         _raise_if_failed(infos, [lv[0] for lv in self.levels] + [self.root], min_pivot)
 
+    def _factor_soa(self, diag: Tensor, off: Tensor, min_pivot: float) -> None:
+        """The same elimination on (m, m, ..., N) blocks with the unrolled kernels (see _chol_soa)."""
+        m = diag.shape[-1]
+        D, U = _to_soa(diag), _to_soa(off)
+        self.levels_soa: list[tuple[Tensor, Tensor, Tensor, int]] = []
+        diags = []
+        while D.shape[-1] > 1:
+            N = D.shape[-1]
+            No = N // 2  # odd blocks 1, 3, ...; the even ones are 0, 2, ...
+            Nr = (N - 1) // 2  # odd blocks with a right neighbour (all but the last when N is even)
+            Lo, dg, inv = _chol_soa(D[..., 1::2])
+            diags.append(dg)
+            # W = Lo^{-1} [A[odd, left]; A[odd, right]] as (m, 2m, ..., No); a missing right neighbour is a 0 block
+            R = D.new_empty((m, 2 * m) + D.shape[2:-1] + (No,))
+            R[:, :m] = U[..., 0::2].transpose(0, 1)
+            R[:, m:, ..., :Nr] = U[..., 1::2]
+            if Nr < No:
+                R[:, m:, ..., Nr:] = 0
+            W = _fsub_soa(Lo, inv, R)
+            G = _tmm_soa(W, W)  # [[Wl^T Wl, Wl^T Wr], [Wr^T Wl, Wr^T Wr]]
+            De = D[..., 0::2].clone()
+            De[..., :No] -= G[:m, :m]
+            De[..., 1:1 + Nr] -= G[m:, m:, ..., :Nr]
+            U = -G[:m, m:, ..., :Nr]
+            D = De
+            self.levels_soa.append((Lo, inv, W, Nr))
+        self.root_soa = _chol_soa(D)
+        diags.append(self.root_soa[1])
+        # A failed pivot is a NaN (or 0) diagonal entry: `not > floor` catches both, one host sync for all levels.
+        _raise_if_bad(torch.zeros((), dtype=torch.bool, device=diag.device), diags, min_pivot, strict=True)
+
+    def _solve_soa(self, r: Tensor) -> Tensor:
+        m = self.root_soa[0].shape[0]
+        R = _to_soa(r, copy=True)  # (m, c, ..., N)
+        zs = []
+        for Lo, inv, W, Nr in self.levels_soa:
+            z = _fsub_soa(Lo, inv, R[..., 1::2].clone())
+            No = z.shape[-1]
+            re = R[..., 0::2].clone()
+            for k in range(m):
+                re[..., :No].addcmul_(W[k, :m].unsqueeze(1), z[k].unsqueeze(0), value=-1)
+                re[..., 1:1 + Nr].addcmul_(W[k, m:, ..., :Nr].unsqueeze(1), z[k, ..., :Nr].unsqueeze(0), value=-1)
+            zs.append(z)
+            R = re
+        L, _, inv = self.root_soa
+        x = _bsub_soa(L, inv, _fsub_soa(L, inv, R))
+        for (Lo, inv, W, Nr), z in zip(reversed(self.levels_soa), reversed(zs)):
+            No = z.shape[-1]
+            # z <- z - Wl x[left] - Wr x[right], then xo = Lo^{-T} z
+            for k in range(m):
+                z.addcmul_(W[:, k].unsqueeze(1), x[k, ..., :No].unsqueeze(0), value=-1)
+                z[..., :Nr].addcmul_(W[:, m + k, ..., :Nr].unsqueeze(1), x[k, ..., 1:1 + Nr].unsqueeze(0), value=-1)
+            xo = _bsub_soa(Lo, inv, z)
+            full = x.new_empty(x.shape[:-1] + (x.shape[-1] + No,))
+            full[..., 0::2] = x
+            full[..., 1::2] = xo
+            x = full
+        return _from_soa(x)
+
     def solve(self, r: Tensor) -> Tensor:
+        if self.unrolled:
+            return self._solve_soa(r)
         zs = []
         for Lo, Wl, Wr, even in self.levels:
             z = _tri_solve(Lo, r[..., 1::2, :, :])
