@@ -38,11 +38,13 @@ def test_unrolled_matches_lapack_and_dense(dtype, bs, N, m):
         assert torch.allclose(x.to(torch.float64), ref, rtol=tol, atol=tol)
 
 
-def test_unrolled_is_the_default_for_small_blocks():
+def test_unrolled_is_the_default_for_many_small_blocks():
     diag, off, _ = _blocktri((2,), 5, 6, torch.float64)
-    assert CyclicReduction(diag, off).unrolled
+    assert not CyclicReduction(diag, off).unrolled  # few blocks: LAPACK
+    many = (diag.repeat(2 ** 13, 1, 1, 1), off.repeat(2 ** 13, 1, 1, 1))  # 2^14 * 5 blocks
+    assert CyclicReduction(*many).unrolled
     diag, off, _ = _blocktri((2,), 5, 9, torch.float64)
-    assert not CyclicReduction(diag, off).unrolled
+    assert not CyclicReduction(diag.repeat(2 ** 13, 1, 1, 1), off.repeat(2 ** 13, 1, 1, 1)).unrolled
 
 
 def test_unrolled_solve_leaves_the_input_alone():
@@ -78,3 +80,28 @@ def test_nan_block_raises():
     off[1, 0, 2] = float("nan")
     with pytest.raises(FactorizationError):
         CyclicReduction(diag, off, unrolled=True)
+
+
+@pytest.mark.parametrize("central", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_solver_with_unrolled_blocks_matches_dense(monkeypatch, central, dtype):
+    """solve_linear_ode(method='parallel') through the unrolled kernels: values and gradients as dense."""
+    import torchmech.mnn.linalg.blocktri as bt
+    from torchmech.mnn import solve_linear_ode
+
+    monkeypatch.setattr(bt, "_SMALL_MIN_BLOCKS", 1)
+    g = torch.Generator().manual_seed(3)
+    B, T = 3, 11
+    args = [torch.randn(B, T, 1, 1, 3, generator=g, dtype=torch.float64), torch.randn(B, T, 1, generator=g,
+            dtype=torch.float64), torch.randn(B, 1, 1, 2, generator=g, dtype=torch.float64),
+            0.05 + 0.1 * torch.rand(B, T - 1, generator=g, dtype=torch.float64)]
+    args = [a.to(dtype).requires_grad_() for a in args]
+    w = torch.randn(B, T, 1, 3, generator=g, dtype=torch.float64).to(dtype)
+    outs = []
+    for method in ("parallel", "dense"):
+        u = solve_linear_ode(*args, method=method, central=central)
+        grads = torch.autograd.grad((u * w).sum(), args)
+        outs.append((u, grads))
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for a, b in zip([outs[0][0], *outs[0][1]], [outs[1][0], *outs[1][1]]):
+        assert torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max().item())

@@ -65,6 +65,12 @@ def _tri_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 _SMALL_MAX = 8  # block sizes up to this use the unrolled kernels (the NeuRLP blocks are D*K or 2*D*K)
+# ... and only for systems with at least this many blocks (batch x N): each level issues ~100 small kernels at
+# m = 6 against ~15 LAPACK calls, so on few blocks the launch overhead loses. Measured (m = 6, 1 thread, forward
+# + backward of benchmarks/mnn_solver.py): B = 1, T = 1000 (500 blocks) 2.3x slower unrolled; B = 1024,
+# T = 1000 (chunks of 131 x 500 blocks) 16% faster, B = 64, T = 10000 (chunks of 13 x 5000) 21% faster,
+# B = 64, T = 1000 (32k blocks) within noise. Factorisation alone, B = 64: N = 50 tie, N = 500 solve 1.6x faster.
+_SMALL_MIN_BLOCKS = 2 ** 14
 
 
 def _to_soa(x: Tensor, copy: bool = False) -> Tensor:
@@ -188,8 +194,11 @@ class CyclicReduction:
 
     def __init__(self, diag: Tensor, off: Tensor, min_pivot: float = 0.0, unrolled: bool | None = None):
         m = diag.shape[-1]
-        # unrolled: None picks the structure-of-arrays kernels for blocks up to _SMALL_MAX, batched LAPACK above.
-        self.unrolled = m <= _SMALL_MAX if unrolled is None else bool(unrolled)
+        # unrolled: None picks the structure-of-arrays kernels for blocks up to _SMALL_MAX when there are at least
+        # _SMALL_MIN_BLOCKS of them, batched LAPACK otherwise.
+        if unrolled is None:
+            unrolled = m <= _SMALL_MAX and diag.numel() // (m * m) >= _SMALL_MIN_BLOCKS
+        self.unrolled = bool(unrolled)
         if self.unrolled:
             self._factor_soa(diag, off, min_pivot)
             return
