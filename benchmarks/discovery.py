@@ -1,19 +1,38 @@
 """Equation discovery benchmark: torchmech SINDy (batched) against PySINDy 2.x on polynomial ODEBench systems.
 
-Both sides get the same data, the same polynomial library (degree 3), the same derivative method
-(second-order finite differences), STLSQ, and the same threshold-selection rule: on a grid of
-thresholds, the largest one whose training derivative MSE is within 5% of the smallest MSE over the
-grid. Problems: the ODEBench systems whose right-hand side lies in the degree-3 polynomial library
-(plus Lorenz and Rossler), 512 samples on t in [0, 10] from each of the two default initial
-conditions, noise 0, 1% and 5% of each variable's std, 3 noise seeds. Held-out trajectory R2:
-the model fitted on one initial condition is integrated (scipy, same for both sides) from the
-other one over t in [0, 2.5] and compared with the clean simulation.
+Problems: the ODEBench systems whose right-hand side lies in the degree-3 polynomial library (plus
+Lorenz and Rossler), 512 samples on t in [0, 10] from each of the two default initial conditions,
+noise 0, 1% and 5% of each variable's std, 3 noise seeds: one problem per (system, initial
+condition, noise, seed), each fitted on its single trajectory.
 
-    .venv/bin/python benchmarks/discovery.py [--quick] [--device cpu|cuda] [--no-pysindy]
+Every method gets the same data, the same polynomial library (degree 3) and the same
+threshold-selection rule: on the grid GRID, blocked 5-fold cross-validation over the regression
+rows (contiguous blocks in time; for every threshold the optimiser is fitted on four blocks and the
+held-out block's mean squared derivative-target error is recorded) and the one-standard-error rule
+(the largest threshold whose mean held-out error is within one standard error of the smallest),
+applied per equation. The rule is ``torchmech.discovery.sindy.select_threshold``, fed with each
+method's own held-out errors; no ground truth enters it.
+
+Methods (pairs share the derivative targets, so each pair differs only in the optimiser):
+
+* ``tm FD2 a=0``   torchmech STLSQ, plain least squares (the previous setup), finite differences (order 2)
+* ``tm FD2 auto``  torchmech STLSQ(alpha="auto") (noise-adaptive ridge), finite differences (order 2)
+* ``ps FD2``       PySINDy FiniteDifference(order=2) + PolynomialLibrary(3) + STLSQ (defaults: alpha=0.05,
+                   unbias), i.e. PySINDy's own pipeline
+* ``tm weak auto`` torchmech weak SINDy: WeakForm() test-function windows + STLSQ(alpha="auto")
+* ``ps weak``      PySINDy STLSQ (defaults) on exactly the same weak-form rows (features and targets
+                   computed by torchmech's WeakForm; their cost is not in PySINDy's time)
+
+Held-out trajectory R2: the model fitted on one initial condition is integrated (scipy LSODA, the same
+for all methods) from the other one over t in [0, 2.5] and compared with the clean simulation.
+MechanisticDiscovery (``fit_mechanistic``, fixed threshold MNN_THRESHOLD = the CLI default, no
+selection, window 32, 5 cycles) runs on the Lorenz problems, once from scratch and once warm-started
+from the ``tm weak auto`` coefficients.
+
+    .venv/bin/python benchmarks/discovery.py [--quick] [--device cpu|cuda] [--no-pysindy] [--no-mnn]
 
 PySINDy is an optional dependency (``pip install pysindy``); without it only torchmech runs.
-Optimiser defaults differ and are kept: torchmech STLSQ alpha=0 on unit-RMS columns, PySINDy
-STLSQ alpha=0.05 on raw columns.
+``--quick``: every 4th system and one seed (MNN: Lorenz, one seed).
 """
 
 from __future__ import annotations
@@ -29,12 +48,17 @@ import torch
 from scipy.integrate import solve_ivp
 
 from torchmech import systems
-from torchmech.discovery import STLSQ, FiniteDifference, PolynomialLibrary, fit_sindy_batch, metrics
+from torchmech.discovery import STLSQ, FiniteDifference, PolynomialLibrary, metrics
+from torchmech.discovery.differentiation import WeakForm
+from torchmech.discovery.sindy import fit_sindy_cv, select_threshold
 
 T_SAMPLES, T_END, HELD_END = 512, 10.0, 2.5
 NOISES = (0.0, 0.01, 0.05)
 SEEDS = (0, 1, 2)
 GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+FOLDS = 5
+MNN_THRESHOLD = 0.5
+MNN_SYSTEMS = ("lorenz",)
 
 
 def problems(quick: bool):
@@ -50,15 +74,21 @@ def problems(quick: bool):
     return out[::4] if quick else out
 
 
-def choose(mse: np.ndarray) -> np.ndarray:
-    """mse (G, P) over the threshold grid -> index of the largest threshold within 5% of the best."""
-    best = mse.min(0)
-    ok = mse <= 1.05 * best + 1e-300
-    return np.array([np.nonzero(ok[:, p])[0].max() for p in range(mse.shape[1])])
-
-
 class _OutOfBudget(Exception):
     pass
+
+
+_FEATURE_FUNCTIONS: dict = {}
+
+
+def _features(names: list[str], variables: list[str]):
+    key = (tuple(names), tuple(variables))
+    if key not in _FEATURE_FUNCTIONS:
+        syms = sympy.symbols(variables)
+        loc = dict(zip(variables, syms))
+        feats = [sympy.sympify(n.replace(" ", "*").replace("^", "**"), locals=loc) for n in names]
+        _FEATURE_FUNCTIONS[key] = sympy.lambdify(syms, feats, "numpy")
+    return _FEATURE_FUNCTIONS[key]
 
 
 def held_out_r2(coef: np.ndarray, names: list[str], variables: list[str], y0, clean: np.ndarray, t: np.ndarray,
@@ -68,9 +98,7 @@ def held_out_r2(coef: np.ndarray, names: list[str], variables: list[str], y0, cl
     A model that diverges, or that needs more than ``max_evals`` right-hand-side evaluations (a
     spurious stiff term can otherwise keep LSODA busy for many minutes), scores ``-inf``.
     """
-    syms = sympy.symbols(variables)
-    feats = [sympy.sympify(n.replace(" ", "*").replace("^", "**"), locals=dict(zip(variables, syms))) for n in names]
-    f = sympy.lambdify(syms, feats, "numpy")
+    f = _features(names, variables)
     evals = [0]
 
     def rhs(_t, y):
@@ -92,19 +120,9 @@ def held_out_r2(coef: np.ndarray, names: list[str], variables: list[str], y0, cl
     return float(1 - ((pred - clean) ** 2).sum() / ((clean - clean.mean(0)) ** 2).sum())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="every 4th system, one seed")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-pysindy", action="store_true")
-    args = ap.parse_args()
-    seeds = SEEDS[:1] if args.quick else SEEDS
-    lib = PolynomialLibrary(3)
-    t = torch.linspace(0, T_END, T_SAMPLES, dtype=torch.float64)
-    t_held = np.linspace(0, HELD_END, 200)
-    syss = problems(args.quick)
-    # data: per system two clean trajectories; problems = (system, ic, noise, seed)
-    rows = []  # dicts: system, D, ic, noise, seed, x (T, D) noisy, true (D, F)
+def make_rows(syss, seeds, t, t_held, lib):
+    """One dict per problem: system, D, ic, noise, seed, x (T, D) noisy, true (D, F), held-out data."""
+    rows = []
     for s in syss:
         tr = systems.simulate(s, t)
         true = s.true_coefficients(lib)
@@ -117,30 +135,170 @@ def main() -> None:
                     xn = x + noise * x.std(0) * torch.randn(x.shape, generator=g, dtype=x.dtype)
                     rows.append(dict(system=s, D=s.dim, ic=ic, noise=noise, seed=seed, x=xn, true=true,
                                      held_y0=np.array(s.y0[1 - ic]), held=held_clean[1 - ic]))
-    print(f"{len(syss)} systems, {len(rows)} problems, library poly3, {T_SAMPLES} samples on [0, {T_END}]")
-    results = {"torchmech": {}, "pysindy": {}}
+    return rows
 
-    # ---- torchmech: one batched fit per (dimension, threshold)
+
+def run_torchmech(rows, t, lib, diff, opt, device):
+    """Batched CV fits per dimension. Returns {row: (D, F) coefficients}, {row: any-threshold-exact}, wall s."""
+    out, ceiling = {}, {}
     start = time.perf_counter()
-    diff = FiniteDifference(2)
     for D in sorted({r["D"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["D"] == D]
-        X = torch.stack([rows[i]["x"] for i in idx]).to(args.device)
-        dX = diff(X, t.to(args.device))
-        Theta = lib.transform(X)
-        coefs, mses = [], []
-        for th in GRID:
-            C = fit_sindy_batch(X, t.to(args.device), lib, diff, STLSQ(th))
-            coefs.append(C)
-            mses.append((Theta @ C.transpose(-1, -2) - dX).square().mean((-2, -1)).cpu().numpy())
-        pick = choose(np.stack(mses))
+        X = torch.stack([rows[i]["x"] for i in idx]).to(device)
+        res = fit_sindy_cv(X, t.to(device), lib, diff, opt, thresholds=GRID, folds=FOLDS)
+        C, path = res.coefficients.cpu(), res.path.cpu()
         for j, i in enumerate(idx):
-            results["torchmech"][i] = coefs[pick[j]][j].cpu()
-    if args.device.startswith("cuda"):
+            out[i] = C[j]
+            ceiling[i] = path[:, j]
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-    wall = {"torchmech": time.perf_counter() - start}
+    return out, ceiling, time.perf_counter() - start
 
-    # ---- PySINDy: a loop over problems and thresholds
+
+def _cv_pysindy(ps, Theta: np.ndarray, dx: np.ndarray):
+    """PySINDy STLSQ over the grid with the same folds: path (G, D, F), held-out errors (G, D, K)."""
+    N = Theta.shape[0]
+    block = np.arange(N) * FOLDS // N
+    path, errs = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for th in GRID:
+            path.append(ps.STLSQ(threshold=th).fit(Theta, dx).coef_)
+            e = []
+            for k in range(FOLDS):
+                tr, he = block != k, block == k
+                c = ps.STLSQ(threshold=th).fit(Theta[tr], dx[tr]).coef_
+                e.append(((Theta[he] @ c.T - dx[he]) ** 2).mean(0))
+            errs.append(np.stack(e, -1))
+    return np.stack(path), np.stack(errs)
+
+
+def _select(path: np.ndarray, errs: np.ndarray) -> np.ndarray:
+    """The same rule as fit_sindy_cv (one-SE, per equation) on PySINDy's errors -> (D, F)."""
+    k = select_threshold(torch.as_tensor(errs)).numpy()  # (D,)
+    return np.stack([path[k[d], d] for d in range(path.shape[1])])
+
+
+def run_pysindy_fd(ps, rows, t):
+    tn = t.numpy()
+    out, ceiling = {}, {}
+    start = time.perf_counter()
+    for i, r in enumerate(rows):
+        variables = list(r["system"].variables)
+        xn = r["x"].numpy()
+        dx = ps.FiniteDifference(order=2)(xn, t=tn)
+        plib = ps.PolynomialLibrary(degree=3).fit(xn)
+        Theta = np.asarray(plib.transform(xn))
+        path, errs = _cv_pysindy(ps, Theta, np.asarray(dx))
+        out[i] = (_select(path, errs), plib.get_feature_names(variables))
+        ceiling[i] = path
+    return out, ceiling, time.perf_counter() - start
+
+
+def run_pysindy_weak(ps, rows, t, lib, weak):
+    """PySINDy STLSQ on torchmech's weak-form rows (built first, outside the timed loop)."""
+    systems_rows = {}
+    for D in sorted({r["D"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["D"] == D]
+        X = torch.stack([rows[i]["x"] for i in idx])
+        Fw, dXw = weak.weak_system(X, t, lib.transform(X))
+        for j, i in enumerate(idx):
+            systems_rows[i] = (Fw[j].numpy(), dXw[j].numpy())
+    out, ceiling = {}, {}
+    start = time.perf_counter()
+    for i, r in enumerate(rows):
+        path, errs = _cv_pysindy(ps, *systems_rows[i])
+        out[i] = _select(path, errs)
+        ceiling[i] = torch.as_tensor(path)
+    return out, ceiling, time.perf_counter() - start
+
+
+def _sympy_features(names, variables):
+    return [sympy.sympify(n.replace(" ", "*").replace("^", "**"), locals={v: sympy.Symbol(v) for v in variables})
+            for n in names]
+
+
+def score(rows, coefs, names_of, t_held, subset=None):
+    """Per noise level: exact %, F1, median coefficient error %, median held-out R2, n problems."""
+    table = {}
+    for noise in NOISES:
+        exact, f1, err, r2 = [], [], [], []
+        for i, r in enumerate(rows):
+            if r["noise"] != noise or (subset is not None and i not in subset):
+                continue
+            C, true, names = coefs[i], r["true"], names_of(i)
+            C = torch.as_tensor(C, dtype=torch.float64)
+            exact.append(bool(metrics.exact_recovery(C, true)))
+            f1.append(float(metrics.support_f1(C, true)))
+            err.append(float(metrics.coefficient_error(C, true, "median")))
+            r2.append(held_out_r2(C.numpy(), names, list(r["system"].variables), r["held_y0"], r["held"], t_held))
+        if exact:
+            table[noise] = (100 * np.mean(exact), np.mean(f1), 100 * statistics.median(err), statistics.median(r2),
+                            len(exact))
+    return table
+
+
+def ceiling_rate(rows, paths, true_of):
+    """Fraction of problems where SOME threshold of the grid gives the exact support (uses the truth)."""
+    out = {}
+    for noise in NOISES:
+        hits = [bool(metrics.exact_recovery(torch.as_tensor(paths[i], dtype=torch.float64),
+                                            true_of(i).expand(paths[i].shape)).any())
+                for i, r in enumerate(rows) if r["noise"] == noise]
+        out[noise] = 100 * np.mean(hits)
+    return out
+
+
+def print_table(title, tables, walls):
+    print(f"\n{title}")
+    print(f"{'method':<14} {'noise':>6} {'n':>4} {'exact %':>8} {'F1':>6} {'med coef err %':>15} {'med held-out R2':>16}"
+          f" {'fit wall s':>11}")
+    for name, table in tables.items():
+        for noise, (ex, f1, err, r2, n) in table.items():
+            print(f"{name:<14} {noise:>6.2f} {n:>4d} {ex:>8.1f} {f1:>6.3f} {err:>15.3f} {r2:>16.4f} {walls[name]:>11.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="every 4th system, one seed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-pysindy", action="store_true")
+    ap.add_argument("--no-mnn", action="store_true")
+    args = ap.parse_args()
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    lib = PolynomialLibrary(3)
+    t = torch.linspace(0, T_END, T_SAMPLES, dtype=torch.float64)
+    t_held = np.linspace(0, HELD_END, 200)
+    syss = problems(args.quick)
+    rows = make_rows(syss, seeds, t, t_held, lib)
+    print(f"{len(syss)} systems, {len(rows)} problems ({len(rows) // len(NOISES)} per noise level), library poly3 "
+          f"({lib.n_features(3)} features for D=3), {T_SAMPLES} samples on [0, {T_END}], threshold grid {GRID}, "
+          f"{FOLDS}-fold blocked CV, one-SE rule per equation")
+
+    weak = WeakForm()
+    tm_names = {}
+
+    def tm_name_of(i):
+        vs = tuple(rows[i]["system"].variables)
+        if vs not in tm_names:
+            tm_names[vs] = lib.feature_names(list(vs))
+        return tm_names[vs]
+
+    configs = {
+        "tm FD2 a=0": (FiniteDifference(2), STLSQ(alpha=0.0)),
+        "tm FD2 auto": (FiniteDifference(2), STLSQ(alpha="auto")),
+        "tm weak auto": (weak, STLSQ(alpha="auto")),
+    }
+    coefs, names_of, walls, ceilings, true_of = {}, {}, {}, {}, {}
+    warm = [r for r in rows if r["system"] is syss[0]][:2]  # warm-up (first calls, allocator) outside the timing
+    for diff, opt in configs.values():
+        run_torchmech(warm, t, lib, diff, opt, args.device)
+    for name, (diff, opt) in configs.items():
+        coefs[name], ceilings[name], walls[name] = run_torchmech(rows, t, lib, diff, opt, args.device)
+        names_of[name] = tm_name_of
+        true_of[name] = lambda i: rows[i]["true"]
+        print(f"  {name}: {walls[name]:.2f} s", flush=True)
+
     if not args.no_pysindy:
         try:
             import pysindy as ps
@@ -148,59 +306,85 @@ def main() -> None:
             print("pysindy is not installed: only torchmech runs (pip install pysindy)")
             args.no_pysindy = True
     if not args.no_pysindy:
-        start = time.perf_counter()
-        tn = t.numpy()
-        for i, r in enumerate(rows):
-            s = r["system"]
-            xn = r["x"].numpy()
-            fits, mses = [], []
-            dx = ps.FiniteDifference(order=2)(xn, t=tn)
-            for th in GRID:
-                model = ps.SINDy(optimizer=ps.STLSQ(threshold=th), feature_library=ps.PolynomialLibrary(degree=3),
-                                 differentiation_method=ps.FiniteDifference(order=2))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    model.fit(xn, t=tn, feature_names=list(s.variables))
-                mses.append(float(((model.predict(xn) - dx) ** 2).mean()))
-                fits.append(model)
-            model = fits[choose(np.array(mses)[:, None])[0]]
-            names = model.get_feature_names()
-            feats = [sympy.sympify(n.replace(" ", "*").replace("^", "**"),
-                                   locals={v: sympy.Symbol(v) for v in s.variables}) for n in names]
-            results["pysindy"][i] = (torch.as_tensor(model.coefficients()), feats, names)
-        wall["pysindy"] = time.perf_counter() - start
+        run_pysindy_fd(ps, warm, t)
+        res, ceil, walls["ps FD2"] = run_pysindy_fd(ps, rows, t)
+        print(f"  ps FD2: {walls['ps FD2']:.2f} s", flush=True)
+        coefs["ps FD2"] = {i: c for i, (c, _) in res.items()}
+        ps_names = {i: n for i, (_, n) in res.items()}
+        names_of["ps FD2"] = lambda i: ps_names[i]
+        ps_true = {i: rows[i]["system"].true_coefficients(_sympy_features(ps_names[i], list(rows[i]["system"].variables)))
+                   for i in res}
+        true_of["ps FD2"] = lambda i: ps_true[i]
+        ceilings["ps FD2"] = {i: torch.as_tensor(p) for i, p in ceil.items()}
+        # score() compares with rows[i]["true"] in torchmech's feature order: re-express PySINDy's fits
+        coefs["ps FD2"] = {i: _to_torchmech_order(coefs["ps FD2"][i], ps_names[i], tm_name_of(i),
+                                                  list(rows[i]["system"].variables)) for i in res}
+        names_of["ps FD2"] = tm_name_of
+        coefs["ps weak"], ceilings["ps weak"], walls["ps weak"] = run_pysindy_weak(ps, rows, t, lib, weak)
+        names_of["ps weak"] = tm_name_of
+        true_of["ps weak"] = lambda i: rows[i]["true"]
+        print(f"  ps weak: {walls['ps weak']:.2f} s", flush=True)
 
-    # ---- metrics (held-out R2 integrated the same way for both sides)
-    table = []
-    for side in ("torchmech", "pysindy"):
-        if side not in wall:
-            continue
-        for noise in NOISES:
-            exact, f1, err, r2 = [], [], [], []
-            for i, r in enumerate(rows):
-                if r["noise"] != noise:
-                    continue
-                s = r["system"]
-                if side == "torchmech":
-                    C, true = results[side][i], r["true"]
-                    names = lib.feature_names(list(s.variables))
-                else:
-                    C, feats, names = results[side][i]
-                    true = s.true_coefficients(feats)
-                    C = C.to(torch.float64)
-                exact.append(bool(metrics.exact_recovery(C, true)))
-                f1.append(float(metrics.support_f1(C, true)))
-                err.append(float(metrics.coefficient_error(C, true, "median")))
-                r2.append(held_out_r2(C.numpy(), names, list(s.variables), r["held_y0"], r["held"], t_held))
-            table.append((side, noise, 100 * np.mean(exact), np.mean(f1), 100 * statistics.median(err),
-                          statistics.median(r2), wall[side]))
-    print(f"\n{'method':<10} {'noise':>6} {'exact %':>8} {'F1':>6} {'med coef err %':>15} {'med held-out R2':>16}"
-          f" {'fit wall s':>11}")
-    for side, noise, ex, f1, err, r2, w in table:
-        print(f"{side:<10} {noise:>6.2f} {ex:>8.1f} {f1:>6.3f} {err:>15.3f} {r2:>16.4f} {w:>11.2f}")
-    if "pysindy" in wall:
-        print(f"\nfit wall time (all problems, threshold grid of {len(GRID)}): torchmech {wall['torchmech']:.2f} s, "
-              f"PySINDy {wall['pysindy']:.2f} s, ratio {wall['pysindy'] / wall['torchmech']:.1f}x")
+    order = ["tm FD2 a=0", "tm FD2 auto", "ps FD2", "tm weak auto", "ps weak"]
+    order = [o for o in order if o in coefs]
+    tables = {name: score(rows, coefs[name], names_of[name], t_held) for name in order}
+    print_table("SINDy, all problems (threshold by blocked CV + one-SE rule, per equation)", tables, walls)
+    if "ps FD2" in walls:
+        print(f"\nfit wall time, all problems, grid of {len(GRID)} x ({FOLDS} folds + 1): "
+              f"FD2: torchmech {walls['tm FD2 auto']:.2f} s vs PySINDy {walls['ps FD2']:.2f} s "
+              f"({walls['ps FD2'] / walls['tm FD2 auto']:.1f}x); weak: torchmech {walls['tm weak auto']:.2f} s "
+              f"(incl. building the weak rows) vs PySINDy {walls['ps weak']:.2f} s (rows given) "
+              f"({walls['ps weak'] / walls['tm weak auto']:.1f}x)")
+    print("\nexact-recovery ceiling of the threshold grid (% of problems where SOME grid threshold gives the exact "
+          "support; uses the truth, diagnostic only):")
+    for name in order:
+        c = ceiling_rate(rows, ceilings[name], true_of[name])
+        print(f"  {name:<14} " + "  ".join(f"noise {k:.2f}: {v:5.1f}" for k, v in c.items()))
+
+    if not args.no_mnn:
+        from torchmech.discovery.mechanistic import fit_mechanistic
+
+        subset = [i for i, r in enumerate(rows) if r["system"].name in MNN_SYSTEMS]
+        if args.quick and not subset:  # the quick system set skips Lorenz: add its problems
+            extra = make_rows([systems.get(n) for n in MNN_SYSTEMS], seeds, t, t_held, lib)
+            base = len(rows)
+            rows.extend(extra)
+            subset = list(range(base, len(rows)))
+            for name, (diff, opt) in configs.items():
+                if name == "tm weak auto":
+                    more, _, _ = run_torchmech(extra, t, lib, diff, opt, args.device)
+                    coefs[name].update({base + j: c for j, c in more.items()})
+        mnn, mnn_warm = {}, {}
+        start = time.perf_counter()
+        for i in subset:
+            x = rows[i]["x"].to(args.device)
+            mnn[i] = fit_mechanistic([x], [t.to(args.device)], lib, threshold=MNN_THRESHOLD, window=32, cycles=5,
+                                     progress=False).coefficients.cpu()
+        walls["MNN"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in subset:
+            x = rows[i]["x"].to(args.device)
+            mnn_warm[i] = fit_mechanistic([x], [t.to(args.device)], lib, threshold=MNN_THRESHOLD, window=32,
+                                          cycles=5, progress=False,
+                                          init_coefficients=coefs["tm weak auto"][i].to(x)).coefficients.cpu()
+        walls["MNN warm"] = time.perf_counter() - start
+        walls["tm weak (same)"] = walls["tm weak auto"]
+        mt = {"MNN": score(rows, mnn, tm_name_of, t_held, set(subset)),
+              "MNN warm": score(rows, mnn_warm, tm_name_of, t_held, set(subset)),
+              "tm weak (same)": score(rows, coefs["tm weak auto"], tm_name_of, t_held, set(subset))}
+        print_table(f"MechanisticDiscovery on {', '.join(MNN_SYSTEMS)} (fixed threshold {MNN_THRESHOLD}, window 32, "
+                    f"5 cycles; 'warm' starts from the tm weak auto fit; tm weak row: those problems, wall time of "
+                    f"the full sweep)", mt, walls)
+
+
+def _to_torchmech_order(C: np.ndarray, ps_names: list[str], tm_names: list[str], variables: list[str]) -> torch.Tensor:
+    """PySINDy coefficients (D, F) in PySINDy's feature order -> torchmech's feature order (same monomials)."""
+    key = lambda e: sympy.srepr(sympy.expand(e))  # noqa: E731
+    pos = {key(f): k for k, f in enumerate(_sympy_features(tm_names, variables))}
+    out = np.zeros((C.shape[0], len(tm_names)))
+    for j, f in enumerate(_sympy_features(ps_names, variables)):
+        out[:, pos[key(f)]] = C[:, j]
+    return torch.as_tensor(out)
 
 
 if __name__ == "__main__":
