@@ -8,6 +8,7 @@ from torchmech.discovery.differentiation import (
     SavitzkyGolay,
     SmoothingSpline,
     TotalVariation,
+    WeakForm,
 )
 from torchmech.discovery.library import (
     ConcatLibrary,
@@ -19,11 +20,11 @@ from torchmech.discovery.library import (
 )
 from torchmech.discovery.mechanistic import MechanisticDiscovery, fit_mechanistic
 from torchmech.discovery.optimizers import SR3, STLSQ, EnsembleOptimizer, SparseOptimizer
-from torchmech.discovery.sindy import SINDy, fit_sindy_batch
+from torchmech.discovery.sindy import SINDy, SINDyCV, fit_sindy_batch, fit_sindy_cv, select_threshold
 
 __all__ = [
-    "BaseDiscovery", "SINDy", "MechanisticDiscovery", "fit_mechanistic", "fit_sindy_batch", "as_trajectories", "format_equations", "sympy_to_coefficients",
+    "BaseDiscovery", "SINDy", "SINDyCV", "fit_sindy_cv", "select_threshold", "MechanisticDiscovery", "fit_mechanistic", "fit_sindy_batch", "as_trajectories", "format_equations", "sympy_to_coefficients",
     "Library", "PolynomialLibrary", "FourierLibrary", "CustomLibrary", "ConcatLibrary", "TensorLibrary",
-    "Differentiator", "FiniteDifference", "SavitzkyGolay", "SmoothingSpline", "TotalVariation",
+    "Differentiator", "FiniteDifference", "SavitzkyGolay", "SmoothingSpline", "TotalVariation", "WeakForm",
     "SparseOptimizer", "STLSQ", "SR3", "EnsembleOptimizer", "metrics",
 ]
