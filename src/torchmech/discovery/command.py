@@ -102,10 +102,13 @@ def _support_metrics(found: torch.Tensor, true: torch.Tensor) -> dict:
 def _fit(method: str, library, ts, xs, threshold: float, quick: bool, progress: bool) -> torch.Tensor:
     """Coefficients (D, F) of x' = C library(x)."""
     if method == "sindy":
-        from torchmech.discovery.sindy import SINDy
+        from torchmech.discovery.differentiation import WeakForm
         from torchmech.discovery.optimizers import STLSQ
+        from torchmech.discovery.sindy import SINDy
 
-        model = SINDy(library=library, optimizer=STLSQ(threshold=threshold))
+        # Weak form + noise-adaptive ridge: the most reliable SINDy variant in benchmarks/discovery.py.
+        model = SINDy(library=library, differentiation=WeakForm(width=min(33, min(x.shape[0] for x in xs))),
+                      optimizer=STLSQ(threshold=threshold, alpha="auto"))
         model.fit(xs if len(xs) > 1 else xs[0], ts if len(ts) > 1 else ts[0])
         return model.coefficients_.detach()
     from torchmech.discovery.mechanistic import MechanisticDiscovery
