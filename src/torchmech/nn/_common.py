@@ -193,8 +193,11 @@ def ode_solver(solver: Any, owner: str) -> AbstractSolver:
                     f"got {type(solver).__name__}")
 
 
-def ode_adjoint(adjoint: Any, owner: str, rtol: float, atol: float) -> AbstractAdjoint:
-    """"direct" | "checkpoint" | "backsolve" (alias "adjoint") | an AbstractAdjoint instance."""
+def ode_adjoint(adjoint: Any, owner: str, rtol: float = 1e-6, atol: float = 1e-8,
+                accepted: str = "'direct', 'checkpoint', 'backsolve'") -> AbstractAdjoint:
+    """"direct" | "checkpoint" | "backsolve" (alias "adjoint") | an AbstractAdjoint instance.
+
+    ``accepted`` lists the names in the error message (a caller that handles more names says so)."""
     if isinstance(adjoint, AbstractAdjoint):
         return adjoint
     if adjoint is None or adjoint is False or adjoint == "direct":
@@ -203,8 +206,7 @@ def ode_adjoint(adjoint: Any, owner: str, rtol: float, atol: float) -> AbstractA
         return CheckpointAdjoint()
     if adjoint is True or adjoint in ("backsolve", "adjoint"):
         return BacksolveAdjoint(rtol=rtol, atol=atol)
-    raise ValueError(f"{owner}: adjoint must be 'direct', 'checkpoint', 'backsolve' or an AbstractAdjoint, "
-                     f"got {adjoint!r}")
+    raise ValueError(f"{owner}: adjoint must be {accepted} or an AbstractAdjoint, got {adjoint!r}")
 
 
 def step_grid(t: Tensor, dt: float | None) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.adjoint import AbstractAdjoint
 from torchmech.de.brownian import AbstractBrownian, BrownianInterval
 from torchmech.de.controllers import StepTo
 from torchmech.de.integrate import SaveAt, Solution, solve
@@ -28,6 +28,7 @@ from torchmech.nn._common import (
     check_state,
     check_times,
     mlp,
+    ode_adjoint,
     positive_float,
     positive_int,
     step_grid,
@@ -67,21 +68,13 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
 
 
 def sde_adjoint(adjoint: Any, solver: AbstractSDESolver, owner: str) -> AbstractAdjoint:
-    if isinstance(adjoint, AbstractAdjoint):
-        return adjoint
-    if adjoint is None or adjoint is False or adjoint == "direct":
-        return DirectAdjoint()
-    if adjoint == "checkpoint":
-        return CheckpointAdjoint()
-    if adjoint == "backsolve":
-        return BacksolveAdjoint()
+    """The ODE adjoints (direct, checkpoint, backsolve = the stochastic adjoint) plus "reversible"."""
     if adjoint == "reversible":
         if not isinstance(solver, ReversibleHeun):
             raise ValueError(f"{owner}: adjoint='reversible' needs solver='reversible_heun' (Stratonovich), got "
                              f"{type(solver).__name__}")
         return ReversibleAdjoint()
-    raise ValueError(f"{owner}: adjoint must be 'direct', 'checkpoint', 'backsolve', 'reversible' or an AbstractAdjoint, "
-                     f"got {adjoint!r}")
+    return ode_adjoint(adjoint, owner, accepted="'direct', 'checkpoint', 'backsolve', 'reversible'")
 
 
 def make_brownian(brownian: Any, seed: Any, t: Tensor, shape: tuple, like: Tensor, levy: bool,
