@@ -54,7 +54,7 @@ def unsupported(integ) -> str | None:
         return f"controller {type(ctrl).__name__} (only PIDController and ConstantStep)"
     if integ.event is not None:
         return "events"
-    if integ.saveat.dense or integ.saveat.steps:
+    if integ.saveat.steps or (integ.saveat.dense and not getattr(integ, "records_only", False)):
         return "SaveAt(dense=True) / SaveAt(steps=True)"
     if integ.progress:
         return "progress=True"
@@ -93,8 +93,11 @@ class Plan:
         self.custom_err = tab.b_error is not None and type(solver).error_estimate is not ExplicitRK.error_estimate
         self.err = _nonzero(tab.b_error) if tab.b_error is not None else ()
         self.save = integ.ts is not None
+        # records-only dense output (BacksolveAdjoint's backward solve): each step returns the
+        # generic loop's record dict (tprev, tnext, h, valid, y0, qs) for the caller's quadrature
+        self.records = bool(integ.record_dense)
         self.dense_stages = tuple((float(c), _nonzero(row)) for c, row in (tab.dense_stages or ())) \
-            if self.save and tab.dense is not None else ()
+            if (self.save or self.records) and tab.dense is not None else ()
         self.nfev = (s - 1) + (0 if self.fsal else 1) + len(self.dense_stages)
         # interpolant y(t + theta h) = y + h sum_r W_r(theta) F_r with W_r = sum_m poly[r][m-1] theta^m,
         # F = the stage values (plus extra dense stages), or for cubic Hermite the stages and f(t1, y1)
@@ -182,11 +185,17 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
     nrej = nrej + (active & ~accept)
     nfev = nfev + P.nfev * active
     record = None
-    if P.save:
+    if P.save or P.records:
         for c, row in P.dense_stages:
             fs.append(f(torch.add(t, h, alpha=c), torch.addcmul(y, hb, _lincomb(row, fs)), args))
         if P.hermite:
             fs.append(f1)
+    if P.records:
+        # the generic loop's dense record: y(theta) = y + sum_p theta^(p+1) q_p, q_p = h Q_p
+        qs = tuple(_lincomb(_nonzero([row[p] for row in P.poly]), fs) * hb for p in range(len(P.poly[0])))
+        record = {"tprev": t, "tnext": t_next, "h": torch.where(accept, h, torch.zeros_like(h)),
+                  "valid": accept, "y0": y, "qs": qs}
+    elif P.save:
         # eager: the stage values as they are (the save pass stacks only the records it keeps)
         F = torch.stack(fs) if window else tuple(fs)
         record = (t, t_new, y, F)
@@ -195,7 +204,7 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
         return state, record, None, None, None
     block = None
     over = torch.zeros_like(new_done[0])
-    if P.save:
+    if P.save and not P.records:
         block, nxt, over = _window_save(P, integ, window, nxt, t, h, t_new, y, F)
     flags = torch.stack([new_done.all(), over])
     return state, record, block, nxt, flags
@@ -279,6 +288,25 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
     return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
 
 
+def _run_records(P: Plan, integ, state: dict, n, tensors: tuple, cst: dict) -> tuple[dict, list, bool]:
+    """``run`` for records-only dense output: up to ``n`` eager steps, each step's record returned."""
+    out: list = []
+    k = 0
+    all_done = False
+    while n is None or k < n:
+        tensors, rec, _, _, _ = step(P, integ, 0, None, *tensors)
+        out.append(rec)
+        k += 1
+        if bool(tensors[4].all()):
+            all_done = True
+            break
+    new = dict(state)
+    new.update(zip(_KEYS, tensors[:11]))
+    if "e1" in cst:
+        new["ctrl"] = dict(cst, e1=tensors[11], e2=tensors[12])
+    return new, out, all_done
+
+
 _KEYS = ("t", "y", "dt", "vf", "done", "status", "nonfinite", "num_steps", "num_accepted", "num_rejected",
          "num_fevals")
 
@@ -311,6 +339,8 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
     max_rec = max(1, min(_MAX_RECORDS, _RECORD_BUDGET // max(per_step, 1)))
     # compiled: each step interpolates up to W save times in-graph (a block scattered into the
     # buffer after the step); a step passing more also goes through the eager save pass
+    if P.records:  # records-only dense output: eager steps, the records go back to the caller
+        return _run_records(P, integ, state, n, tensors, cst)
     W = min(_WINDOW, integ.ts.shape[1]) if (compiled and P.save) else (1 if compiled else 0)
     records: list = []
     nxt = None

@@ -227,6 +227,11 @@ class BacksolveAdjoint(AbstractAdjoint):
             quad = bool(params) and not augment
             binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
                                  PIDController(self.rtol, self.atol), None, max_steps, False)
+            if quad:  # the records feed the quadrature below; no dense Solution: the lean loop can run it
+                from torchmech.de import _fast
+
+                binteg.records_only = True
+                binteg.fast = _fast.unsupported(binteg) is None
             state = binteg.init_state()
             done = False
             while not done:
