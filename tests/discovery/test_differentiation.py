@@ -112,8 +112,12 @@ def test_smoothing_spline_matches_scipy():
     for lam in (1e-4, 1e-2):
         ref = make_smoothing_spline(t.numpy(), y.numpy(), lam=lam).derivative()(t.numpy())
         assert np.allclose(SmoothingSpline(lam)(y[:, None], t)[:, 0].numpy(), ref, atol=1e-8)
+        values = make_smoothing_spline(t.numpy(), y.numpy(), lam=lam)(t.numpy())
+        assert np.allclose(SmoothingSpline(lam).smooth(y[:, None], t)[:, 0].numpy(), values, atol=1e-8)
     ref = make_smoothing_spline(t.numpy(), y.numpy()).derivative()(t.numpy())
     assert np.abs(SmoothingSpline()(y[:, None], t)[:, 0].numpy() - ref).max() < 5e-3
+    batch = torch.stack([y, 2 * y], -1)[None].expand(3, -1, -1)  # (3, 200, 2): batched like the derivative
+    assert SmoothingSpline().smooth(batch, t).shape == (3, 200, 2)
     with pytest.raises(ValueError, match="lam"):
         SmoothingSpline(lam=-1.0)
 

@@ -84,7 +84,7 @@ def test_warm_start_mask_is_persistent():
 
 def test_bad_arguments():
     t, x = lorenz_data(0.0, n=50)
-    with pytest.raises(ValueError, match="denoise must be"):
+    with pytest.raises(ValueError, match="denoise must be .network., .spline. or None"):
         fit_mechanistic([x], [t], LIB, threshold=0.1, denoise="kalman")
     with pytest.raises(ValueError, match="at least window = 64 samples"):
         fit_mechanistic([x], [t], LIB, threshold=0.1, window=64)
@@ -160,7 +160,7 @@ def test_estimator_bad_arguments():
         MechanisticDiscovery(threshold=-1)
     with pytest.raises(ValueError, match="window: expected an int >= 3"):
         MechanisticDiscovery(window=2)
-    with pytest.raises(ValueError, match="denoise: expected None or 'network'"):
+    with pytest.raises(ValueError, match="denoise: expected None, 'network' or 'spline'"):
         MechanisticDiscovery(denoise="kalman")
     with pytest.raises(ValueError, match="learn_step=True needs denoise='network'"):
         MechanisticDiscovery(learn_step=True)
@@ -173,3 +173,16 @@ def test_estimator_bad_arguments():
         MechanisticDiscovery(progress=False).fit(x, t)
     with pytest.raises(RuntimeError, match="call fit"):
         MechanisticDiscovery().equations()
+
+
+def test_spline_denoiser_recovers_lorenz_with_smaller_error():
+    t, x = lorenz_data(0.01)
+    raw = fit_mechanistic([x], [t], LIB, threshold=0.5, cycles=3, progress=False)
+    spline = fit_mechanistic([x], [t], LIB, threshold=0.5, cycles=3, denoise="spline", progress=False)
+    check_lorenz(spline.coefficients, 0.005)
+    true = lorenz_truth()
+
+    def err(c):
+        return ((c - true).abs() / true.abs())[true != 0].median()
+
+    assert err(spline.coefficients) < err(raw.coefficients)

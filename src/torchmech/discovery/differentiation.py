@@ -288,6 +288,11 @@ class _SplineBands:
         rss = lam**2 * (qg**2).sum(-1)
         return n * rss / np.maximum(lam * tr, 1e-300) ** 2
 
+    def values(self, y: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """The smoothing spline at the samples, y (N, n), lam (N,) -> (N, n)."""
+        _, qg, _ = self.fit(y, lam[:, None])
+        return y - lam[:, None] * qg[:, 0]
+
     def derivative(self, y: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """Derivative of the smoothing spline at the samples, y (N, n), lam (N,) -> (N, n)."""
         gamma, qg, _ = self.fit(y, lam[:, None])
@@ -339,6 +344,14 @@ class SmoothingSpline(Differentiator):
         return ref * 10.0 ** fine[np.arange(len(k2)), k2]
 
     def _differentiate(self, x, t):
+        return self._apply(x, t, "derivative")
+
+    def smooth(self, x, t) -> torch.Tensor:
+        """The smoothing spline's values at the samples (same layouts and lam choice as the derivative)."""
+        x, t = check_xt(x, t, self.min_points)
+        return self._apply(x, t.to(x.device), "values")
+
+    def _apply(self, x, t, what: str):
         xs, ts = _series(x, t)
         N, T = xs.shape
         out = np.empty_like(xs)
@@ -351,7 +364,7 @@ class SmoothingSpline(Differentiator):
             y, tt = xs[s:s + chunk], ts[s:s + chunk]
             bands = _SplineBands(tt)
             lam = np.full(len(y), float(self.lam)) if self.lam is not None else self._choose_lam(bands, y)
-            out[s:s + chunk] = bands.derivative(y, lam)
+            out[s:s + chunk] = getattr(bands, what)(y, lam)
         return _unseries(out, x)
 
     def __repr__(self) -> str:
@@ -454,6 +467,14 @@ class TotalVariation(Differentiator):
         return d * scale
 
     def _differentiate(self, x, t):
+        return self._apply(x, t, "derivative")
+
+    def smooth(self, x, t) -> torch.Tensor:
+        """The smoothing spline's values at the samples (same layouts and lam choice as the derivative)."""
+        x, t = check_xt(x, t, self.min_points)
+        return self._apply(x, t.to(x.device), "values")
+
+    def _apply(self, x, t, what: str):
         xs, ts = _series(x, t)
         out = np.empty_like(xs)
         for i in _progress(xs.shape[0], self.progress, "TV differentiation"):
