@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchmech {torchmech.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _) in sorted(_COMMANDS.items()):
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        # argparse %-formats help strings (not descriptions): a literal "1%" must be escaped there.
+        add_arguments(sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text))
     return parser
 
 
