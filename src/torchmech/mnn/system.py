@@ -259,6 +259,33 @@ def central_stencil(h: Tensor, K: int, T: int) -> Tensor:
     return torch.stack(cols, -1)
 
 
+_TAYLOR_CONST: dict = {}
+
+
+def taylor_constant(K: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The step-free part C (2(K-1), 2K) of the Taylor stencil: taylor_stencil(h) = C * [h^k, h^k] columnwise.
+
+    Every entry of column a of the stencil is a constant times h^(a mod K) (the power of h that goes with
+    the derivative the column acts on), so the per-step rows are C scaled column by column. Cached.
+    """
+    key = (K, dtype, device)
+    C = _TAYLOR_CONST.get(key)
+    if C is None:
+        C = taylor_stencil(torch.ones(1, dtype=dtype, device=device), K)[0]
+        _TAYLOR_CONST[key] = C
+    return C
+
+
+def _central_coeffs(h: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """The two distinct central-row entries (lo, hi), each (..., T-2 or 1): the row is
+    lo * u_t[K-2] + hi * u_{t+1}[K-1] - lo * u_{t+2}[K-2] (see central_stencil)."""
+    S = 2 * h if h.shape[-1] == 1 else h[..., :-1] + h[..., 1:]
+    lo = torch.ones_like(S) if K >= 3 else 1.0 / S
+    for _ in range(K - 3):
+        lo = lo * S
+    return lo, lo * S
+
+
 # ----------------------------------------------------------------------------------------------
 # Rows applied to a trajectory: the residuals of every row family (weighted by w, not w^2).
 # ----------------------------------------------------------------------------------------------
@@ -285,16 +312,17 @@ def row_residuals(p: Problem, u: Tensor, eps: Tensor | None = None, target: bool
         if target:
             iv = iv - p.init
         out.append(_bw(p.weight_init, 3) * iv)
-    L = taylor_stencil(p.steps, K)  # (..., T-1 or 1, 2(K-1), 2K)
-    pair = torch.cat([u[..., :-1, :, :], u[..., 1:, :, :]], -1)  # (..., T-1, D, 2K)
-    tay = pair @ L.mT  # (..., T-1, D, 2(K-1))
+    # Taylor rows = C scaled columnwise by the step powers: two plain matmuls with the constant C.
+    C = taylor_constant(K, u.dtype, u.device)
+    hp = _powers(p.steps, K).unsqueeze(-2)  # (..., T-1 or 1, 1, K)
+    tay = (u[..., :-1, :, :] * hp) @ C[:, :K].T + (u[..., 1:, :, :] * hp) @ C[:, K:].T  # (..., T-1, D, 2(K-1))
     if eps is not None:
         tay = tay + eps.reshape(eps.shape + (1, 1, 1))
     out.append(_bw(p.weight_smooth, 3) * tay)
     if p.central and T >= 3:
-        cs = central_stencil(p.steps, K, T)  # (..., T-2 or 1, 3K)
-        trip = torch.cat([u[..., :-2, :, :], u[..., 1:-1, :, :], u[..., 2:, :, :]], -1)  # (..., T-2, D, 3K)
-        cen = (trip * cs.unsqueeze(-2)).sum(-1)
+        lo, hi = _central_coeffs(p.steps, K)  # (..., T-2 or 1) each
+        cen = (lo.unsqueeze(-1) * (u[..., :-2, :, K - 2] - u[..., 2:, :, K - 2])
+               + hi.unsqueeze(-1) * u[..., 1:-1, :, K - 1])  # (..., T-2, D)
         if eps is not None:
             cen = cen - eps.reshape(eps.shape + (1, 1))
         out.append(_bw(p.weight_smooth, 2) * cen)
@@ -338,6 +366,8 @@ class BandedSystem:
 
 def _per_variable(x: Tensor, D: int) -> Tensor:
     """(..., K, K) per-variable block -> (..., D*K, D*K) block diagonal over the D variables."""
+    if D == 1:
+        return x
     K = x.shape[-1]
     eye = torch.eye(D, dtype=x.dtype, device=x.device)
     y = x[..., None, :, None, :] * eye[:, None, :, None]
@@ -357,34 +387,39 @@ def assemble(p: Problem) -> BandedSystem:
     c = p.coefficients.reshape(*p.coefficients.shape[:-2], n)  # (..., T|1, E, n)
     we2 = _bw(p.weight_equation, 2) ** 2
     ws2 = _bw(p.weight_smooth, 2) ** 2
-    eq_gram = c.transpose(-1, -2) @ c  # (..., T|1, n, n)
-    eq_b = (c * p.rhs.unsqueeze(-1)).sum(-2)  # (..., T|1, n)
-    diag = _expand_time(we2.unsqueeze(-1) * eq_gram, T, bs, 2).clone()
+    if p.E == 1:
+        c1 = c.squeeze(-2)  # (..., T|1, n)
+        eq_gram = c1.unsqueeze(-1) * c1.unsqueeze(-2)
+        eq_b = c1 * p.rhs
+    else:
+        eq_gram = c.transpose(-1, -2) @ c  # (..., T|1, n, n)
+        eq_b = (c * p.rhs.unsqueeze(-1)).sum(-2)  # (..., T|1, n)
     b = _expand_time(we2 * eq_b, T, bs, 1).clone()
 
-    # Smoothness: one local Gram per interval and variable (computed once if the step is constant).
-    L = taylor_stencil(p.steps, K)
-    G = ws2.unsqueeze(-1) * (L.transpose(-1, -2) @ L)  # (..., T-1|1, 2K, 2K)
-    G = _expand_time(G, T - 1, bs, 2)
+    # Smoothness: the local Gram of interval t is ws^2 * (C^T C) * (q q^T) with q = [h_t^k, h_t^k] (see
+    # taylor_constant), so its K x K quarters are constant matrices times the outer product of the step powers.
+    C = taylor_constant(K, dt, dev)
+    A = C.T @ C
+    hp = _powers(p.steps, K)  # (..., T-1|1, K)
+    whh = ws2.unsqueeze(-1) * (hp.unsqueeze(-1) * hp.unsqueeze(-2))  # (..., T-1|1, K, K)
     sdiag = torch.zeros(bs + (T, K, K), dtype=dt, device=dev)
-    sdiag[..., :-1, :, :] += G[..., :K, :K]
-    sdiag[..., 1:, :, :] += G[..., K:, K:]
-    soff1 = G[..., :K, K:].clone()
+    sdiag[..., :-1, :, :] += whh * A[:K, :K]
+    sdiag[..., 1:, :, :] += whh * A[K:, K:]
+    soff1 = _expand_time(whh * A[:K, K:], T - 1, bs, 2).clone()
     soff2 = None
     m_var = None
     if p.slack is not None:
         # Slack column: +1 in every Taylor row (weight w_s), -1 in every central row.
-        sL = ws2 * L.sum(-2)  # (..., T-1|1, 2K)
-        sL = _expand_time(sL, T - 1, bs, 1)
+        csum = C.sum(0)
         m_var = torch.zeros(bs + (T, K), dtype=dt, device=dev)
-        m_var[..., :-1, :] += sL[..., :K]
-        m_var[..., 1:, :] += sL[..., K:]
+        m_var[..., :-1, :] += ws2 * csum[:K] * hp
+        m_var[..., 1:, :] += ws2 * csum[K:] * hp
     if p.central and T >= 3:
         # The central row has three non-zeros (u_t[K-2], u_{t+1}[K-1], u_{t+2}[K-2]); add their nine
         # products directly instead of forming a dense 3K x 3K Gram per step.
-        cs = central_stencil(p.steps, K, T)
+        lo, hi = _central_coeffs(p.steps, K)
         idx = (K - 2, K - 1, K - 2)
-        v = [cs[..., K - 2], cs[..., 2 * K - 1], cs[..., 3 * K - 2]]  # (..., T-2 | 1) each
+        v = [lo, hi, -lo]  # (..., T-2 | 1) each
         ws2t = ws2.squeeze(-1)
         soff2 = torch.zeros(bs + (T - 2, K, K), dtype=dt, device=dev)
         for a in range(3):
@@ -395,7 +430,7 @@ def assemble(p: Problem) -> BandedSystem:
         if m_var is not None:
             for a in range(3):
                 m_var[..., a: T - 2 + a, idx[a]] -= ws2t * v[a]
-    diag = diag + _per_variable(sdiag, D)
+    diag = _per_variable(sdiag, D) + we2.unsqueeze(-1) * eq_gram  # fresh (..., T, n, n)
     off1 = _per_variable(soff1, D)
     off2 = _per_variable(soff2, D) if soff2 is not None else None
 
