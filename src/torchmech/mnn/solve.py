@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchmech.mnn.linalg.blocktri import CyclicReduction, FactorizationError, SequentialCholesky
+from torchmech.mnn.linalg.blocktri import (_SMALL_MAX, _SMALL_MIN_BLOCKS, CyclicReduction, FactorizationError,
+                                          SequentialCholesky)
 from torchmech.mnn.linalg.dense import solve_dense
 from torchmech.mnn.system import (BandedSystem, Problem, assemble, check_solution, objective_cross, pivot_floor,
                                   prepare)
@@ -50,6 +51,55 @@ def _tridiagonal(diag: Tensor, off1: Tensor, off2: Tensor | None) -> tuple[Tenso
     d = off2[..., 1::2, :, :]
     U2 = torch.cat([torch.cat([a, torch.zeros_like(a)], -1), torch.cat([c, d], -1)], -2)
     return D2, U2, True
+
+
+def _soa_pairs(sys: BandedSystem) -> bool:
+    """Whether CyclicReduction would pick its unrolled kernels for the paired blocks of this system."""
+    T, n = sys.diag.shape[-3], sys.diag.shape[-1]
+    return 2 * n <= _SMALL_MAX and sys.diag[..., 0, 0, 0].numel() * ((T + 1) // 2) >= _SMALL_MIN_BLOCKS
+
+
+def _soa(x: Tensor) -> Tensor:
+    """View (..., N, a, b) as (a, b, ..., N) (no copy)."""
+    nd = x.dim()
+    return x.permute(nd - 2, nd - 1, *range(nd - 3), nd - 3)
+
+
+def _paired_soa(sys: BandedSystem, s: Tensor, low: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The Jacobi-scaled, paired block-tridiagonal form of _tridiagonal, directly in SoA layout.
+
+    Returns D2 (2n, 2n, ..., P) and U2 (2n, 2n, ..., P-1) in dtype low, P = ceil(T/2); an odd T is padded
+    with an identity diagonal block, as in _tridiagonal. Each quarter is one strided copy from the blocks.
+    """
+    diag, off1, off2 = sys.diag, sys.off1, sys.off2
+    T, n = diag.shape[-3], diag.shape[-1]
+    bs = diag.shape[:-3]
+    P, To = (T + 1) // 2, T // 2  # pairs; odd time steps
+    hi = diag.dtype
+    D2 = diag.new_empty((2 * n, 2 * n) + bs + (P,))
+    U2 = diag.new_empty((2 * n, 2 * n) + bs + (P - 1,))
+    D2[:n, :n] = _soa(diag[..., 0::2, :, :])
+    D2[n:, n:, ..., :To] = _soa(diag[..., 1::2, :, :])
+    o_in = _soa(off1[..., 0::2, :, :])  # (n, n, ..., To)
+    D2[:n, n:, ..., :To] = o_in
+    D2[n:, :n, ..., :To] = o_in.transpose(0, 1)
+    U2[:n, :n] = _soa(off2[..., 0::2, :, :])
+    U2[:n, n:] = 0
+    U2[n:, :n] = _soa(off1[..., 1::2, :, :])
+    o2 = _soa(off2[..., 1::2, :, :])
+    U2[n:, n:, ..., : o2.shape[-1]] = o2
+    s2 = s.new_empty((2 * n,) + bs + (P,))
+    s2[:n] = s[..., 0::2, :].movedim(-1, 0)
+    s2[n:, ..., :To] = s[..., 1::2, :].movedim(-1, 0)
+    if T % 2:
+        D2[n:, n:, ..., To:] = torch.eye(n, dtype=hi, device=diag.device).reshape((n, n) + (1,) * (len(bs) + 1))
+        D2[:n, n:, ..., To:] = 0
+        D2[n:, :n, ..., To:] = 0
+        U2[n:, n:, ..., o2.shape[-1]:] = 0
+        s2[n:, ..., To:] = 1
+    D2 *= s2.unsqueeze(1) * s2.unsqueeze(0)
+    U2 *= s2[..., :-1].unsqueeze(1) * s2[..., 1:].unsqueeze(0)
+    return D2.to(low), U2.to(low)
 
 
 def _matvec(sys: BandedSystem, z: Tensor) -> Tensor:
@@ -123,6 +173,12 @@ class _Factorised:
         sys, low = self.sys, self.low
         s = sys.diag.diagonal(dim1=-2, dim2=-1).rsqrt()  # (..., T, n)
         self.s = s
+        if self.method == "parallel" and sys.off2 is not None and _soa_pairs(sys):
+            # Many small paired blocks: build them scaled, paired and in the unrolled kernels' layout in one go.
+            D2, U2 = _paired_soa(sys, s, low)
+            self.paired, self.pad = True, self.T % 2 == 1
+            self.factor = CyclicReduction.from_soa(D2, U2, min_pivot=pivot_floor(low, self.T))
+            return
         diag = sys.diag * s.unsqueeze(-1) * s.unsqueeze(-2)
         off1 = sys.off1 * s[..., :-1, :, None] * s[..., 1:, None, :]
         off2 = None if sys.off2 is None else sys.off2 * s[..., :-2, :, None] * s[..., 2:, None, :]

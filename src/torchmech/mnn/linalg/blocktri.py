@@ -230,10 +230,18 @@ class CyclicReduction:
         infos.append(info)
         _raise_if_failed(infos, [lv[0] for lv in self.levels] + [self.root], min_pivot)
 
-    def _factor_soa(self, diag: Tensor, off: Tensor, min_pivot: float) -> None:
+    @classmethod
+    def from_soa(cls, diag: Tensor, off: Tensor, min_pivot: float = 0.0) -> "CyclicReduction":
+        """The unrolled factorisation of blocks given already in SoA layout: diag (m, m, ..., N), off (m, m, ..., N-1)."""
+        self = cls.__new__(cls)
+        self.unrolled = True
+        self._factor_soa(diag, off, min_pivot, soa=True)
+        return self
+
+    def _factor_soa(self, diag: Tensor, off: Tensor, min_pivot: float, soa: bool = False) -> None:
         """The same elimination on (m, m, ..., N) blocks with the unrolled kernels (see _chol_soa)."""
-        m = diag.shape[-1]
-        D, U = _to_soa(diag), _to_soa(off)
+        D, U = (diag, off) if soa else (_to_soa(diag), _to_soa(off))
+        m = D.shape[0]
         self.levels_soa: list[tuple[Tensor, Tensor, Tensor, int]] = []
         diags = []
         while D.shape[-1] > 1:
