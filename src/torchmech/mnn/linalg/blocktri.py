@@ -134,6 +134,13 @@ def _tmm_soa(W: Tensor, Z: Tensor) -> Tensor:
     return out
 
 
+def _tmm_soa_sub(out: Tensor, W: Tensor, Z: Tensor) -> Tensor:
+    """out -= W^T Z in place for SoA W (k, a, ...), Z (k, b, ...), out (a, b, ...)."""
+    for k in range(W.shape[0]):
+        out.addcmul_(W[k].unsqueeze(1), Z[k].unsqueeze(0), value=-1)
+    return out
+
+
 def _mm_soa(W: Tensor, Z: Tensor) -> Tensor:
     """W Z for SoA W (a, k, ...), Z (k, b, ...) -> (a, b, ...)."""
     out = W[:, 0].unsqueeze(1) * Z[0].unsqueeze(0)
@@ -257,11 +264,13 @@ class CyclicReduction:
             if Nr < No:
                 R[:, m:, ..., Nr:] = 0
             W = _fsub_soa(Lo, inv, R)
-            G = _tmm_soa(W, W)  # [[Wl^T Wl, Wl^T Wr], [Wr^T Wl, Wr^T Wr]]
+            # Of W^T W = [[Wl^T Wl, Wl^T Wr], [Wr^T Wl, Wr^T Wr]] only three quarters are needed (the fourth is
+            # a transpose); the diagonal ones are subtracted in place.
+            Wl, Wr = W[:, :m], W[:, m:, ..., :Nr]
             De = D[..., 0::2].clone()
-            De[..., :No] -= G[:m, :m]
-            De[..., 1:1 + Nr] -= G[m:, m:, ..., :Nr]
-            U = -G[:m, m:, ..., :Nr]
+            _tmm_soa_sub(De[..., :No], Wl, Wl)
+            _tmm_soa_sub(De[..., 1:1 + Nr], Wr, Wr)
+            U = _tmm_soa(Wl[..., :Nr], -Wr)
             D = De
             self.levels_soa.append((Lo, inv, W, Nr))
         self.root_soa = _chol_soa(D)
