@@ -217,3 +217,41 @@ def test_float32_per_step_batched_matches_float64():
     u32 = solve_linear_ode(*(x.float() for x in (c, rhs, init, steps)), method="parallel")
     rel = ((u32.double() - u64).norm() / u64.norm()).item()
     assert rel < 1e-3, rel
+
+
+@pytest.fixture
+def low_precision_factor(monkeypatch):
+    """Factorise float32 problems in float32 with float64 CG refinement, as off the CPU (see _factor_dtype)."""
+    import torchmech.mnn.solve as solve_mod
+
+    monkeypatch.setattr(solve_mod, "_factor_dtype", lambda low, hi, device: low)
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+@pytest.mark.parametrize("central", [True, False])
+def test_float32_factor_with_cg_refinement_matches_float64(low_precision_factor, central, method):
+    """The float32-factor + float64-CG path (used off the CPU) is as accurate as the CPU's float64 factor."""
+    u32, u64 = _float32_vs_float64(central, method)
+    assert u32.dtype == torch.float32
+    rel = ((u32.double() - u64).norm() / u64.norm()).item()
+    assert rel < 1e-6, rel
+
+
+def test_float32_factor_with_cg_refinement_gradients(low_precision_factor):
+    """Gradients through the float32-factor path agree with those of the float64 solve."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 3, 300
+    c = torch.randn(B, T, 1, 1, 3, generator=g, dtype=f64)
+    c[..., 2] = 1.0 + 0.5 * torch.rand(B, T, 1, 1, generator=g, dtype=f64)
+    rhs = torch.randn(B, T, 1, generator=g, dtype=f64)
+    init = torch.randn(B, 1, 1, 2, generator=g, dtype=f64)
+    steps = 0.01 * (1 + 0.1 * torch.rand(B, T - 1, generator=g, dtype=f64))
+    w = torch.randn(B, T, 1, 3, generator=g, dtype=f64)
+    grads = {}
+    for dt in (torch.float32, f64):
+        xs = [x.to(dt).requires_grad_() for x in (c, rhs, init, steps)]
+        u = solve_linear_ode(*xs, method="parallel")
+        (u * w.to(dt)).sum().backward()
+        grads[dt] = [x.grad.double() for x in xs]
+    for a, b in zip(grads[torch.float32], grads[f64]):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4

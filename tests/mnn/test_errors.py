@@ -360,3 +360,13 @@ def test_slack_not_determined_message():
     for method in ("banded", "parallel"):
         with pytest.raises(FactorizationError, match=r"the slack variable is not determined by the rows"):
             solve_linear_ode(*_slack_absorbed(12, 0.1, f64), central=False, slack=1.0, method=method)
+
+
+@pytest.mark.parametrize("central", [True, False])
+def test_factorisation_breakdown_float32_factor_with_cg(monkeypatch, central):
+    """Off the CPU float32 problems are factorised in float32 (a CG preconditioner): a singular one still fails."""
+    import torchmech.mnn.solve as solve_mod
+
+    monkeypatch.setattr(solve_mod, "_factor_dtype", lambda low, hi, device: low)
+    with pytest.raises(FactorizationError, match=r"not positive definite"):
+        solve_linear_ode(*_only_second_derivative(torch.float32), method="parallel", central=central)

@@ -234,6 +234,17 @@ class _Factorised:
         return z - eps[..., None, None] * self.x2, eps
 
 
+def _factor_dtype(low: torch.dtype, hi: torch.dtype, device: torch.device) -> torch.dtype:
+    """The precision of the factorisation: the working precision hi on CPU, the user's dtype elsewhere.
+
+    On CPU a float64 factorisation of a float32 problem is faster than a float32 one plus the float64 CG
+    refinement it needs (3-5 extra solve and matvec passes per solve): B = 64, T = 1000, parallel, forward +
+    backward 117 -> 65 ms (benchmarks/RESULTS.md), and the result is then exact to float64 before the cast.
+    The low-precision factorisation with CG is kept for devices where float32 arithmetic is much faster.
+    """
+    return hi if device.type == "cpu" else low
+
+
 def _promote(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -247,7 +258,7 @@ class _NeuRLPFunction(torch.autograd.Function):
         hi = torch.float64 if low in _REFINE_TOL else low
         p_hi = template.with_tensors([_promote(t, hi) for t in tensors])
         sys = assemble(p_hi)
-        fac = _Factorised(sys, method, low)
+        fac = _Factorised(sys, method, _factor_dtype(low, hi, sys.diag.device))
         z, eps = fac.solve(sys.b, sys.gamma)
         u = z.reshape(template.batch_shape + (template.T, template.D, template.K))
         check_solution(u, low)
