@@ -239,8 +239,9 @@ def _factor_dtype(low: torch.dtype, hi: torch.dtype, device: torch.device) -> to
 
     On CPU a float64 factorisation of a float32 problem is faster than a float32 one plus the float64 CG
     refinement it needs (3-5 extra solve and matvec passes per solve): B = 64, T = 1000, parallel, forward +
-    backward 117 -> 65 ms (benchmarks/RESULTS.md), and the result is then exact to float64 before the cast.
-    The low-precision factorisation with CG is kept for devices where float32 arithmetic is much faster.
+    backward 117 -> 65 ms in-process (174 -> 57 ms together with the other changes in benchmarks/RESULTS.md),
+    and the result is exact to float64 before the cast. The low-precision factorisation with CG is kept for
+    devices where float32 arithmetic is much faster.
     """
     return hi if device.type == "cpu" else low
 
