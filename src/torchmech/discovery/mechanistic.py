@@ -265,8 +265,11 @@ class MechanisticDiscovery(BaseDiscovery):
             spline: lower coefficient errors under noise) or ``"network"`` (the seed paper's
             convolutional smoother, trained by Adam for ``iterations`` steps per cycle at learning rate
             ``lr``, with ``weight_denoise`` on its own misfit).
-        warm_start: ``None``, ``"sindy"`` (a :class:`~torchmech.discovery.sindy.SINDy` fit with the same
-            library and threshold gives the initial coefficients and support) or a (D, F) tensor.
+        warm_start: ``None``, ``"sindy"`` (a weak-form :class:`~torchmech.discovery.sindy.SINDy` fit with
+            the noise-adaptive ridge, same library and threshold, gives the initial support) or a (D, F)
+            tensor. Measured on Lorenz (512 and 1000 samples, two initial conditions, 3 noise seeds):
+            exact support at 5% noise in 8/12 fits with ``"sindy"`` against 2/12 without, at 1% noise
+            11/12 against 12/12.
         learn_step: learn a global time-step scale (``denoise="network"`` only); ``step_scale_`` holds it
             and the coefficients are then per unit of learned time (simulate on ``t * step_scale_``).
         dtype: ``torch.float32`` or ``torch.float64`` to fit in (default: the data's dtype, integer
@@ -348,10 +351,14 @@ class MechanisticDiscovery(BaseDiscovery):
         if isinstance(self.warm_start, Tensor):
             init = self.warm_start
         elif self.warm_start == "sindy":
+            from torchmech.discovery.differentiation import WeakForm
             from torchmech.discovery.optimizers import STLSQ
             from torchmech.discovery.sindy import SINDy
 
-            sindy = SINDy(library=self.library, optimizer=STLSQ(threshold=self.threshold))
+            # weak form + noise-adaptive ridge: the most reliable SINDy variant in benchmarks/discovery.py
+            width = min(33, min(a.shape[0] for a in xs))
+            sindy = SINDy(library=self.library, differentiation=WeakForm(width=width),
+                          optimizer=STLSQ(threshold=self.threshold, alpha="auto"))
             init = sindy.fit(xs, ts, us, variable_names=vnames, control_names=cnames).coefficients_
         if init is not None and tuple(init.shape) != (D, F):
             raise ValueError(f"warm_start: expected coefficients of shape (D, F) = ({D}, {F}), got "
