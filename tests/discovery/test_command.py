@@ -116,3 +116,12 @@ def test_missing_file_unknown_type_and_bad_npz(tmp_path, capsys):
 def test_unknown_system_and_bad_noise(tmp_path, capsys):
     _bad(tmp_path, capsys, ["--system", "lorenzz"], "unknown system")
     _bad(tmp_path, capsys, ["--noise", "-1"], "--noise must be")
+
+
+def test_shortest_accepted_series_with_sindy(tmp_path, capsys):
+    """32 samples (the least the command accepts): the weak-form window must shrink to an odd width."""
+    t, x = lorenz_arrays(n=32, t1=1.0)
+    path = write_csv(tmp_path / "short.csv", ["t", "x", "y", "z"], [(ti, *xi) for ti, xi in zip(t, x)])
+    code = main(["discover", path, "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    assert "x' = " in capsys.readouterr().out

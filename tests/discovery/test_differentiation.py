@@ -172,3 +172,18 @@ def test_weak_form_bad_inputs():
         WeakForm()(x, 0.1)
     with pytest.raises(ValueError, match=r"features: expected shape \(40,\) \+ \(F,\)"):
         WeakForm().weak_system(torch.zeros(40, 2), 0.1, torch.zeros(39, 3))
+
+
+def test_weak_form_fitting_width():
+    from torchmech.discovery import WeakForm
+
+    assert [WeakForm.fitting(n).width for n in (100, 33, 32, 31, 6, 5)] == [33, 33, 31, 31, 5, 5]
+    assert WeakForm.fitting(100, width=21).width == 21
+    # enough windows for the regression: 32 samples and 20 rows wanted -> a short window
+    w = WeakForm.fitting(32, min_rows=20)
+    assert len(w._starts(32, "cpu")) >= 20 and w.width % 2 == 1
+    assert WeakForm.fitting(8, min_rows=1000).width == 5
+    t = torch.linspace(0, 1, 32, dtype=torch.float64)
+    x = torch.sin(3 * t)[:, None]
+    est = WeakForm.fitting(32)
+    assert est(x, t).shape == x.shape  # a window of 31 fits a 32-sample series

@@ -203,3 +203,11 @@ def test_weak_sindy_warm_start_helps_at_five_percent_noise():
         if seed == 0:
             check_lorenz(model.coefficients_, 0.02)
     assert warm == 3 and cold < warm
+
+
+def test_warm_start_on_the_shortest_series():
+    from torchmech.discovery import MechanisticDiscovery
+
+    t, x = lorenz_data(0.0, n=32)
+    model = MechanisticDiscovery(LIB, warm_start="sindy", cycles=1, progress=False).fit(x[:32], t[:32])
+    assert model.coefficients_.shape == (3, 10)

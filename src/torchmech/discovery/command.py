@@ -107,7 +107,8 @@ def _fit(method: str, library, ts, xs, threshold: float, quick: bool, progress: 
         from torchmech.discovery.sindy import SINDy
 
         # Weak form + noise-adaptive ridge: the most reliable SINDy variant in benchmarks/discovery.py.
-        model = SINDy(library=library, differentiation=WeakForm(width=min(33, min(x.shape[0] for x in xs))),
+        model = SINDy(library=library, differentiation=WeakForm.fitting(
+                          min(x.shape[0] for x in xs), min_rows=2 * library.n_features(xs[0].shape[-1]) // len(xs)),
                       optimizer=STLSQ(threshold=threshold, alpha="auto"))
         model.fit(xs if len(xs) > 1 else xs[0], ts if len(ts) > 1 else ts[0])
         return model.coefficients_.detach()

@@ -529,6 +529,19 @@ class WeakForm(Differentiator):
         self.power = power
         self.min_points = width
 
+    @classmethod
+    def fitting(cls, n_samples: int, min_rows: int = 0, width: int = 33, **kwargs) -> "WeakForm":
+        """A ``WeakForm`` for series of ``n_samples``: the largest odd width <= ``width`` (at least 5)
+        that fits the series and leaves at least ``min_rows`` windows per series for the regression
+        (e.g. twice the number of library features); 5 if none does."""
+        w = min(width, n_samples)
+        w -= 1 - w % 2
+        while w > 5:
+            if len(cls(width=w, **kwargs)._starts(n_samples, "cpu")) >= min_rows:
+                break
+            w -= 2
+        return cls(width=max(5, w), **kwargs)
+
     def _weights(self, t: torch.Tensor, starts: torch.Tensor):
         """Weights of phi and of its time derivative on the windows starting at ``starts`` (K,).
 

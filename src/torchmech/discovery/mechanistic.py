@@ -356,8 +356,8 @@ class MechanisticDiscovery(BaseDiscovery):
             from torchmech.discovery.sindy import SINDy
 
             # weak form + noise-adaptive ridge: the most reliable SINDy variant in benchmarks/discovery.py
-            width = min(33, min(a.shape[0] for a in xs))
-            sindy = SINDy(library=self.library, differentiation=WeakForm(width=width),
+            sindy = SINDy(library=self.library, differentiation=WeakForm.fitting(
+                              min(a.shape[0] for a in xs), min_rows=2 * F // len(xs)),
                           optimizer=STLSQ(threshold=self.threshold, alpha="auto"))
             init = sindy.fit(xs, ts, us, variable_names=vnames, control_names=cnames).coefficients_
         if init is not None and tuple(init.shape) != (D, F):
