@@ -13,20 +13,20 @@ from torchmech.de.controllers import PIDController, StepTo
 from torchmech.de.integrate import SaveAt, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
 from torchmech.de.solvers.sde import (
+    SDE_METHODS,
     SRA1,
     EulerHeun,
-    EulerMaruyama,
-    Milstein,
     ReversibleHeun,
     StochasticHeun,
     StochasticMidpoint,
+    sde_solver_by_name,
 )
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "VirtualBrownianTree"]
 
 _NOISE = ("diagonal", "scalar", "additive", "general")
-_METHODS = ("euler", "milstein", "srk", "midpoint", "euler_heun", "heun", "reversible_heun")
+_METHODS = tuple(SDE_METHODS)
 _ADAPTIVE = ("heun", "midpoint", "euler_heun")  # methods with an embedded error estimate (adaptive=True)
 
 
@@ -36,11 +36,10 @@ def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = F
     if method == "milstein":
         if noise_type != "diagonal":
             raise ValueError(f"sdeint: method 'milstein' supports noise_type 'diagonal' only, got {noise_type!r}")
-        return Milstein(sde_type)
+        return sde_solver_by_name(method, sde_type)
     if method == "srk" and noise_type != "additive":
         raise ValueError(f"sdeint: method 'srk' (SRA1) supports noise_type 'additive' only, got {noise_type!r}")
-    solver = {"euler": EulerMaruyama, "srk": SRA1, "euler_heun": EulerHeun, "heun": StochasticHeun,
-              "midpoint": StochasticMidpoint, "reversible_heun": ReversibleHeun}[method]()
+    solver = sde_solver_by_name(method)
     if solver.sde_type not in ("any", sde_type):
         raise ValueError(f"sdeint: method {method!r} solves {solver.sde_type} SDEs but sde.sde_type is {sde_type!r}")
     if not isinstance(adaptive, bool):

@@ -157,7 +157,7 @@ class _ReversibleFn(torch.autograd.Function):
         integ = ctx.integ
         steps = _Steps(integ, ctx.steps)
         params = list(ctx.saved_tensors)
-        solver, args = integ.solver, integ.args
+        args = integ.args
         grad_ys = torch.zeros_like(grad_ys) if grad_ys is None else torch.nan_to_num(grad_ys)
         # split the output cotangent into its SaveAt pieces
         col = 0

@@ -12,15 +12,7 @@ from torchmech.de.brownian import AbstractBrownian, BrownianInterval
 from torchmech.de.controllers import StepTo
 from torchmech.de.integrate import SaveAt, Solution, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
-from torchmech.de.solvers.sde import (
-    SRA1,
-    AbstractSDESolver,
-    EulerHeun,
-    EulerMaruyama,
-    Milstein,
-    ReversibleHeun,
-    StochasticHeun,
-)
+from torchmech.de.solvers.sde import SDE_METHODS, SRA1, AbstractSDESolver, Milstein, ReversibleHeun, sde_solver_by_name
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 from torchmech.nn._common import (
     PerDimensionMLP,
@@ -37,7 +29,7 @@ from torchmech.nn._common import (
 __all__ = ["NeuralSDE"]
 
 NOISE_TYPES = ("diagonal", "general", "scalar", "additive")
-SDE_SOLVERS = ("euler", "milstein", "heun", "euler_heun", "reversible_heun", "srk")
+SDE_SOLVERS = tuple(SDE_METHODS)
 
 
 def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> AbstractSDESolver:
@@ -48,11 +40,7 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
         if key not in SDE_SOLVERS:
             raise ValueError(f"{owner}: unknown solver {solver!r}; expected one of {list(SDE_SOLVERS)} or an "
                              "AbstractSDESolver instance")
-        if key == "milstein":
-            solver = Milstein(sde_type or "ito")
-        else:
-            solver = {"euler": EulerMaruyama, "heun": StochasticHeun, "euler_heun": EulerHeun,
-                      "reversible_heun": ReversibleHeun, "srk": SRA1}[key]()
+        solver = sde_solver_by_name(key, sde_type or "ito")
     if not isinstance(solver, AbstractSDESolver):
         raise TypeError(f"{owner}: solver must be an SDE solver name or AbstractSDESolver instance, "
                         f"got {type(solver).__name__}")
@@ -168,7 +156,7 @@ class NeuralSDE(nn.Module):
         brownian_size: channels ``m`` of the Brownian motion for general/additive noise (default ``D``).
         sde_type: "ito" (default) or "stratonovich": the calculus the SDE is read in. It picks the
             default solver and is checked against a given one.
-        solver: "euler" (Euler-Maruyama, Ito), "milstein" (diagonal), "heun", "euler_heun",
+        solver: "euler" (Euler-Maruyama, Ito), "milstein" (diagonal), "heun", "midpoint", "euler_heun",
             "reversible_heun" (Stratonovich), "srk" (SRA1, additive noise) or an
             :class:`~torchmech.de.solvers.AbstractSDESolver`. Default: "reversible_heun" with
             ``adjoint="reversible"``, else "euler" (Ito) or "heun" (Stratonovich).

@@ -26,7 +26,7 @@ from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODET
 
 __all__ = [
     "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
-    "ReversibleHeun",
+    "ReversibleHeun", "SDE_METHODS", "sde_solver_by_name",
 ]
 
 
@@ -329,3 +329,14 @@ class ReversibleHeun(AbstractSDESolver):
         control = terms.contr(t0, t1)
         y1, z1, vz1 = self.forward_step(terms, t0, t1, y0, z0, vz0, args, control)
         return StepResult(y1, None, _RevState((vz1, z1)), (y1 - y0,), 1)
+
+
+# The method names of torchsde, shared by torchmech.sdeint and torchmech.nn.NeuralSDE.
+SDE_METHODS = {"euler": EulerMaruyama, "milstein": Milstein, "srk": SRA1, "midpoint": StochasticMidpoint,
+               "euler_heun": EulerHeun, "heun": StochasticHeun, "reversible_heun": ReversibleHeun}
+
+
+def sde_solver_by_name(name: str, sde_type: str = "ito") -> AbstractSDESolver:
+    """A new solver for a torchsde method name (``sde_type`` picks Milstein's calculus)."""
+    cls = SDE_METHODS[name]
+    return cls(sde_type) if cls is Milstein else cls()
