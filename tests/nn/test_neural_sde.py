@@ -133,3 +133,14 @@ def test_backsolve_adjoint_converges_to_direct_gradients():
             grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
         errors.append(float((grads[1] - grads[0]).norm() / grads[0].norm()))
     assert errors[0] < 1e-2 and errors[1] < 0.5 * errors[0], errors
+
+
+def test_every_torchsde_method_name_builds_a_solver():
+    from torchmech.de.solvers.sde import SDE_METHODS
+
+    y0, t = torch.randn(3, 2), torch.linspace(0, 1, 4)
+    for name in SDE_METHODS:
+        sde_type = "ito" if name in ("euler", "milstein") else "stratonovich"
+        noise = "additive" if name == "srk" else "diagonal"
+        out = NeuralSDE(2, hidden=4, sde_type=sde_type, noise=noise, solver=name, dt=0.1)(y0, t, seed=0)
+        assert out.shape == (3, 4, 2) and torch.isfinite(out).all(), name
