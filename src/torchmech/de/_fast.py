@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from torchmech.de._tree import bcast
-from torchmech.de.controllers import ConstantStep, PIDController, _snap
+from torchmech.de.controllers import ConstantStep, PIDController, StepTo, _snap
 from torchmech.de.integrate import Status
 
 # bytes of per-step records (state + stage values) kept before a save pass runs
@@ -50,8 +50,8 @@ def unsupported(integ) -> str | None:
             return "PIDController step_ts/jump_ts"
         if type(ctrl).propose is not PIDController.propose:  # this loop proposes t + dt itself
             return f"controller {type(ctrl).__name__} (overrides propose)"
-    elif type(ctrl) is not ConstantStep:
-        return f"controller {type(ctrl).__name__} (only PIDController and ConstantStep)"
+    elif type(ctrl) not in (ConstantStep, StepTo):
+        return f"controller {type(ctrl).__name__} (only PIDController, ConstantStep and StepTo)"
     if integ.event is not None:
         return "events"
     if integ.saveat.steps or (integ.saveat.dense and not getattr(integ, "records_only", False)):
@@ -277,15 +277,95 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
     # matmul: BLAS results can change in the last bit with memory alignment.)
     deg = len(P.poly[0])
     fl = list(fs.reshape((fs.shape[0], B * M) + ys.shape[2:]).unbind(0))
-    q = torch.stack([_lincomb(_nonzero([row[p] for row in P.poly]), fl) for p in range(deg)])
-    q = q.index_select(1, flat)  # (deg, B*K, ...)
-    th = bcast(theta.reshape(-1), q[0])
-    acc = q[-1]
-    for p in range(q.shape[0] - 2, -1, -1):
-        acc = torch.addcmul(q[p], acc, th)
+    # rows first: index_select along dim 0 (and its index_add_ backward) is several times faster
+    # than along an inner dimension
+    q = torch.stack([_lincomb(_nonzero([row[p] for row in P.poly]), fl) for p in range(deg)], dim=1)
+    q = q.index_select(0, flat)  # (B*K, deg, ...)
+    th = bcast(theta.reshape(-1), q[:, 0])
+    acc = q[:, -1]
+    for p in range(deg - 2, -1, -1):
+        acc = torch.addcmul(q[:, p], acc, th)
     incr = (acc * th).reshape(y_m.shape)  # sum_p theta^(p+1) Q_p
     vals = torch.addcmul(y_m, bcast(h_m, y_m), incr)
     return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
+
+
+def _run_grid(P: Plan, integ, state: dict, n) -> tuple[dict, list, bool] | None:
+    """``run`` for ``ConstantStep``/``StepTo`` solves whose samples share one time grid, or None if they do not.
+
+    Every sample steps together, so a step is only its stages: no step proposal, acceptance,
+    status or save-window bookkeeping, and no host read-back. The stage and interpolation
+    arithmetic is that of :func:`step` and :func:`save_pass` with the same operands (the grid is the
+    one the per-sample loop would walk), so results agree with it to round-off. Finiteness is
+    checked once at the end; if anything went non-finite the caller runs the per-sample loop
+    instead, which stops the offending samples with status ``NONFINITE`` as usual.
+    """
+    from torchmech.de import _fast_sde
+
+    G = _fast_sde.plan(integ)
+    if G is None or bool(state["done"].any()):
+        return None
+    t = state["t"]
+    t_now = float(t[0])
+    if not bool((t == t[0]).all()) or t_now not in G.floats:
+        return None
+    k0 = G.floats.index(t_now)
+    K = len(G.floats) - 1
+    k1 = K if n is None else min(K, k0 + n)
+    f, args = integ.terms.f, integ.args
+    y, f0 = state["y"], state["vf"]
+    B = G.B
+    deg = len(P.poly[0])
+    qrows = [_nonzero([row[p] for row in P.poly]) for p in range(deg)]
+    saved: dict = {}
+    for k in range(k0, k1):
+        tv, tn = G.grid[k].expand(B), G.grid[k + 1].expand(B)
+        h = G.h[k].expand(B)
+        hb = bcast(h, y)
+        fs = [f0]
+        yi = y
+        for c, row in P.stages:
+            yi = torch.addcmul(y, hb, _lincomb(row, fs))
+            ti = tn if c == 1.0 else torch.add(tv, h, alpha=c)
+            fs.append(f(ti, yi, args))
+        if P.fsal:
+            y1 = yi if P.b_last == 0 else torch.addcmul(yi, hb, fs[-1], value=P.b_last)
+            f1 = fs[-1]
+        else:
+            y1 = torch.addcmul(y, hb, _lincomb(P.b, fs))
+            f1 = f(tn, y1, args)
+        inner = [(col, theta) for col, theta in G.saves[k] if theta != 1.0]
+        for col, theta in G.saves[k]:
+            if theta == 1.0:  # a save time on the grid: the step's end point itself
+                saved[col] = y1
+        if inner:
+            for c, row in P.dense_stages:
+                fs.append(f(torch.add(tv, h, alpha=c), torch.addcmul(y, hb, _lincomb(row, fs)), args))
+            if P.hermite:
+                fs.append(f1)
+            q = [_lincomb(r, fs) for r in qrows]
+            for col, theta in inner:
+                th = torch.tensor(theta, dtype=y.dtype, device=y.device)
+                acc = q[-1]
+                for p in range(deg - 2, -1, -1):
+                    acc = torch.addcmul(q[p], acc, th)
+                saved[col] = torch.addcmul(y, hb, acc * th)
+        y, f0 = y1, f1
+    with torch.no_grad():
+        finite = bool(torch.isfinite(torch.stack([y, f0], dim=1).mul_(0).sum()))
+    if not finite:
+        return None
+    m = k1 - k0
+    extra = len(P.dense_stages) * sum(1 for k in range(k0, k1) if any(th != 1.0 for _, th in G.saves[k]))
+    new = dict(state)
+    new.update(t=G.grid[k1].expand(B).clone(), y=y, vf=f0, done=torch.full_like(state["done"], k1 == K),
+               num_steps=state["num_steps"] + m, num_accepted=state["num_accepted"] + m,
+               num_fevals=state["num_fevals"] + m * (P.nfev - len(P.dense_stages)) + extra)
+    if saved:
+        cols = sorted(saved)
+        idx = torch.tensor(cols, device=y.device)
+        new["ys_ts"] = state["ys_ts"].index_copy(1, idx, torch.stack([saved[c] for c in cols], dim=1))
+    return new, [], k1 == K
 
 
 def _run_records(P: Plan, integ, state: dict, n, tensors: tuple, cst: dict) -> tuple[dict, list, bool]:
@@ -325,10 +405,16 @@ def _compiled_step():
 
 
 def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict, list, bool]:
-    """``_Integrator.run_steps`` for problems ``unsupported`` accepts: up to ``n`` steps (all if None)."""
+    """``_Integrator.run_steps`` for problems ``unsupported`` accepts: up to ``n`` steps (all if None).
+
+    Returns None when the caller's generic loop must run instead: a ``StepTo`` solve whose samples
+    do not share one grid, that records its dense output, or that went non-finite.
+    """
     P = getattr(integ, "_fast_plan", None)
     if P is None:
         P = integ._fast_plan = Plan(integ)
+    if type(integ.controller) is StepTo:
+        return None if P.records else _run_grid(P, integ, state, n)
     fn = _compiled_step() if compiled else step
     cst = state["ctrl"]
     ones = torch.ones_like(state["t"])
@@ -341,6 +427,10 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
     # buffer after the step); a step passing more also goes through the eager save pass
     if P.records:  # records-only dense output: eager steps, the records go back to the caller
         return _run_records(P, integ, state, n, tensors, cst)
+    if not P.adaptive and not compiled:
+        out = _run_grid(P, integ, state, n)
+        if out is not None:
+            return out
     W = min(_WINDOW, integ.ts.shape[1]) if (compiled and P.save) else (1 if compiled else 0)
     records: list = []
     nxt = None

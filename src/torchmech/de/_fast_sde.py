@@ -72,8 +72,12 @@ class Plan:
         self.grid = torch.tensor(floats, dtype=y0.dtype, device=y0.device)
         self.saves = saves  # per step: [(column, theta), ...] for save times in (t_k, t_{k+1}]
         self.B = y0.shape[0]
-        diff = integ.terms.terms[1]
-        self.bm = diff.control if isinstance(diff.control, AbstractBrownian) else None
+        # (K-1,) step lengths, each the generic loop's t_next - t in the solve's dtype
+        self.h = self.grid[1:] - self.grid[:-1]
+        self.bm = None
+        if isinstance(integ.terms, MultiTerm):
+            diff = integ.terms.terms[1]
+            self.bm = diff.control if isinstance(diff.control, AbstractBrownian) else None
 
     def times(self, k: int) -> tuple[Tensor, Tensor]:
         """(t_k, t_{k+1}) as (B,) tensors, as the generic loop passes them to vector fields."""
@@ -97,7 +101,8 @@ def _shared(x: Tensor) -> bool:
 
 
 def plan(integ) -> Plan | None:
-    """The plan of a solve ``unsupported`` accepts, or None when its samples do not share one grid
+    """The plan of a fixed-step solve (``unsupported`` here, or an ODE solve with ``ConstantStep`` in
+    :mod:`torchmech.de._fast`), or None when its samples do not share one grid
     (per-sample t0/t1/dt0, per-sample StepTo or save times) or it needs more than ``max_steps``."""
     cached = getattr(integ, "_sde_plan", False)
     if cached is not False:

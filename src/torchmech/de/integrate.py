@@ -569,7 +569,9 @@ class _Integrator:
         if self.fast:
             from torchmech.de import _fast
 
-            return _fast.run(self, state, n, compiled=self.compiled)
+            out = _fast.run(self, state, n, compiled=self.compiled)
+            if out is not None:
+                return out
         if self.fast_sde:
             from torchmech.de import _fast_sde
 
@@ -691,6 +693,8 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         from torchmech.de import _fast
 
         why = _fast.unsupported(integ)
+        if why is None and isinstance(controller, StepTo):
+            why = "controller StepTo (its shared-grid loop runs eagerly)"
         if why is not None:
             raise ValueError(f"solve: compile=True does not support {why}; use compile=False")
         integ.compiled = True
