@@ -59,6 +59,13 @@ def _soa_pairs(sys: BandedSystem) -> bool:
     return 2 * n <= _SMALL_MAX and sys.diag[..., 0, 0, 0].numel() * ((T + 1) // 2) >= _SMALL_MIN_BLOCKS
 
 
+def _wants_soa(p: Problem, method: str) -> bool:
+    """_soa_pairs decided before assembly: whether to assemble straight into the SoA layout."""
+    if method != "parallel" or not (p.central and p.T >= 3):
+        return False
+    return 2 * p.n <= _SMALL_MAX and p.batch_shape.numel() * ((p.T + 1) // 2) >= _SMALL_MIN_BLOCKS
+
+
 def _soa(x: Tensor) -> Tensor:
     """View (..., N, a, b) as (a, b, ..., N) (no copy)."""
     nd = x.dim()
@@ -258,7 +265,7 @@ class _NeuRLPFunction(torch.autograd.Function):
         low = tensors[0].dtype
         hi = torch.float64 if low in _REFINE_TOL else low
         p_hi = template.with_tensors([_promote(t, hi) for t in tensors])
-        sys = assemble(p_hi)
+        sys = assemble(p_hi, soa=_wants_soa(p_hi, method))
         fac = _Factorised(sys, method, _factor_dtype(low, hi, sys.diag.device))
         z, eps = fac.solve(sys.b, sys.gamma)
         u = z.reshape(template.batch_shape + (template.T, template.D, template.K))

@@ -365,13 +365,14 @@ class BandedSystem:
 
 
 def _per_variable(x: Tensor, D: int) -> Tensor:
-    """(..., K, K) per-variable block -> (..., D*K, D*K) block diagonal over the D variables."""
+    """(K, K, ...) per-variable block -> (D*K, D*K, ...) block diagonal over the D variables."""
     if D == 1:
         return x
-    K = x.shape[-1]
-    eye = torch.eye(D, dtype=x.dtype, device=x.device)
-    y = x[..., None, :, None, :] * eye[:, None, :, None]
-    return y.reshape(*x.shape[:-2], D * K, D * K)
+    K = x.shape[0]
+    y = x.new_zeros((D * K, D * K) + x.shape[2:])
+    for d in range(D):
+        y[d * K:(d + 1) * K, d * K:(d + 1) * K] = x
+    return y
 
 
 def _expand_time(x: Tensor, size: int, batch_shape: torch.Size, tail: int) -> Tensor:
@@ -380,57 +381,83 @@ def _expand_time(x: Tensor, size: int, batch_shape: torch.Size, tail: int) -> Te
     return x.expand(shape)
 
 
-def assemble(p: Problem) -> BandedSystem:
-    """Form the block-banded normal equations A^T W A z = A^T W y (and the slack border)."""
+def _lead(x: Tensor, k: int) -> Tensor:
+    """(..., *last k axes) -> (*last k axes, ...), contiguous in that order."""
+    nd = x.dim()
+    return x.permute(*range(nd - k, nd), *range(nd - k)).contiguous()
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """View (a, b, ...) as (..., a, b) (no copy)."""
+    nd = x.dim()
+    return x.permute(*range(2, nd), 0, 1)
+
+
+def _const(A: Tensor, like: Tensor) -> Tensor:
+    """A (a, b) shaped to broadcast against (a, b, ...) like."""
+    return A.reshape(A.shape + (1,) * (like.dim() - 2))
+
+
+def assemble(p: Problem, soa: bool = False) -> BandedSystem:
+    """Form the block-banded normal equations A^T W A z = A^T W y (and the slack border).
+
+    The blocks are computed in structure-of-arrays layout (block entry first, time last), where every
+    product runs along the long time axis instead of over tiny trailing K x K axes (4-10x faster on
+    CPU). With ``soa`` the system's blocks are (..., T, n, n) views of that storage (what the
+    unrolled cyclic-reduction kernels read); otherwise they are copied to the usual contiguous layout.
+    """
     T, D, K, n, bs = p.T, p.D, p.K, p.n, p.batch_shape
     dt, dev = p.dtype, p.device
     c = p.coefficients.reshape(*p.coefficients.shape[:-2], n)  # (..., T|1, E, n)
-    we2 = _bw(p.weight_equation, 2) ** 2
-    ws2 = _bw(p.weight_smooth, 2) ** 2
+    # every operand carries the full batch shape, which sits between the block axes and time
+    we2 = p.weight_equation.expand(bs).unsqueeze(-1) ** 2  # (*bs, 1): broadcasts against (..., *bs, T|1)
+    ws2 = p.weight_smooth.expand(bs).unsqueeze(-1) ** 2
+    cT = _lead(_expand_time(c, c.shape[-3], bs, 2), 2)  # (E, n, *bs, T|1)
     if p.E == 1:
-        c1 = c.squeeze(-2)  # (..., T|1, n)
-        eq_gram = c1.unsqueeze(-1) * c1.unsqueeze(-2)
-        eq_b = c1 * p.rhs
+        eq_b = c.squeeze(-2) * p.rhs
     else:
-        eq_gram = c.transpose(-1, -2) @ c  # (..., T|1, n, n)
         eq_b = (c * p.rhs.unsqueeze(-1)).sum(-2)  # (..., T|1, n)
-    b = _expand_time(we2 * eq_b, T, bs, 1).clone()
+    b = _expand_time(_bw(p.weight_equation, 2) ** 2 * eq_b, T, bs, 1).clone()
 
     # Smoothness: the local Gram of interval t is ws^2 * (C^T C) * (q q^T) with q = [h_t^k, h_t^k] (see
     # taylor_constant), so its K x K quarters are constant matrices times the outer product of the step powers.
     C = taylor_constant(K, dt, dev)
     A = C.T @ C
-    hp = _powers(p.steps, K)  # (..., T-1|1, K)
-    whh = ws2.unsqueeze(-1) * (hp.unsqueeze(-1) * hp.unsqueeze(-2))  # (..., T-1|1, K, K)
-    sdiag = torch.zeros(bs + (T, K, K), dtype=dt, device=dev)
-    sdiag[..., :-1, :, :] += whh * A[:K, :K]
-    sdiag[..., 1:, :, :] += whh * A[K:, K:]
-    soff1 = _expand_time(whh * A[:K, K:], T - 1, bs, 2).clone()
+    steps = _expand_time(p.steps, p.steps.shape[-1], bs, 0)  # (*bs, T-1|1)
+    hp = _powers(steps, K)  # (*bs, T-1|1, K)
+    hpT = _lead(hp, 1)  # (K, *bs, T-1|1)
+    whh = ws2 * (hpT[:, None] * hpT[None, :])  # (K, K, ..., T-1|1)
+    sdiag = torch.zeros((K, K) + bs + (T,), dtype=dt, device=dev)
+    sdiag[..., :-1] += whh * _const(A[:K, :K], whh)
+    sdiag[..., 1:] += whh * _const(A[K:, K:], whh)
+    soff1 = (whh * _const(A[:K, K:], whh)).expand((K, K) + bs + (T - 1,)).clone()
     soff2 = None
     m_var = None
     if p.slack is not None:
         # Slack column: +1 in every Taylor row (weight w_s), -1 in every central row.
         csum = C.sum(0)
+        ws2v = _bw(p.weight_smooth, 2) ** 2
         m_var = torch.zeros(bs + (T, K), dtype=dt, device=dev)
-        m_var[..., :-1, :] += ws2 * csum[:K] * hp
-        m_var[..., 1:, :] += ws2 * csum[K:] * hp
+        m_var[..., :-1, :] += ws2v * csum[:K] * hp
+        m_var[..., 1:, :] += ws2v * csum[K:] * hp
     if p.central and T >= 3:
         # The central row has three non-zeros (u_t[K-2], u_{t+1}[K-1], u_{t+2}[K-2]); add their nine
         # products directly instead of forming a dense 3K x 3K Gram per step.
-        lo, hi = _central_coeffs(p.steps, K)
+        lo, hi = _central_coeffs(steps, K)
         idx = (K - 2, K - 1, K - 2)
         v = [lo, hi, -lo]  # (..., T-2 | 1) each
-        ws2t = ws2.squeeze(-1)
-        soff2 = torch.zeros(bs + (T - 2, K, K), dtype=dt, device=dev)
+        soff2 = torch.zeros((K, K) + bs + (T - 2,), dtype=dt, device=dev)
         for a in range(3):
-            sdiag[..., a: T - 2 + a, idx[a], idx[a]] += ws2t * v[a] * v[a]
-        soff1[..., :-1, idx[0], idx[1]] += ws2t * v[0] * v[1]
-        soff1[..., 1:, idx[1], idx[2]] += ws2t * v[1] * v[2]
-        soff2[..., idx[0], idx[2]] += ws2t * v[0] * v[2]
+            sdiag[idx[a], idx[a], ..., a: T - 2 + a] += ws2 * v[a] * v[a]
+        soff1[idx[0], idx[1], ..., :-1] += ws2 * v[0] * v[1]
+        soff1[idx[1], idx[2], ..., 1:] += ws2 * v[1] * v[2]
+        soff2[idx[0], idx[2]] += ws2 * v[0] * v[2]
         if m_var is not None:
             for a in range(3):
-                m_var[..., a: T - 2 + a, idx[a]] -= ws2t * v[a]
-    diag = _per_variable(sdiag, D) + we2.unsqueeze(-1) * eq_gram  # fresh (..., T, n, n)
+                m_var[..., a: T - 2 + a, idx[a]] -= ws2 * v[a]
+    diag = _per_variable(sdiag, D)  # fresh (n, n, *bs, T)
+    for e in range(p.E):  # + we^2 c_e c_e^T per equation, in place (no (n, n, *bs, T) temporaries)
+        diag.addcmul_(cT[e][:, None] * we2, cT[e][None, :])
     off1 = _per_variable(soff1, D)
     off2 = _per_variable(soff2, D) if soff2 is not None else None
 
@@ -440,10 +467,14 @@ def assemble(p: Problem) -> BandedSystem:
         ivd[..., : p.K0] = wi2
         ivb = torch.zeros(bs + (p.T0, D, K), dtype=dt, device=dev)
         ivb[..., : p.K0] = wi2 * p.init
-        idx = torch.arange(n, device=dev)
-        diag[..., : p.T0, idx, idx] += ivd.reshape(bs + (p.T0, n))
+        diag.diagonal(dim1=0, dim2=1)[..., : p.T0, :] += ivd.reshape(bs + (p.T0, n))
         b[..., : p.T0, :] += ivb.reshape(bs + (p.T0, n))
 
+    diag, off1 = _blocks(diag), _blocks(off1)
+    off2 = _blocks(off2) if off2 is not None else None
+    if not soa:
+        diag, off1 = diag.contiguous(), off1.contiguous()
+        off2 = off2.contiguous() if off2 is not None else None
     sys = BandedSystem(diag, off1, off2, b)
     if p.slack is not None:
         m = m_var.unsqueeze(-2).expand(bs + (T, D, K)).reshape(bs + (T, n))
