@@ -59,6 +59,14 @@ def _soa_pairs(sys: BandedSystem) -> bool:
     return 2 * n <= _SMALL_MAX and sys.diag[..., 0, 0, 0].numel() * ((T + 1) // 2) >= _SMALL_MIN_BLOCKS
 
 
+def _scaled_tridiagonal(sys: BandedSystem, s: Tensor, low: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """_tridiagonal of the system scaled by s (the Jacobi scaling), in dtype low."""
+    diag = sys.diag * s.unsqueeze(-1) * s.unsqueeze(-2)
+    off1 = sys.off1 * s[..., :-1, :, None] * s[..., 1:, None, :]
+    off2 = None if sys.off2 is None else sys.off2 * s[..., :-2, :, None] * s[..., 2:, None, :]
+    return _tridiagonal(diag.to(low), off1.to(low), None if off2 is None else off2.to(low))
+
+
 def _wants_soa(p: Problem, method: str) -> bool:
     """_soa_pairs decided before assembly: whether to assemble straight into the SoA layout."""
     if method != "parallel" or not (p.central and p.T >= 3):
@@ -186,10 +194,7 @@ class _Factorised:
             self.paired, self.pad = True, self.T % 2 == 1
             self.factor = CyclicReduction.from_soa(D2, U2, min_pivot=pivot_floor(low, self.T))
             return
-        diag = sys.diag * s.unsqueeze(-1) * s.unsqueeze(-2)
-        off1 = sys.off1 * s[..., :-1, :, None] * s[..., 1:, None, :]
-        off2 = None if sys.off2 is None else sys.off2 * s[..., :-2, :, None] * s[..., 2:, None, :]
-        D2, U2, self.paired = _tridiagonal(diag.to(low), off1.to(low), None if off2 is None else off2.to(low))
+        D2, U2, self.paired = _scaled_tridiagonal(sys, s, low)  # (the scaled blocks are freed here)
         self.pad = self.paired and self.T % 2 == 1
         factor = CyclicReduction if self.method == "parallel" else SequentialCholesky
         self.factor = factor(D2, U2, min_pivot=pivot_floor(low, self.T))
