@@ -503,16 +503,24 @@ def cde_runs(args, device, dtype, goals):
          dict(adjoint=True, method="dopri5", rtol=1e-4, atol=1e-6, adjoint_options={"norm": "seminorm"},
               adjoint_params=tuple(fparams))),
     ]
+    # further torchmech variants of a config, in the same comparison group: shared steps (the batch
+    # steps together, as torchcde steps it) next to the default per-sample steps
+    variants = {"natural cubic, Dopri5, backsolve adjoint": [
+        ("natural cubic, Dopri5, backsolve adjoint, shared steps", dict(norm=de.batch_rms_norm))]}
     bench = Bench(device, memory=not args.no_memory)
     groups = []
     floors = []
+    floor_labels = []
     for label, kind, kw_ours, kw_peer in configs:
         co = ours_coeffs[kind]
-        fn = step(lambda co=co: mcde.CubicSpline(co, t), torchmech.cdeint, **kw_ours)
-        calls = counted(fn)
-        bench.add("ours", f"torchmech {label}", fn, info={"func calls (graph/no graph)": f"{calls[0]}/{calls[1]}"},
-                  reset=clear)
-        floors.append((f"torchmech {label}", calls))
+        names_o = []
+        for label_o, kw in [(label, {})] + variants.get(label, []):
+            fn = step(lambda co=co: mcde.CubicSpline(co, t), torchmech.cdeint, **kw_ours, **kw)
+            calls = counted(fn)
+            bench.add("ours", f"torchmech {label_o}", fn,
+                      info={"func calls (graph/no graph)": f"{calls[0]}/{calls[1]}"}, reset=clear)
+            floors.append((f"torchmech {label_o}", calls))
+            names_o.append((label_o, calls))
         names_p = []
         if torchcde is not None:
             cp = peer_coeffs[kind]
@@ -522,10 +530,11 @@ def cde_runs(args, device, dtype, goals):
                       info={"func calls (graph/no graph)": f"{calls[0]}/{calls[1]}"}, reset=clear)
             floors.append((f"torchcde {label}", calls))
             names_p.append(f"torchcde {label}")
-        groups.append((f"CDE {label}", [f"torchmech {label}"], names_p))
-        g, ng = floors[-1 - len(names_p)][1]  # torchmech's call counts
-        bench.add("floor", f"func alone: torchmech {label} calls", floor_fn([(g, f_fb), (ng, f_fwd)]),
-                  info={"calls (graph/no graph)": f"{g}/{ng}"}, memory=False)
+        groups.append((f"CDE {label}", [f"torchmech {lo}" for lo, _ in names_o], names_p))
+        for label_o, (g, ng) in names_o:  # torchmech's call counts
+            bench.add("floor", f"func alone: torchmech {label_o} calls", floor_fn([(g, f_fb), (ng, f_fwd)]),
+                      info={"calls (graph/no graph)": f"{g}/{ng}"}, memory=False)
+            floor_labels.append((label_o, label))
     count[0] = count[1] = 0
     bench.run(args.repeat)
     table(f"Interpolation coefficients of the whole batch ({B}, {T}, {C}), {args.dtype}", coef,
@@ -535,9 +544,9 @@ def cde_runs(args, device, dtype, goals):
           f"{args.dtype}", bench, groups, goals)
     print("\nfloor = func alone (standalone calls at the same batch: forward+backward for calls made while "
           "recording a graph, forward for the others), as often as torchmech's solve called it")
-    for label, _, _, _ in configs:
-        note = floor_note(bench, f"func alone: torchmech {label} calls", [f"torchcde {label}"])
-        print(f"- {label}" + (":" + note[1:] if note else ""))
+    for label_o, label in floor_labels:
+        note = floor_note(bench, f"func alone: torchmech {label_o} calls", [f"torchcde {label}"])
+        print(f"- {label_o}" + (":" + note[1:] if note else ""))
 
 
 def main():

@@ -8,6 +8,7 @@ from torchmech.de.controllers import (
     ConstantStep,
     PIDController,
     StepTo,
+    batch_rms_norm,
     max_norm,
     rms_norm,
 )
@@ -52,7 +53,7 @@ __all__ = [
     "AbstractTerm", "ODETerm", "ControlTerm", "DiagonalControlTerm", "MultiTerm",
     "AbstractSolver", "ButcherTableau", "ExplicitRK",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
-    "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm",
+    "AbstractController", "ConstantStep", "StepTo", "PIDController", "rms_norm", "max_norm", "batch_rms_norm",
     "AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint", "ReversibleAdjoint",
     "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
     "AbstractInterpolation", "LinearInterpolation", "RectilinearInterpolation", "CubicHermiteInterpolation",

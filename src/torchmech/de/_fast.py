@@ -362,9 +362,9 @@ def _run_grid(P: Plan, integ, state: dict, n) -> tuple[dict, list, bool] | None:
                num_steps=state["num_steps"] + m, num_accepted=state["num_accepted"] + m,
                num_fevals=state["num_fevals"] + m * (P.nfev - len(P.dense_stages)) + extra)
     if saved:
-        cols = sorted(saved)
-        idx = torch.tensor(cols, device=y.device)
-        new["ys_ts"] = state["ys_ts"].index_copy(1, idx, torch.stack([saved[c] for c in cols], dim=1))
+        buf = state["ys_ts"]
+        # one new buffer: the saved columns and the old buffer's other columns, stacked
+        new["ys_ts"] = torch.stack([saved[c] if c in saved else buf[:, c] for c in range(buf.shape[1])], dim=1)
     return new, [], k1 == K
 
 

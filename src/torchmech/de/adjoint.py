@@ -97,6 +97,9 @@ class BacksolveAdjoint(AbstractAdjoint):
             every ``nn.Module`` vector field in ``terms``. Tensors in ``args`` that require grad
             are always included.
         max_steps: step limit of the backward solve (default: the forward ``max_steps``).
+        norm: ODEs: error norm of the backward solve's ``PIDController`` (default per-sample
+            :func:`~torchmech.de.rms_norm`; :func:`~torchmech.de.batch_rms_norm` for one step
+            size shared by the batch, as in torchdiffeq).
         controller: SDEs only: controller of the backward solve (default: as the forward solve:
             the same ``ConstantStep`` dt0, the ``StepTo`` times, or the forward ``PIDController``).
 
@@ -125,13 +128,16 @@ class BacksolveAdjoint(AbstractAdjoint):
     """
 
     def __init__(self, rtol: float = 1e-6, atol: float = 1e-8, solver=None, seminorm: bool = True,
-                 adjoint_params=None, max_steps: int | None = None, controller=None):
+                 adjoint_params=None, max_steps: int | None = None, controller=None, norm=None):
         if not (rtol > 0 and atol >= 0):
             raise ValueError(f"BacksolveAdjoint: need rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
         if controller is not None and not isinstance(controller, AbstractController):
             raise TypeError(f"BacksolveAdjoint: controller must be an AbstractController or None, got "
                             f"{type(controller).__name__}")
+        if norm is not None and not callable(norm):
+            raise TypeError(f"BacksolveAdjoint: norm must be callable (B, ...) -> (B,) or None, got {type(norm).__name__}")
         self.rtol, self.atol, self.solver, self.seminorm = rtol, atol, solver, seminorm
+        self.norm = norm
         self.adjoint_params = None if adjoint_params is None else list(adjoint_params)
         self.max_steps = max_steps
         self.controller = controller
@@ -226,7 +232,8 @@ class BacksolveAdjoint(AbstractAdjoint):
                 continue
             quad = bool(params) and not augment
             binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
-                                 PIDController(self.rtol, self.atol), None, max_steps, False)
+                                 PIDController(self.rtol, self.atol, **({"norm": self.norm} if self.norm else {})),
+                                 None, max_steps, False)
             if quad:  # the records feed the quadrature below; no dense Solution: the lean loop can run it
                 from torchmech.de import _fast
 

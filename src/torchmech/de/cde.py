@@ -79,7 +79,7 @@ class CDEVectorField(torch.nn.Module):
 def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tensor, adjoint: bool = True,
            method: str | None = None, rtol: float = 1e-4, atol: float = 1e-6, options: dict | None = None,
            adjoint_rtol: float | None = None, adjoint_atol: float | None = None, adjoint_params=None,
-           max_steps: int = 100000, **kwargs) -> Tensor:
+           max_steps: int = 100000, norm=None, **kwargs) -> Tensor:
     """Solve the CDE ``dz = func(t, z) dX(t)``, ``z(t[0]) = z0``, at times ``t`` (torchcde semantics).
 
     Args:
@@ -98,6 +98,10 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
             override the jump times.
         adjoint_params: tensors to differentiate in the adjoint (default: ``func``'s parameters and
             the path's coefficients when they require grad).
+        norm: error norm of adaptive methods, forward and backward: None = per sample (every
+            sample steps on its own error), or :func:`torchmech.de.batch_rms_norm` for one step
+            size shared by the batch, as torchcde/torchdiffeq step (fewer steps when one sample is
+            much harder than the rest, and each step evaluates the path at one time for all).
 
     Returns:
         (B, K, hidden): the solution at ``t`` (batch-first, as torchcde).
@@ -136,7 +140,10 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     else:
         dt0 = options.pop("first_step", None)
         jump = options.pop("jump_t", knots[(knots > t[0]) & (knots < t[-1])])
-        controller = PIDController(rtol=rtol, atol=atol, jump_ts=jump if len(jump) else None)
+        if norm is not None and not callable(norm):
+            raise TypeError(f"cdeint: norm must be None or callable (B, ...) -> (B,), got {type(norm).__name__}")
+        controller = PIDController(rtol=rtol, atol=atol, jump_ts=jump if len(jump) else None,
+                                   **({"norm": norm} if norm is not None else {}))
     if options:
         raise ValueError(f"cdeint: unsupported options {sorted(options)}")
     vf = CDEVectorField(func, X)
@@ -144,7 +151,8 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     # cannot take gradients with respect to views of the data inside a backward pass
     coeffs = tuple(c.clone() if c.requires_grad else c for c in (X.a, X.b, X.c, X.d))
     if adjoint:
-        adj = BacksolveAdjoint(rtol=adjoint_rtol or rtol, atol=adjoint_atol or atol, adjoint_params=adjoint_params)
+        adj = BacksolveAdjoint(rtol=adjoint_rtol or rtol, atol=adjoint_atol or atol, adjoint_params=adjoint_params,
+                               norm=norm)
     else:
         adj = DirectAdjoint()
     if t.shape[0] == 1 or float(t[0]) == float(t[-1]):

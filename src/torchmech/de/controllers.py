@@ -17,6 +17,18 @@ def rms_norm(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt()
 
 
+def batch_rms_norm(x: Tensor) -> Tensor:
+    """Root-mean-square over the WHOLE batch, repeated per sample: (B, ...) -> (B,).
+
+    As a ``PIDController`` norm it makes every sample take the same steps (one error estimate, one
+    accept/reject decision and one step size for the batch), which is how torchdiffeq steps a batch.
+    Cheaper per step when the samples are alike (and vector fields such as a CDE's see one time
+    for the whole batch), but the hardest sample sets the step for all, and one non-finite sample
+    stalls every sample. The default :func:`rms_norm` steps each sample on its own error.
+    """
+    return x.pow(2).mean().sqrt().expand(x.shape[0])
+
+
 def max_norm(x: Tensor) -> Tensor:
     """Max-abs over all non-batch axes: (B, ...) -> (B,)."""
     return x.reshape(x.shape[0], -1).abs().amax(dim=1)

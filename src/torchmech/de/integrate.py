@@ -309,9 +309,10 @@ class _Integrator:
         }
         if self.ts is not None:
             T = self.ts.shape[1]
-            buf = torch.full((B, T + 1) + tuple(y0.shape[1:]), float("nan"), dtype=y0.dtype, device=dev)
+            # NaN until filled; save times at t0 hold y0 (one allocation: buffers count in peak memory)
             at0 = torch.cat([self.ts == t0[:, None], torch.zeros_like(self.ts[:, :1], dtype=torch.bool)], dim=1)
-            buf = torch.where(bcast(at0, buf), y0.unsqueeze(1).expand_as(buf), buf)
+            at0 = at0.reshape(at0.shape + (1,) * (y0.dim() - 1))
+            buf = torch.where(at0, y0.unsqueeze(1), torch.tensor(float("nan"), dtype=y0.dtype, device=dev))
             state["ys_ts"] = buf
         if self.event is not None:
             state["g"] = self.event(t0, y0, self.args)
