@@ -34,6 +34,7 @@ import time
 
 import torch
 
+import torchmech
 import torchmech.de as de
 
 try:
@@ -46,6 +47,7 @@ except ImportError:  # pragma: no cover - optional peer
     torchode = None
 
 MU = 2.0
+FIXED_H = 0.05  # step of the fixed-step training-step variant
 
 
 class Counter:
@@ -259,6 +261,20 @@ def train_runs(args, device, dtype):
             return loss.detach()
         return run
 
+    def step_fixed(kind):
+        def run():
+            model.zero_grad(set_to_none=True)
+            if kind == "native":
+                ys = de.solve(de.ODETerm(model), de.RK4(), 0.0, 1.0, y0, dt0=FIXED_H, controller=de.ConstantStep(),
+                              saveat=de.SaveAt(ts=ts)).ys
+            else:
+                odeint = torchmech.odeint if kind == "compat" else torchdiffeq.odeint
+                ys = odeint(model, y0, ts, method="rk4", options={"step_size": FIXED_H}).transpose(0, 1)
+            loss = (ys - target).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+        return run
+
     cases = [
         ("torchmech DirectAdjoint", step_ours(de.DirectAdjoint())),
         ("torchmech CheckpointAdjoint", step_ours(de.CheckpointAdjoint())),
@@ -273,6 +289,10 @@ def train_runs(args, device, dtype):
             ("torchdiffeq odeint_adjoint (seminorm)", step_td(torchdiffeq.odeint_adjoint,
                                                               adjoint_options={"norm": "seminorm"})),
         ]
+    cases += [("torchmech RK4 fixed step (solve, ConstantStep)", step_fixed("native")),
+              ("torchmech.odeint rk4 (torchdiffeq layer)", step_fixed("compat"))]
+    if torchdiffeq is not None:
+        cases.append(("torchdiffeq odeint rk4", step_fixed("peer")))
     bench = Bench(device)
     pending = []
     for name, fn in cases:
@@ -347,13 +367,25 @@ def main():
               f"(MLP fwd+bwd {c_fb * 1e3:.2f} ms, fwd {c_f * 1e3:.2f} ms)\n")
         print("| method | warm-up | time | speed-up vs torchdiffeq odeint | vf calls | solver overhead |")
         print("|---|---|---|---|---|---|")
-        for name, warm, med, calls, overhead, note in rows:
-            if med is None or calls is None:
-                r = f"{base / med:.2f}x" if med and base else "-"
-                print(f"| {name} | {fmt_t(warm) if warm else '-'} | {fmt_t(med) if med else '-'} | {r} | - | {note} |")
-                continue
-            ratio = f"{base / med:.2f}x" if base else "-"
-            print(f"| {name} | {fmt_t(warm)} | {fmt_t(med)} | {ratio} | {calls} | {overhead:.0%} |")
+        fixed = [r for r in rows if "rk4" in r[0].lower()]
+        adaptive = [r for r in rows if r not in fixed]
+        print_train(adaptive, base)
+        base = next((r[2] for r in fixed if r[0] == "torchdiffeq odeint rk4" and r[2]), None)
+        print(f"\nThe same training step with fixed-step RK4, h = {FIXED_H} ({round(1 / FIXED_H)} steps; save "
+              f"values interpolated)\n")
+        print("| method | warm-up | time | speed-up vs torchdiffeq odeint rk4 | vf calls | solver overhead |")
+        print("|---|---|---|---|---|---|")
+        print_train(fixed, base)
+
+
+def print_train(rows, base):
+    for name, warm, med, calls, overhead, note in rows:
+        if med is None or calls is None:
+            r = f"{base / med:.2f}x" if med and base else "-"
+            print(f"| {name} | {fmt_t(warm) if warm else '-'} | {fmt_t(med) if med else '-'} | {r} | - | {note} |")
+            continue
+        ratio = f"{base / med:.2f}x" if base else "-"
+        print(f"| {name} | {fmt_t(warm)} | {fmt_t(med)} | {ratio} | {calls} | {overhead:.0%} |")
 
 
 if __name__ == "__main__":
