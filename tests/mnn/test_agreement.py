@@ -200,3 +200,48 @@ def test_chunk_size_rules():
     assert solve_mod._chunk_size(p((64,), 10000), "banded") is None
     assert solve_mod._chunk_size(p((), 100000), "parallel") is None
     assert solve_mod._chunk_size(p((1, 1024), 1000), "parallel") is None  # leading axis of size 1
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+@pytest.mark.parametrize("slack", [False, True])
+def test_backward_refactorisation_matches_kept_factor(monkeypatch, method, slack):
+    """Past the memory budget the backward factorises again instead of keeping the forward's factor: same
+    gradients, and two forward calls before one backward still give each call's own gradients."""
+    import torchmech.mnn.solve as solve_mod
+
+    args = random_problem(21, B=(5,), T=40, D=2, E=1)
+    kw = {"slack": torch.full((5,), 0.3, dtype=f64)} if slack else {}
+    w = torch.randn(5, 40, 2, 3, generator=torch.Generator().manual_seed(3), dtype=f64)
+    results = []
+    for budget in (solve_mod._KEEP_FACTOR_BYTES, 0):
+        monkeypatch.setattr(solve_mod, "_KEEP_FACTOR_BYTES", budget)
+        xs = [a.detach().clone().requires_grad_() for a in args]
+        ks = {k: v.detach().clone().requires_grad_() for k, v in kw.items()}
+        assert solve_mod._keep_factor(solve_mod.prepare(*xs, **ks)) == (budget > 0)
+        results.append(_solve_and_grads(xs, ks, w, method))
+        # re-entrant: a second, different solve between the first one's forward and backward
+        xs2 = [a.detach().clone().requires_grad_() for a in args]
+        u1 = solve_linear_ode(*xs2, method=method, **kw)
+        u2 = solve_linear_ode(*[x * 1.1 for x in xs2[:2]], *xs2[2:], method=method, **kw)
+        g_both = torch.autograd.grad((u1 * w).sum(), xs2)
+        torch.autograd.grad(u2.sum(), xs2)
+        for a, b in zip(g_both, results[-1][1]):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    (u0, g0), (u1, g1) = results
+    assert torch.equal(u0, u1)
+    for a, b in zip(g1, g0):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_keep_factor_budget_rule():
+    import torchmech.mnn.solve as solve_mod
+
+    def p(B, T):
+        c = torch.zeros(B, 1, 1, 1, 3, dtype=f64, requires_grad=True)
+        return solve_mod.prepare(c, torch.zeros(1, 1, dtype=f64), torch.zeros(1, 1, 2, dtype=f64),
+                                 torch.full((T - 1,), 0.1, dtype=f64))
+
+    assert solve_mod._keep_factor(p(1024, 1000))  # ~0.5 GB of factors: kept
+    assert not solve_mod._keep_factor(p(1024, 10000))  # ~4.6 GB: recomputed in backward
+    with torch.no_grad():
+        assert solve_mod._keep_factor(p(1024, 10000))  # no backward, nothing to keep

@@ -168,6 +168,7 @@ class _Factorised:
             self.low = self.hi
             self._refactor()
         self.x2 = self.schur = None
+        self.m = sys.m
         if sys.m is not None:
             self.x2 = self._solve_banded(sys.m.unsqueeze(-1)).squeeze(-1)
             self.schur = sys.mu - _dot(sys.m, self.x2)
@@ -198,6 +199,12 @@ class _Factorised:
         self.pad = self.paired and self.T % 2 == 1
         factor = CyclicReduction if self.method == "parallel" else SequentialCholesky
         self.factor = factor(D2, U2, min_pivot=pivot_floor(low, self.T))
+
+    def release(self) -> None:
+        """Drop the assembled blocks once they are no longer needed (they are only read again by the
+        refinement of a low-precision factorisation): a stored factorisation then holds just the factor."""
+        if self.low == self.hi:
+            self.sys = None
 
     def _solve_once(self, r: Tensor) -> Tensor:
         """One pass of M^{-1} r through the (low-precision) factorisation; r (..., T, n, c) in hi."""
@@ -242,7 +249,7 @@ class _Factorised:
         if self.x2 is None:
             return z, None
         # Rank-one border by its Schur complement: both solves share the one factorisation.
-        eps = ((0.0 if r_eps is None else r_eps) - _dot(self.sys.m, z)) / self.schur
+        eps = ((0.0 if r_eps is None else r_eps) - _dot(self.m, z)) / self.schur
         return z - eps[..., None, None] * self.x2, eps
 
 
@@ -266,16 +273,23 @@ class _NeuRLPFunction(torch.autograd.Function):
     """u = argmin of the NeuRLP objective; backward by implicit differentiation."""
 
     @staticmethod
-    def forward(ctx, template: Problem, method: str, *tensors: Tensor) -> Tensor:
+    def _factorise(template: Problem, method: str, tensors) -> tuple[_Factorised, BandedSystem, torch.dtype]:
         low = tensors[0].dtype
         hi = torch.float64 if low in _REFINE_TOL else low
         p_hi = template.with_tensors([_promote(t, hi) for t in tensors])
         sys = assemble(p_hi, soa=_wants_soa(p_hi, method))
-        fac = _Factorised(sys, method, _factor_dtype(low, hi, sys.diag.device))
+        return _Factorised(sys, method, _factor_dtype(low, hi, sys.diag.device)), sys, hi
+
+    @staticmethod
+    def forward(ctx, template: Problem, method: str, keep: bool, *tensors: Tensor) -> Tensor:
+        low = tensors[0].dtype
+        fac, sys, hi = _NeuRLPFunction._factorise(template, method, tensors)
         z, eps = fac.solve(sys.b, sys.gamma)
         u = z.reshape(template.batch_shape + (template.T, template.D, template.K))
         check_solution(u, low)
-        ctx.template, ctx.fac, ctx.eps, ctx.hi = template, fac, eps, hi
+        fac.release()
+        # keep=False: the factorisation is recomputed in backward (see _keep_factor)
+        ctx.template, ctx.method, ctx.fac, ctx.eps, ctx.hi = template, method, fac if keep else None, eps, hi
         ctx.save_for_backward(u, *tensors)
         return u.to(low)
 
@@ -285,9 +299,12 @@ class _NeuRLPFunction(torch.autograd.Function):
         template: Problem = ctx.template
         bs, T, n, hi = template.batch_shape, template.T, template.n, ctx.hi
         g = _promote(grad_u, hi).expand(bs + grad_u.shape[-3:]).reshape(bs + (T, n))
-        y, lam_eps = ctx.fac.solve(g)
+        fac = ctx.fac
+        if fac is None:
+            fac = _NeuRLPFunction._factorise(template, ctx.method, [t.detach() for t in tensors])[0]
+        y, lam_eps = fac.solve(g)
         lam = y.reshape(u.shape)
-        need = ctx.needs_input_grad[2:]
+        need = ctx.needs_input_grad[3:]
         with torch.enable_grad():
             leaves = [_promote(t.detach(), hi).requires_grad_(nd) for t, nd in zip(tensors, need)]
             p = template.with_tensors(leaves)
@@ -298,7 +315,7 @@ class _NeuRLPFunction(torch.autograd.Function):
         for t, nd in zip(tensors, need):
             gr = next(grads) if nd else None
             out.append(None if gr is None else gr.to(t.dtype))
-        return (None, None, *out)
+        return (None, None, None, *out)
 
 
 # CPU batch chunking (see solve_linear_ode). Work is counted in (steps x n^2) block entries; the target is
@@ -313,8 +330,9 @@ _BANDED_MIN_CHUNK = 64
 def _chunk_size(p: Problem, method: str) -> int | None:
     """Samples per chunk along the first batch axis, or None to solve the batch in one piece.
 
-    The banded sweep issues ~T small operations per chunk, so it is chunked only into chunks of >= 64 samples:
-    chunks of 13 (B = 64, T = 10000) measured no faster in float64 and 2.6x slower in float32.
+    The banded sweep issues ~T small operations per chunk, so its chunks hold >= 64 samples: chunks of 13
+    (B = 64, T = 10000) measured no faster in float64 and 2.6x slower in float32, while B = 1024, T = 10000
+    in one piece spent most of its time in page faults (17M, 64 s; 16 chunks of 64: see RESULTS.md).
     """
     if p.device.type != "cpu" or len(p.batch_shape) == 0 or p.batch_shape[0] < 2:
         return None
@@ -322,7 +340,9 @@ def _chunk_size(p: Problem, method: str) -> int | None:
     for b in p.batch_shape[1:]:
         per_sample *= b
     chunk = max(1, _CHUNK_TARGET // per_sample)
-    if 2 * chunk > p.batch_shape[0] or (method == "banded" and chunk < _BANDED_MIN_CHUNK):
+    if method == "banded":
+        chunk = max(chunk, _BANDED_MIN_CHUNK)
+    if 2 * chunk > p.batch_shape[0]:
         return None
     return chunk
 
@@ -331,15 +351,32 @@ def _chunks(p: Problem, chunk: int) -> list[Problem]:
     """Split p along its first batch axis; inputs that broadcast along it are shared by every chunk."""
     B, nb = p.batch_shape[0], len(p.batch_shape)
     core = [4, 2, 3, 1, 0, 0, 0, 0]  # trailing non-batch axes of each of p.tensors()
-    tensors = p.tensors()
+    # One split per input, not a slice per chunk: autograd then assembles each input's gradient once
+    # from all chunks (one SplitBackward), where per-chunk slices would each scatter into a zero tensor of
+    # the input's full size (O(B^2 / chunk) work and memory traffic: 79 chunks at B = 1024, T = 10000).
+    parts = [t.split(chunk, 0) if t.dim() - c == nb and t.shape[0] == B else None
+             for t, c in zip(p.tensors(), core)]
     out = []
-    for i in range(0, B, chunk):
+    for k, i in enumerate(range(0, B, chunk)):
         j = min(i + chunk, B)
-        part = [t[i:j] if t.dim() - c == nb and t.shape[0] == B else t for t, c in zip(tensors, core)]
-        q = p.with_tensors(part)
+        q = p.with_tensors([t if sp is None else sp[k] for t, sp in zip(p.tensors(), parts)])
         q.batch_shape = torch.Size((j - i,) + tuple(p.batch_shape[1:]))
         out.append(q)
     return out
+
+
+# Autograd keeps each call's factorisation for its backward solve. Past this many bytes of factors (all chunks
+# together) the backward factorises again instead: on CPU every kept byte is freshly mapped memory, and at
+# B = 1024, T = 10000 (~9 GB kept) the page faults made the call 35-50x the T = 1000 one instead of ~10x.
+_KEEP_FACTOR_BYTES = 2 ** 30
+
+
+def _keep_factor(p: Problem) -> bool:
+    """Whether to keep the factorisation for backward (else recompute it there): ~ its size vs the budget."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in p.tensors()):
+        return True  # no backward: nothing is kept either way
+    size = p.batch_shape.numel() * p.T * 8 * (6 * p.n * p.n + p.n)  # paired factor blocks, one per step
+    return size <= _KEEP_FACTOR_BYTES
 
 
 def _choose(method: str, p: Problem) -> str:
@@ -399,7 +436,8 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
     if method == "dense":
         return solve_dense(p)
     chunk = _chunk_size(p, method)
+    keep = _keep_factor(p)
     if chunk is None:
-        return _NeuRLPFunction.apply(p, method, *p.tensors())
+        return _NeuRLPFunction.apply(p, method, keep, *p.tensors())
     # Autograd runs each chunk's backward separately too, so forward and backward both work chunk by chunk.
-    return torch.cat([_NeuRLPFunction.apply(q, method, *q.tensors()) for q in _chunks(p, chunk)], 0)
+    return torch.cat([_NeuRLPFunction.apply(q, method, keep, *q.tensors()) for q in _chunks(p, chunk)], 0)
