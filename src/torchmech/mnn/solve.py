@@ -428,7 +428,9 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
 
     On CPU, large batches (batch size * T * (D*K)^2 above ~2.4e6) are solved in chunks along the first batch
     axis, each ~131k steps at D*K = 3: the temporaries then stay small enough to be reused instead of being
-    freshly mapped and zeroed by the kernel, which made unchunked B = 1024, T = 1000 calls ~2x slower.
+    freshly mapped and zeroed by the kernel, which made unchunked B = 1024, T = 1000 calls ~2x slower. When the
+    factorisations kept for the backward would exceed ~1 GiB (e.g. B = 1024, T = 10000), the backward
+    factorises again instead of keeping them (one more factorisation, a fraction of the memory).
     """
     p = prepare(coefficients, rhs, init, steps, weight_equation=weight_equation, weight_init=weight_init,
                 weight_smooth=weight_smooth, central=central, slack=slack, num_points=num_points)
