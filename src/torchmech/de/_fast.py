@@ -111,6 +111,23 @@ class Plan:
         self.poly = poly
 
 
+def _stages(P: Plan, f, args, t: Tensor, t_next: Tensor, h: Tensor, hb: Tensor, y: Tensor, f0: Tensor):
+    """The Runge-Kutta stages of one step from t to t_next = t + h (hb: h broadcast against y).
+
+    Returns (stage values [f0, k2, ...], y1, f(t_next, y1))."""
+    fs = [f0]
+    yi = y
+    for c, row in P.stages:
+        yi = torch.addcmul(y, hb, _lincomb(row, fs))
+        ti = t_next if c == 1.0 else torch.add(t, h, alpha=c)
+        fs.append(f(ti, yi, args))
+    if P.fsal:
+        y1 = yi if P.b_last == 0 else torch.addcmul(yi, hb, fs[-1], value=P.b_last)
+        return fs, y1, fs[-1]
+    y1 = torch.addcmul(y, hb, _lincomb(P.b, fs))
+    return fs, y1, f(t_next, y1, args)
+
+
 def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2):
     """One attempted step of every unfinished sample (same semantics as ``_Integrator.step``).
 
@@ -130,18 +147,7 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
     t_next = torch.where(active, _snap(t + dt, dt, t1, d), t)
     h = t_next - t
     hb = bcast(h, y)
-    fs = [f0]
-    yi = y
-    for c, row in P.stages:
-        yi = torch.addcmul(y, hb, _lincomb(row, fs))
-        ti = t_next if c == 1.0 else torch.add(t, h, alpha=c)
-        fs.append(f(ti, yi, args))
-    if P.fsal:
-        y1 = yi if P.b_last == 0 else torch.addcmul(yi, hb, fs[-1], value=P.b_last)
-        f1 = fs[-1]
-    else:
-        y1 = torch.addcmul(y, hb, _lincomb(P.b, fs))
-        f1 = f(t_next, y1, args)
+    fs, y1, f1 = _stages(P, f, args, t, t_next, h, hb, y, f0)
     ctrl = integ.controller
     err = None
     if P.adaptive:
@@ -322,18 +328,7 @@ def _run_grid(P: Plan, integ, state: dict, n) -> tuple[dict, list, bool] | None:
         tv, tn = G.grid[k].expand(B), G.grid[k + 1].expand(B)
         h = G.h[k].expand(B)
         hb = bcast(h, y)
-        fs = [f0]
-        yi = y
-        for c, row in P.stages:
-            yi = torch.addcmul(y, hb, _lincomb(row, fs))
-            ti = tn if c == 1.0 else torch.add(tv, h, alpha=c)
-            fs.append(f(ti, yi, args))
-        if P.fsal:
-            y1 = yi if P.b_last == 0 else torch.addcmul(yi, hb, fs[-1], value=P.b_last)
-            f1 = fs[-1]
-        else:
-            y1 = torch.addcmul(y, hb, _lincomb(P.b, fs))
-            f1 = f(tn, y1, args)
+        fs, y1, f1 = _stages(P, f, args, tv, tn, h, hb, y, f0)
         inner = [(col, theta) for col, theta in G.saves[k] if theta != 1.0]
         for col, theta in G.saves[k]:
             if theta == 1.0:  # a save time on the grid: the step's end point itself
