@@ -150,12 +150,12 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
     fs, y1, f1 = _stages(P, f, args, t, t_next, h, hb, y, f0)
     ctrl = integ.controller
     err = None
-    if P.adaptive:
-        if P.custom_err:
-            err = integ.solver.error_estimate([fi * hb for fi in fs])
-        else:
-            err = _lincomb(P.err, fs) * hb
-    with torch.no_grad():
+    with torch.no_grad():  # the error estimate only steers the controller: no graph for it
+        if P.adaptive:
+            if P.custom_err:
+                err = integ.solver.error_estimate([fi * hb for fi in fs])
+            else:
+                err = _lincomb(P.err, fs) * hb
         # per sample: y1, f1 and err all finite? (x * 0 is 0 for finite x and NaN otherwise, and
         # a sum of zeros cannot overflow)
         parts = [y1, f1] if err is None else [y1, f1, err]
