@@ -159,7 +159,8 @@ class PIDController(AbstractController):
         dtmin, dtmax: bounds on ``|dt|``. A rejected step at ``dtmin`` ends the sample with
             status ``DT_UNDERFLOW``.
         factormin, factormax, safety: step-change limits and safety factor.
-        norm: callable (B, ...) -> (B,), default :func:`rms_norm`.
+        norm: callable (B, ...) -> (B,), default :func:`rms_norm` (each sample on its own error);
+            :func:`batch_rms_norm` gives the batch one step size, as torchdiffeq steps it.
         step_ts: times (K,) or (B, K) that steps must land on.
         jump_ts: discontinuity times (K,) or (B, K) of the vector field: a step ends one ulp before
             the jump and the next starts one ulp after it, with the vector field re-evaluated
