@@ -176,7 +176,7 @@ class BacksolveAdjoint(AbstractAdjoint):
     # backward pass -----------------------------------------------------------------------------
     def backward(self, integ, params, ts, ys, grad_ys):
         from torchmech.de.controllers import PIDController
-        from torchmech.de.integrate import SaveAt, Status, _Integrator
+        from torchmech.de.integrate import SaveAt, _Integrator
         from torchmech.de.terms import ODETerm
 
         f = integ.terms.f
@@ -239,22 +239,8 @@ class BacksolveAdjoint(AbstractAdjoint):
 
                 binteg.records_only = True
                 binteg.fast = _fast.unsupported(binteg) is None
-            state = binteg.init_state()
-            done = False
-            while not done:
-                # the parameter quadrature runs every few steps on those steps' dense output, so
-                # memory does not grow with the number of backward steps
-                state, records, done = binteg.run_steps(state, self._CHUNK)
-                if quad and records:
-                    self._quadrature(f, args, params, grads, records, n, shape)
-            sol = binteg.finalize(state, [])
-            if not bool((sol.status == Status.SUCCESS).all()):
-                bad = torch.nonzero(sol.status != Status.SUCCESS)[:, 0].tolist()
-                raise RuntimeError(f"BacksolveAdjoint: backward solve failed for samples {bad} "
-                                   f"(statuses {sol.status[bad].tolist()}); loosen rtol/atol or raise max_steps")
-            for key in stats:
-                stats[key] = stats[key] + sol.stats[key]
-            zT = sol.ys[:, -1]
+            quadrature = (lambda records: self._quadrature(f, args, params, grads, records, n, shape)) if quad else None
+            zT = self._segment(binteg, quadrature, stats, "backward solve", "loosen rtol/atol or raise max_steps")
             y = zT[:, :n].reshape(y.shape)
             a = zT[:, n:2 * n].reshape(a.shape)
             if augment:
@@ -309,7 +295,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         backward step by the trapezoidal rule (a consistent Stratonovich quadrature), so it never
         enters the state or the error norm.
         """
-        from torchmech.de.integrate import SaveAt, Status, _Integrator
+        from torchmech.de.integrate import SaveAt, _Integrator
 
         args = integ.args
         shape = ys.shape[2:]
@@ -333,20 +319,10 @@ class BacksolveAdjoint(AbstractAdjoint):
             z0 = torch.cat([y.reshape(B, n), a.reshape(B, n)], dim=1)
             binteg = _Integrator(terms, solver, tj, tprev, z0, dt0, None, SaveAt(t1=True, dense=bool(params)),
                                  ctrl, None, max_steps, False)
-            state = binteg.init_state()
-            done = False
-            while not done:
-                state, records, done = binteg.run_steps(state, self._CHUNK)
-                if params and records:
-                    self._sde_quadrature(sde, args, params, grads, records, n, shape)
-            sol = binteg.finalize(state, [])
-            if not bool((sol.status == Status.SUCCESS).all()):
-                bad = torch.nonzero(sol.status != Status.SUCCESS)[:, 0].tolist()
-                raise RuntimeError(f"BacksolveAdjoint: backward SDE solve failed for samples {bad} "
-                                   f"(statuses {sol.status[bad].tolist()}); raise max_steps or change the controller")
-            for key in stats:
-                stats[key] = stats[key] + sol.stats[key]
-            zT = sol.ys[:, -1]
+            quadrature = ((lambda records: self._sde_quadrature(sde, args, params, grads, records, n, shape))
+                          if params else None)
+            zT = self._segment(binteg, quadrature, stats, "backward SDE solve",
+                               "raise max_steps or change the controller")
             y = zT[:, :n].reshape(y.shape)
             a = zT[:, n:].reshape(a.shape)
         self.backward_stats = stats
@@ -383,6 +359,30 @@ class BacksolveAdjoint(AbstractAdjoint):
                     grads[i] += g
 
     _CHUNK = 4  # backward steps between parameter quadratures
+
+    def _segment(self, binteg, quadrature, stats: dict, what: str, advice: str) -> torch.Tensor:
+        """Run one backward segment to its end; returns its final state (B, ...).
+
+        ``quadrature(records)`` (if given) runs every few steps on those steps' dense output, so
+        memory does not grow with the number of backward steps; ``stats`` accumulates the
+        segment's statistics; a failed sample raises, naming the samples and their statuses.
+        """
+        from torchmech.de.integrate import Status
+
+        state = binteg.init_state()
+        done = False
+        while not done:
+            state, records, done = binteg.run_steps(state, self._CHUNK)
+            if quadrature is not None and records:
+                quadrature(records)
+        sol = binteg.finalize(state, [])
+        if not bool((sol.status == Status.SUCCESS).all()):
+            bad = torch.nonzero(sol.status != Status.SUCCESS)[:, 0].tolist()
+            raise RuntimeError(f"BacksolveAdjoint: {what} failed for samples {bad} "
+                               f"(statuses {sol.status[bad].tolist()}); {advice}")
+        for key in stats:
+            stats[key] = stats[key] + sol.stats[key]
+        return sol.ys[:, -1]
 
     @staticmethod
     def _quadrature(f, args, params, grads, records, n, shape):

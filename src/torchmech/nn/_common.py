@@ -229,3 +229,19 @@ def step_grid(t: Tensor, dt: float | None) -> Tensor:
     grid = torch.cat([grid, t64[:, -1:]], dim=1).to(t.dtype)
     # at j = 0 the grid value is t_k + 0 * h: the observation time itself, exactly
     return grid
+
+
+class TimeNet(nn.Module):
+    """Adapts a network to ``f(t, y, args)``: mode "user" calls ``net(t, y)``, "time" feeds ``[y, t]``,
+    anything else feeds ``y`` (an autonomous field)."""
+
+    def __init__(self, net: nn.Module, mode: str):
+        super().__init__()
+        self.net, self.mode = net, mode
+
+    def forward(self, t: Tensor, y: Tensor, args: Any = None) -> Tensor:
+        if self.mode == "user":
+            return self.net(t, y)
+        if self.mode == "time":
+            return self.net(torch.cat([y, t.to(y.dtype)[:, None]], dim=-1))
+        return self.net(y)

@@ -11,6 +11,7 @@ from torchmech.de.controllers import ConstantStep, PIDController
 from torchmech.de.integrate import SaveAt, Solution, solve
 from torchmech.de.terms import ODETerm
 from torchmech.nn._common import (
+    TimeNet,
     check_like_module,
     check_state,
     check_times,
@@ -22,21 +23,6 @@ from torchmech.nn._common import (
 )
 
 __all__ = ["NeuralODE"]
-
-
-class _VectorField(nn.Module):
-    """Adapts ``net(y)``, ``net([y, t])`` or a user's ``vector_field(t, y)`` to ``f(t, y, args)``."""
-
-    def __init__(self, net: nn.Module, mode: str):
-        super().__init__()
-        self.net, self.mode = net, mode
-
-    def forward(self, t: Tensor, y: Tensor, args: Any) -> Tensor:
-        if self.mode == "user":
-            return self.net(t, y)
-        if self.mode == "time":
-            return self.net(torch.cat([y, t.to(y.dtype)[:, None]], dim=-1))
-        return self.net(y)
 
 
 class NeuralODE(nn.Module):
@@ -93,13 +79,13 @@ class NeuralODE(nn.Module):
             positive_int(hidden, "hidden", name)
             positive_int(depth, "depth", name, minimum=0)
             net = mlp(state + int(bool(time_dependent)), state, hidden, depth, activation, name)
-            self.func = _VectorField(net, "time" if time_dependent else "autonomous")
+            self.func = TimeNet(net, "time" if time_dependent else "autonomous")
         else:
             if not isinstance(vector_field, nn.Module):
                 raise TypeError(f"NeuralODE: vector_field must be an nn.Module f(t, y), got {type(vector_field).__name__}")
             if state is not None:
                 positive_int(state, "state", name)
-            self.func = _VectorField(vector_field, "user")
+            self.func = TimeNet(vector_field, "user")
         self.state = state
         self.solver = ode_solver(solver, name)
         if not (isinstance(rtol, (int, float)) and rtol > 0 and isinstance(atol, (int, float)) and atol >= 0):

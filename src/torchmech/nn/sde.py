@@ -16,6 +16,7 @@ from torchmech.de.solvers.sde import SDE_METHODS, SRA1, AbstractSDESolver, Milst
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 from torchmech.nn._common import (
     PerDimensionMLP,
+    TimeNet,
     check_like_module,
     check_state,
     check_times,
@@ -86,21 +87,6 @@ def make_brownian(brownian: Any, seed: Any, t: Tensor, shape: tuple, like: Tenso
     if brownian.t0 > lo or brownian.t1 < hi:
         raise ValueError(f"{owner}: brownian covers [{brownian.t0}, {brownian.t1}] but the times span [{lo}, {hi}]")
     return brownian
-
-
-class _Drift(nn.Module):
-    """``f(t, y, args)`` from an MLP of ``[y, t]`` (or of ``y``) or a user module ``f(t, y)``."""
-
-    def __init__(self, net: nn.Module, mode: str):
-        super().__init__()
-        self.net, self.mode = net, mode
-
-    def forward(self, t: Tensor, y: Tensor, args: Any = None) -> Tensor:
-        if self.mode == "user":
-            return self.net(t, y)
-        if self.mode == "time":
-            return self.net(torch.cat([y, t.to(y.dtype)[:, None]], dim=-1))
-        return self.net(y)
 
 
 class _Diffusion(nn.Module):
@@ -213,9 +199,9 @@ class NeuralSDE(nn.Module):
             if val is not None and not isinstance(val, nn.Module):
                 raise TypeError(f"NeuralSDE: {arg} must be an nn.Module {arg}(t, y), got {type(val).__name__}")
         if drift is not None:
-            self.drift = _Drift(drift, "user")
+            self.drift = TimeNet(drift, "user")
         else:
-            self.drift = _Drift(mlp(state + td, state, hidden, depth, activation, name), "time" if td else "plain")
+            self.drift = TimeNet(mlp(state + td, state, hidden, depth, activation, name), "time" if td else "plain")
         if diffusion is not None:
             self.diffusion = _Diffusion(diffusion, "user", state, m, self.time_dependent)
         elif noise == "diagonal":
