@@ -105,6 +105,16 @@ def test_ou_stationary_variance_weak():
         assert abs(yT.var().item() - var) < 0.05 * var
 
 
+def test_milstein_with_constant_diffusion_is_euler_maruyama():
+    """A diffusion built without y (no autograd graph at all) has a zero Milstein correction."""
+    bm = de.BrownianInterval(0.0, 1.0, (64, 2), dtype=DT, seed=5)
+    y0 = torch.ones(64, 2, dtype=DT)
+    for g in (lambda t, y, a: torch.full_like(y, 0.5), lambda t, y, a: 0.5 + 0 * y):
+        terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), DiagonalControlTerm(g, bm))
+        ys = [de.solve(terms, s, 0.0, 1.0, y0, dt0=0.05).ys for s in (Milstein(), EulerMaruyama())]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-12, atol=1e-12)
+
+
 def test_general_noise_matches_diagonal_when_matrix_is_diagonal():
     n, d = 16, 3
     bm = de.BrownianInterval(0.0, 1.0, (n, d), dtype=DT, seed=0)

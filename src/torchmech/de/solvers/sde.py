@@ -110,8 +110,9 @@ class Milstein(AbstractSDESolver):
         with torch.enable_grad():
             yy = y0 if y0.requires_grad else y0.detach().requires_grad_(True)
             g = diff.vf(t0, yy, args)
-            (gdg,) = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=torch.is_grad_enabled(),
-                                         allow_unused=True)
+            # g built without y (a constant, additive noise) has no graph at all: its derivative is zero
+            gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=torch.is_grad_enabled(),
+                                      allow_unused=True)[0] if g.requires_grad else None
         if gdg is None:  # g independent of y
             gdg = torch.zeros_like(y0)
         corr = dW * dW
