@@ -199,3 +199,17 @@ def test_checkpoint_stores_less_for_backward():
     assert saved["CheckpointAdjoint"] * 4 < saved["DirectAdjoint"]
     for a, b in zip(grads["DirectAdjoint"], grads["CheckpointAdjoint"]):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_backsolve_with_a_field_that_ignores_the_state_and_unused_params():
+    """f(t) alone has no autograd graph; unused adjoint_params get no gradient (None), not an error."""
+    unused = torch.nn.Linear(2, 2).double()
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    ts = torch.linspace(0, 1, 4, dtype=torch.float64)
+    for seminorm in (True, False):
+        sol = de.solve(lambda t, y, a: torch.cos(t)[:, None].expand(y.shape), de.Tsit5(), 0.0, 1.0, y0,
+                       saveat=de.SaveAt(ts=ts), controller=de.PIDController(1e-9, 1e-9),
+                       adjoint=de.BacksolveAdjoint(seminorm=seminorm, adjoint_params=list(unused.parameters())))
+        torch.testing.assert_close(sol.ys, y0.detach()[:, None] + torch.sin(ts)[None, :, None])
+        (g,) = torch.autograd.grad(sol.ys.sum(), [y0])
+        torch.testing.assert_close(g, torch.full_like(y0, 4.0))

@@ -10,6 +10,15 @@ from torch.utils.checkpoint import checkpoint
 from torchmech.de.controllers import AbstractController, _next_mark
 from torchmech.de.terms import ControlTerm, MultiTerm, ODETerm
 
+
+def _grad(out, inputs, **kw) -> tuple:
+    """``torch.autograd.grad`` with unused inputs as None, also when ``out`` has no graph at all (a vector
+    field that ignores its state, or ``adjoint_params`` it does not use), where autograd would raise."""
+    inputs = [inputs] if torch.is_tensor(inputs) else list(inputs)
+    if not (torch.is_tensor(out) and out.requires_grad):
+        return (None,) * len(inputs)
+    return torch.autograd.grad(out, inputs, allow_unused=True, **kw)
+
 __all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
 
 
@@ -194,12 +203,11 @@ class BacksolveAdjoint(AbstractAdjoint):
             with torch.enable_grad():
                 y_ = y.detach().requires_grad_(True)
                 fy = f(t, y_, args)
-                (vjp,) = torch.autograd.grad(fy, y_, grad_outputs=a, allow_unused=True, retain_graph=augment)
+                (vjp,) = _grad(fy, y_, grad_outputs=a, retain_graph=augment)
                 if augment:
                     # per-sample a^T df/dtheta: one batched vjp with one-hot-in-batch cotangents
                     eye = torch.eye(B, dtype=a.dtype, device=a.device).reshape((B, B) + (1,) * len(shape))
-                    pg = torch.autograd.grad(fy, params, grad_outputs=eye * a.unsqueeze(0),
-                                             is_grads_batched=True, allow_unused=True)
+                    pg = _grad(fy, params, grad_outputs=eye * a.unsqueeze(0), is_grads_batched=True)
             if vjp is None:
                 vjp = torch.zeros_like(a)
             parts = [fy.detach().reshape(B, n), -vjp.reshape(B, n)]
@@ -353,7 +361,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                     inc = drift.prod(_strat_drift(drift, diff, ito, t, y, args), h)
                     inc = inc + diff.prod(diff.vf(t, y, args), dW)
                     total = total + (inc * a).sum()
-                gs = torch.autograd.grad(-0.5 * total, params, allow_unused=True)
+                gs = _grad(-0.5 * total, params)
             for i, g in enumerate(gs):
                 if g is not None:
                     grads[i] += g
@@ -411,7 +419,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                     # integrating backwards: h < 0, and dL/dtheta = -int_{t1}^{t0} a f_theta dt
                     wt = (-w * h).reshape((B,) + (1,) * len(shape))
                     total = total + (fy * a * wt).sum()
-                gs = torch.autograd.grad(total, params, allow_unused=True)
+                gs = _grad(total, params)
             for i, g in enumerate(gs):
                 if g is not None:
                     grads[i] += g
@@ -457,7 +465,7 @@ def _strat_drift(drift, diff, ito: bool, t, y, args):
     fy = drift.vf(t, y, args)
     if ito:
         g = diff.vf(t, y, args)
-        (gdg,) = torch.autograd.grad(g, y, grad_outputs=g, create_graph=True, allow_unused=True)
+        (gdg,) = _grad(g, y, grad_outputs=g, create_graph=True)
         if gdg is not None:
             fy = fy - 0.5 * gdg
     return fy
@@ -488,7 +496,7 @@ class _AdjointDiffusion(ControlTerm):
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             inc = self.diff.prod(self.diff.vf(t, y_, self.args), control)
-            (vjp,) = torch.autograd.grad(inc, y_, grad_outputs=a, allow_unused=True)
+            (vjp,) = _grad(inc, y_, grad_outputs=a)
         if vjp is None:
             vjp = torch.zeros_like(a)
         return torch.cat([inc.detach().reshape(B, n), -vjp.reshape(B, n)], dim=1)
@@ -508,7 +516,7 @@ def _make_adjoint_terms(sde: dict, args, shape, B: int, n: int) -> MultiTerm:
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             fy = _strat_drift(drift, diff, ito, t, y_, args)
-            (vjp,) = torch.autograd.grad(fy, y_, grad_outputs=a, allow_unused=True)
+            (vjp,) = _grad(fy, y_, grad_outputs=a)
         if vjp is None:
             vjp = torch.zeros_like(a)
         return torch.cat([fy.detach().reshape(B, n), -vjp.reshape(B, n)], dim=1)
