@@ -5,7 +5,8 @@ coefficients with a well-posed leading coefficient (c_2 in [1, 1.5]), random rig
 per-sample per-step steps h ~ 0.01 * U[1, 1.1]; every input requires grad (learnable steps included). One
 measurement = solve_linear_ode(...) followed by backward of a random linear functional of u.
 
-Every configuration runs in its own subprocess so that its peak memory is its own:
+On CPU every configuration runs in its own subprocess so that its peak memory is its own (on CUDA all run in
+one process, `--in-process` forces that on CPU too):
 
 * CPU: peak resident-set growth. The child builds its inputs, warms the backend up on a tiny problem (so
   library code pages are already resident), resets the kernel's high-water mark (write "5" to
@@ -65,14 +66,15 @@ def _status_kb(key):
     raise KeyError(key)
 
 
-def child(args):
+def measure(method, dtype_name, B, T, device, repeat, threads, skip_over):
+    """Forward+backward time and extra peak memory of one configuration (see the module docstring)."""
     import torch
     from torchmech.mnn import solve_linear_ode
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    dev = torch.device(args.device)
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    dev = torch.device(device)
     cuda = dev.type == "cuda"
 
     def sync():
@@ -82,13 +84,13 @@ def child(args):
     def run(inputs, w):
         for x in inputs:
             x.grad = None
-        u = solve_linear_ode(*inputs, method=args.method)
+        u = solve_linear_ode(*inputs, method=method)
         (u * w).sum().backward()
         sync()
 
     # warm-up on a tiny problem: library code paged in, kernels loaded
     run(*_problem(2, 30, dtype, dev, seed=1))
-    inputs, w = _problem(args.B, args.T, dtype, dev)
+    inputs, w = _problem(B, T, dtype, dev)
     sync()
 
     if cuda:
@@ -103,13 +105,18 @@ def child(args):
     first = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(dev) if cuda else _status_kb("VmHWM") * 1024) - before
 
-    reps = 0 if first > args.skip_over else args.repeat if first < 2.0 else min(args.repeat, 2)
+    reps = 0 if first > skip_over else repeat if first < 2.0 else min(repeat, 2)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         run(inputs, w)
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"first": first, "times": times, "peak": peak, "threads": torch.get_num_threads()}))
+    return {"first": first, "times": times, "peak": peak, "threads": torch.get_num_threads()}
+
+
+def child(args):
+    print(json.dumps(measure(args.method, args.dtype, args.B, args.T, args.device, args.repeat, args.threads,
+                             args.skip_over)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +210,9 @@ def main():
     ap.add_argument("--dtypes", default="float64,float32")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--in-process", action="store_true",
+                    help="measure every configuration in this process (the default on CUDA; on CPU the peak "
+                         "memory then counts pages earlier configurations left resident)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -220,6 +230,10 @@ def main():
     dtypes = args.dtypes.split(",")
     methods = args.methods.split(",")
     results: dict = {}
+    # CUDA peak memory is exact in one process (max_memory_allocated after a reset), and a subprocess per
+    # configuration would pay torch's import and CUDA's start-up each time; on CPU the RSS high-water mark
+    # needs a fresh process per configuration.
+    in_process = args.in_process or args.device.startswith("cuda")
     t_start = time.perf_counter()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -238,20 +252,28 @@ def main():
                         log(f"[{time.perf_counter() - t_start:6.0f}s] {m:8s} {dtype} B={B:<5d} T={T:<6d} "
                             f"skipped: predicted {guess:.0f} s per run")
                         continue
-                    cmd = [sys.executable, __file__, "--_child", "--method", m, "--dtype", dtype, "--B", str(B),
-                           "--T", str(T), "--device", args.device, "--repeat", str(repeat),
-                           "--threads", str(args.threads), "--skip-over", str(limit)]
-                    try:
-                        pr = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    except subprocess.TimeoutExpired:
-                        results[key] = {"skip": f"timeout >{args.timeout:.0f} s"}
-                        log(f"{m} {dtype} B={B} T={T}: timed out")
-                        continue
-                    if pr.returncode != 0:
-                        results[key] = {"skip": "error"}
-                        log(f"{m} {dtype} B={B} T={T}: failed\n{pr.stderr[-2000:]}")
-                        continue
-                    r = json.loads(pr.stdout.strip().splitlines()[-1])
+                    if in_process:
+                        try:
+                            r = measure(m, dtype, B, T, args.device, repeat, args.threads, limit)
+                        except Exception as exc:  # reported in the table, the sweep goes on
+                            results[key] = {"skip": "error"}
+                            log(f"{m} {dtype} B={B} T={T}: failed: {type(exc).__name__}: {exc}")
+                            continue
+                    else:
+                        cmd = [sys.executable, __file__, "--_child", "--method", m, "--dtype", dtype, "--B", str(B),
+                               "--T", str(T), "--device", args.device, "--repeat", str(repeat),
+                               "--threads", str(args.threads), "--skip-over", str(limit)]
+                        try:
+                            pr = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                        except subprocess.TimeoutExpired:
+                            results[key] = {"skip": f"timeout >{args.timeout:.0f} s"}
+                            log(f"{m} {dtype} B={B} T={T}: timed out")
+                            continue
+                        if pr.returncode != 0:
+                            results[key] = {"skip": "error"}
+                            log(f"{m} {dtype} B={B} T={T}: failed\n{pr.stderr[-2000:]}")
+                            continue
+                        r = json.loads(pr.stdout.strip().splitlines()[-1])
                     r["time"] = statistics.median(r["times"]) if r["times"] else r["first"]
                     results[key] = r
                     log(f"[{time.perf_counter() - t_start:6.0f}s] {m:8s} {dtype} B={B:<5d} T={T:<6d} "
