@@ -288,7 +288,8 @@ def test_sde_solvers_weak_mean_of_ornstein_uhlenbeck(solver):
     assert abs(float(y1.std()) - sd) < 0.05 * sd + 0.01
 
 
-def test_cde_with_missing_values_matches_cpu():
+@pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "backsolve"])
+def test_cde_with_missing_values_matches_cpu(adjoint):
     g = torch.Generator().manual_seed(0)
     t = torch.sort(torch.rand(4, 20, generator=g, dtype=f64), dim=1).values * 5
     x = torch.randn(4, 20, 2, generator=g, dtype=f64)
@@ -301,12 +302,17 @@ def test_cde_with_missing_values_matches_cpu():
         f = func.to(device)
         X = de.NaturalCubicSpline(None, torch.cat([t[..., None], x], -1).to(device))
         z = torchmech.cdeint(X, lambda s, z: f(z), torch.zeros(4, 5, dtype=f64, device=device), X.interval,
-                             rtol=1e-8, atol=1e-8, adjoint_params=list(f.parameters()))
+                             rtol=1e-8, atol=1e-8, adjoint=adjoint, adjoint_params=list(f.parameters()))
         grads = torch.autograd.grad(z.square().sum(), list(f.parameters()))
         out.append((z, grads))
     _close(out[1][0], out[0][0], rtol=1e-6, atol=1e-9)
     for a, b in zip(out[1][1], out[0][1]):
-        _close(a, b, rtol=1e-6, atol=1e-9)
+        if adjoint:
+            # the backward solve's own error (its steps differ in the last bits between devices) is
+            # ~1e-6 of the gradient's scale here, on CPU too (against direct backpropagation)
+            _close(a, b, rtol=0, atol=2e-5 * float(b.abs().max()))
+        else:
+            _close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_ready_models_train_a_step_on_device():

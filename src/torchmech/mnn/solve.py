@@ -254,15 +254,16 @@ class _Factorised:
 
 
 def _factor_dtype(low: torch.dtype, hi: torch.dtype, device: torch.device) -> torch.dtype:
-    """The precision of the factorisation: the working precision hi on CPU, the user's dtype elsewhere.
+    """The precision of the factorisation: the working precision hi on CPU and CUDA, the user's dtype elsewhere.
 
-    On CPU a float64 factorisation of a float32 problem is faster than a float32 one plus the float64 CG
-    refinement it needs (3-5 extra solve and matvec passes per solve): B = 64, T = 1000, parallel, forward +
-    backward 117 -> 65 ms in-process (174 -> 57 ms together with the other changes in benchmarks/RESULTS.md),
-    and the result is exact to float64 before the cast. The low-precision factorisation with CG is kept for
-    devices where float32 arithmetic is much faster.
+    A float64 factorisation of a float32 problem is faster than a float32 one plus the float64 CG refinement it
+    needs (3-5 extra solve and matvec passes per solve), and exact to float64 before the cast. On CPU: B = 64,
+    T = 1000, parallel, forward + backward 117 -> 65 ms in-process. On an H200 the solve is bound by kernel
+    launches, not arithmetic, so the extra passes cost the same: float32 parallel took 2.8-4.5x the float64 time
+    (B = 64, T = 1000: 82 vs 30 ms; B = 1024, T = 10000: 723 vs 163 ms; benchmarks/RESULTS.md). The
+    low-precision factorisation with CG is kept for other devices, where float64 arithmetic may be much slower.
     """
-    return hi if device.type == "cpu" else low
+    return hi if device.type in ("cpu", "cuda") else low
 
 
 def _promote(t: Tensor, dtype: torch.dtype) -> Tensor:
