@@ -229,6 +229,61 @@ def test_fit_sindy_batch_weak_and_cv_threshold_selection():
         fit_sindy_cv(x, t, lib, thresholds=())
 
 
+def test_backward_path_is_nested_and_contains_the_true_support():
+    from torchmech.discovery.optimizers import _normalized_stats
+    from torchmech.discovery.sindy import backward_path
+
+    g = torch.Generator().manual_seed(0)
+    B, N, F = 4, 200, 8
+    Theta = torch.randn(B, N, F, generator=g, dtype=torch.float64)
+    Theta[..., 5] = Theta[..., 4] + 0.05 * Theta[..., 5]  # a nearly collinear pair, only column 4 is true
+    true = torch.zeros(B, F, 2, dtype=torch.float64)
+    true[:, 0, 0], true[:, 4, 0], true[:, 2, 1], true[:, 7, 1] = 0.05, 3.0, -1.0, 0.2  # small terms included
+    dx = Theta @ true + 1e-3 * torch.randn(B, N, 2, generator=g, dtype=torch.float64)
+    st = _normalized_stats(Theta, dx)
+    allowed = torch.ones(B, F, 2, dtype=torch.bool)
+    path = backward_path(st.G, st.b, allowed, 0.0)
+    assert path.shape == (F, B, F, 2)
+    sizes = path.sum(2)  # (F, B, 2)
+    assert torch.equal(sizes, torch.arange(F, 0, -1)[:, None, None].expand(F, B, 2))
+    assert (path[1:] <= path[:-1]).all()  # nested
+    assert torch.equal(path[F - 2], true != 0)  # two terms left: exactly the true ones, small ones kept
+    part = allowed.clone()
+    part[:, 3] = False
+    assert not backward_path(st.G, st.b, part, 0.0)[:, :, 3].any()  # never adds a disallowed term
+
+
+def test_fit_sindy_cv_support_search():
+    from torchmech.discovery.differentiation import WeakForm
+    from torchmech.discovery.sindy import fit_sindy_cv
+
+    t = torch.linspace(0, 10, 1000, dtype=torch.float64)
+    lib = PolynomialLibrary(3)
+    grid = (0.001, 0.01, 0.1, 0.5)
+    for name, noise in (("van_der_pol", 0.05), ("lotka_volterra", 0.05), ("lorenz", 0.0)):
+        data = systems.simulate(name, t, noise=noise, seed=2)
+        res = fit_sindy_cv(data.x, t, lib, WeakForm(), STLSQ(alpha="auto"), thresholds=grid, search="support")
+        Bn, Dn = data.x.shape[0], data.x.shape[-1]
+        F = lib.n_features(Dn)
+        assert res.path.shape == (len(grid) + F, Bn, Dn, F) and res.cv_error.shape == (len(grid) + F, Bn, Dn, 5)
+        true = systems.get(name).true_coefficients(lib).expand(Bn, Dn, F)
+        assert metrics.exact_recovery(res.coefficients, true).all(), name  # chosen without the truth
+        assert metrics.coefficient_error(res.coefficients[0], true[0], "median") < 0.05
+        from_grid = res.index < len(grid)
+        assert torch.isnan(res.threshold[~from_grid]).all()
+        assert torch.equal(res.threshold[from_grid], res.thresholds[res.index[from_grid]])
+        for b in range(Bn):
+            for d in range(Dn):
+                assert torch.equal(res.coefficients[b, d], res.path[res.index[b, d], b, d])
+    x = systems.simulate("van_der_pol", t, noise=0.01, seed=0).x
+    with pytest.raises(TypeError, match="STLSQ"):
+        fit_sindy_cv(x, t, lib, optimizer=EnsembleOptimizer(STLSQ(), n_models=2), search="support")
+    with pytest.raises(ValueError, match="per_equation"):
+        fit_sindy_cv(x, t, lib, search="support", per_equation=False)
+    with pytest.raises(ValueError, match="search"):
+        fit_sindy_cv(x, t, lib, search="greedy")
+
+
 def test_select_threshold_rules():
     import math
 
