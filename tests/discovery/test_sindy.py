@@ -307,3 +307,15 @@ def test_select_threshold_rules():
     with pytest.raises(ValueError, match="cv_error"):
         select_threshold(torch.zeros(3))
     assert math.isfinite(float(select_threshold(torch.tensor([[float("nan"), 1.0], [1.0, 1.0]])[:, None])[0]))
+
+
+def test_select_support_orders_by_size():
+    from torchmech.discovery.sindy import select_support
+
+    folds = torch.tensor([1.0, 1.1, 0.9])
+    e = torch.stack([folds * 1e-2, folds * 10.0, folds * 1.05e-2, folds * 2e-2])[:, None]  # (4 candidates, 1, K)
+    size = torch.tensor([[5], [1], [2], [2]])
+    assert int(select_support(e, size)[0]) == 2  # the sparsest within one SE; of the two 2-term ones the better
+    assert int(select_support(e, size, one_se=False)[0]) == 0
+    with pytest.raises(ValueError, match="size"):
+        select_support(e, size[:3])

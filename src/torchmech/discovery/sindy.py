@@ -13,7 +13,7 @@ from torchmech.discovery.differentiation import Differentiator, FiniteDifference
 from torchmech.discovery.library import Library, PolynomialLibrary
 from torchmech.discovery.optimizers import SparseOptimizer, STLSQ, _normalized_stats, masked_ridge
 
-__all__ = ["SINDy", "fit_sindy_batch", "fit_sindy_cv", "SINDyCV", "select_threshold", "backward_path"]
+__all__ = ["SINDy", "fit_sindy_batch", "fit_sindy_cv", "SINDyCV", "select_threshold", "select_support", "backward_path"]
 
 
 def _check_parts(library, differentiation, optimizer):
@@ -307,14 +307,31 @@ def _support_cv(Theta, dx, optimizer: STLSQ, grid_path: torch.Tensor, block: tor
         scale = dx[:, held].double().square().mean(-2)  # (B, D)
         errors.append(torch.maximum(err.square().mean(-2), _EXACT_FLOOR * scale))
     cv_error = torch.stack(errors, -1)  # (M, B, D, K)
-    # One-SE over the candidates ordered from the most terms to the fewest (ties: larger mean log error first,
-    # so the rule, which takes the last admissible entry, prefers the better of equally sparse supports).
-    size = supports.sum(2).to(torch.float64)  # (M, B, D)
-    score = torch.log(torch.nan_to_num(cv_error, nan=float("inf")).clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    return candidates, cv_error, select_support(cv_error, supports.sum(2), one_se)
+
+
+def select_support(cv_error: torch.Tensor, size: torch.Tensor, one_se: bool = True) -> torch.Tensor:
+    """Index of the chosen candidate from held-out errors of candidate supports in any order.
+
+    Args:
+        cv_error: (M, ..., K) held-out errors of M candidates (K folds); size: (M, ...) their number of terms.
+        one_se: as in :func:`select_threshold`, over the candidates ordered from the most terms to the
+            fewest: the sparsest candidate whose mean log error is within one standard error of the best.
+            Among equally sparse candidates the one with the smaller mean log error is preferred.
+
+    Returns:
+        (...) long indices into the M candidates.
+    """
+    e = torch.as_tensor(cv_error, dtype=torch.float64)
+    size = torch.as_tensor(size, device=e.device).to(torch.float64)
+    if e.ndim < 2 or size.shape != e.shape[:-1]:
+        raise ValueError(f"size: expected shape {tuple(e.shape[:-1])} (cv_error without its fold axis), "
+                         f"got {tuple(size.shape)}")
+    score = torch.log(torch.nan_to_num(e, nan=float("inf")).clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    # select_threshold takes the LAST admissible entry: order by size descending, then by error descending
     order = torch.argsort(-size * 1e6 - score.clamp(-1e5, 1e5), dim=0, stable=True)
-    ranked = cv_error.gather(0, order[..., None].expand(cv_error.shape))
-    index = order.gather(0, select_threshold(ranked, one_se)[None].to(order.device))[0]  # (B, D)
-    return candidates, cv_error, index
+    ranked = e.gather(0, order[..., None].expand(e.shape))
+    return order.gather(0, select_threshold(ranked, one_se)[None])[0]
 
 
 @dataclass
