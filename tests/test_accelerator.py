@@ -17,7 +17,8 @@ import torch
 import torchmech
 import torchmech.de as de
 from torchmech import systems
-from torchmech.discovery import SINDy, MechanisticDiscovery, PolynomialLibrary, STLSQ, WeakForm, fit_sindy_batch
+from torchmech.discovery import (SINDy, MechanisticDiscovery, PolynomialLibrary, STLSQ, WeakForm, fit_sindy_batch,
+                                  fit_sindy_cv)
 from torchmech.mnn import MechanisticBlock, solve_linear_ode
 
 _NAME = os.environ.get("TORCHMECH_TEST_DEVICE", "cuda")
@@ -359,6 +360,15 @@ def test_batched_sindy_on_device():
     assert coef.device.type == DEV.type and coef.shape[0] == 8
     truth = lorenz.true_coefficients(PolynomialLibrary(degree=2))
     assert all(torch.equal(c.cpu() != 0, truth != 0) for c in coef)
+
+
+@pytest.mark.parametrize("search", ["threshold", "support"])
+def test_cross_validated_sindy_on_device_matches_cpu(search):
+    lorenz, t, x = _lorenz(noise=0.05)
+    lib = PolynomialLibrary(degree=2)
+    res = [fit_sindy_cv(x.to(d), t.to(d), lib, WeakForm(), STLSQ(alpha="auto"), search=search) for d in (CPU, DEV)]
+    assert torch.equal(res[1].index.cpu(), res[0].index)
+    _close(res[1].coefficients, res[0].coefficients, rtol=1e-6, atol=1e-8)
 
 
 def test_mechanistic_discovery_on_device_matches_cpu():
