@@ -56,9 +56,9 @@ def test_rotation_closed_form_and_fixed_step():
 
 
 def test_adjoint_gradients_match_direct_including_data():
+    torch.manual_seed(0)
     ts = torch.linspace(0, 1, 8, dtype=DT)
     x = torch.randn(4, 8, 2, dtype=DT, requires_grad=True)
-    torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6)).double()
 
     def func(t, z):
@@ -80,7 +80,8 @@ def test_adjoint_gradients_match_direct_including_data():
         loss = (out ** 2).sum()
         grads.append(torch.autograd.grad(loss, [x] + list(net.parameters())))
     for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        # the backward solve's own error, on the gradient's scale (platforms differ in the last bits of the steps)
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6 * float(a.abs().max()))
 
 
 def test_control_term_with_linear_interpolation_is_exact_at_knots():
