@@ -125,3 +125,17 @@ def test_shortest_accepted_series_with_sindy(tmp_path, capsys):
     code = main(["discover", path, "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")])
     assert code == 0, capsys.readouterr().err
     assert "x' = " in capsys.readouterr().out
+
+
+def test_threshold_chosen_by_cross_validation(tmp_path, capsys):
+    code = main(["discover", "--method", "sindy", "--threshold", "cv", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "terms chosen by cross-validation" in out and "exact recovery" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["methods"]["sindy"]["threshold"] == "cv" and report["methods"]["sindy"]["metrics"]["exact"]
+    for bad in ("abc", "-1", "inf"):
+        with pytest.raises(SystemExit) as exc:
+            main(["discover", "--threshold", bad, "--out", str(tmp_path)])
+        assert exc.value.code == 2
+        assert "--threshold: expected a number >= 0 or 'cv'" in capsys.readouterr().err

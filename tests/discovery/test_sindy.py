@@ -319,3 +319,20 @@ def test_select_support_orders_by_size():
     assert int(select_support(e, size, one_se=False)[0]) == 0
     with pytest.raises(ValueError, match="size"):
         select_support(e, size[:3])
+
+
+def test_fit_sindy_cv_pools_a_list_of_trajectories_into_one_problem():
+    from torchmech.discovery.differentiation import WeakForm
+    from torchmech.discovery.sindy import fit_sindy_cv
+
+    t = torch.linspace(0, 10, 800, dtype=torch.float64)
+    x = systems.simulate("lorenz", t, noise=0.02, seed=3).x
+    lib = PolynomialLibrary(2)
+    xs, ts = [x[0], x[1, :500]], [t, t[:500]]
+    res = fit_sindy_cv(xs, ts, lib, WeakForm(), STLSQ(alpha="auto"), search="support")
+    assert res.coefficients.shape == (1, 3, 10)
+    assert metrics.exact_recovery(res.coefficients[0], systems.get("lorenz").true_coefficients(lib))
+    # a one-trajectory list is the same problem as a batch of one
+    single = fit_sindy_cv(x[:1], t, lib, WeakForm(), STLSQ(alpha="auto"), search="support")
+    assert torch.equal(fit_sindy_cv([x[0]], [t], lib, WeakForm(), STLSQ(alpha="auto"), search="support").coefficients,
+                       single.coefficients)

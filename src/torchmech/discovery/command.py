@@ -26,6 +26,18 @@ def make_library(name: str):
     raise ValueError(f"--library must be one of {LIBRARIES}, got {name!r}")
 
 
+def _threshold(value: str):
+    if value == "cv":
+        return value
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'cv', got {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'cv', got {value!r}")
+    return x
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="*", metavar="DATA",
                    help="CSV (time column 't' or 'time', one column per variable, optional 'trajectory' id "
@@ -37,8 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noise added to simulated data, as a fraction of each variable's std (default 0.01)")
     p.add_argument("--method", choices=["sindy", "mnn", "both"], default="both")
     p.add_argument("--library", choices=LIBRARIES, default="poly2")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="coefficient magnitude below which terms are removed (default 0.5 for MNN, 0.2 for SINDy)")
+    p.add_argument("--threshold", type=_threshold, default=None,
+                   help="coefficient magnitude below which terms are removed (default 0.5 for MNN, 0.2 for SINDy), "
+                        "or 'cv': SINDy chooses each equation's terms by blocked cross-validation (candidate "
+                        "supports, one-standard-error rule; no threshold to guess), MNN keeps 0.5")
     p.add_argument("--samples", type=int, default=1000, help="samples of simulated data (default 1000)")
     p.add_argument("--out", default="discover-output", help="folder for report.json and the plot")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -98,17 +112,20 @@ def _support_metrics(found: torch.Tensor, true: torch.Tensor) -> dict:
                 median_rel_error=float(rel.median()), max_rel_error=float(rel.max()))
 
 
-def _fit(method: str, library, ts, xs, threshold: float, quick: bool, progress: bool) -> torch.Tensor:
-    """Coefficients (D, F) of x' = C library(x)."""
+def _fit(method: str, library, ts, xs, threshold, quick: bool, progress: bool) -> torch.Tensor:
+    """Coefficients (D, F) of x' = C library(x); threshold a number, or "cv" (SINDy only)."""
     if method == "sindy":
         from torchmech.discovery.differentiation import WeakForm
         from torchmech.discovery.optimizers import STLSQ
-        from torchmech.discovery.sindy import SINDy
+        from torchmech.discovery.sindy import SINDy, fit_sindy_cv
 
         # Weak form + noise-adaptive ridge: the most reliable SINDy variant in benchmarks/discovery.py.
-        model = SINDy(library=library, differentiation=WeakForm.fitting(
-                          min(x.shape[0] for x in xs), min_rows=2 * library.n_features(xs[0].shape[-1]) // len(xs)),
-                      optimizer=STLSQ(threshold=threshold, alpha="auto"))
+        weak = WeakForm.fitting(min(x.shape[0] for x in xs),
+                                min_rows=2 * library.n_features(xs[0].shape[-1]) // len(xs))
+        if threshold == "cv":
+            return fit_sindy_cv(list(xs), list(ts), library, weak, STLSQ(alpha="auto"),
+                                search="support").coefficients[0].detach()
+        model = SINDy(library=library, differentiation=weak, optimizer=STLSQ(threshold=threshold, alpha="auto"))
         model.fit(xs if len(xs) > 1 else xs[0], ts if len(ts) > 1 else ts[0])
         return model.coefficients_.detach()
     from torchmech.discovery.mechanistic import MechanisticDiscovery
@@ -206,12 +223,15 @@ def _run(args: argparse.Namespace) -> int:
     sims = {}
     for method in methods:
         threshold = args.threshold if args.threshold is not None else (0.5 if method == "mnn" else 0.2)
+        if threshold == "cv" and method == "mnn":
+            threshold = 0.5
         start = time.perf_counter()
         coef = _fit(method, library, ts, xs, threshold, args.quick, progress)
         seconds = time.perf_counter() - start
         lines = _equation_lines(coef, names, variables)
         entry = dict(threshold=threshold, seconds=round(seconds, 2), equations=lines, coefficients=coef.tolist())
-        print(f"\n{method}: discovered in {seconds:.1f} s (threshold {threshold:g})")
+        chosen = "terms chosen by cross-validation" if threshold == "cv" else f"threshold {threshold:g}"
+        print(f"\n{method}: discovered in {seconds:.1f} s ({chosen})")
         for line in lines:
             print("  " + line)
         if true is not None:

@@ -385,7 +385,10 @@ def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
     the neighbouring block.)
 
     Args:
-        x: (B, T, D) trajectories, one problem each; t: (T,), (B, T) or a time step.
+        x: (B, T, D) trajectories, one problem each; t: (T,), (B, T) or a time step. Or a list of
+            (T_i, D) trajectories (t: a list of (T_i,) grids, a shared (T,) grid or a time step) that
+            form ONE problem (B = 1): their regression rows are pooled, in order, before the folds
+            are cut, so each block is a stretch of one trajectory or the junction of two.
         library, differentiation, optimizer: as in :func:`fit_sindy_batch`; the optimiser (or an
             ensemble's base optimiser) gets each threshold of the grid in turn.
         thresholds: the grid (sorted increasingly here).
@@ -419,7 +422,12 @@ def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
     grid = sorted(float(v) for v in thresholds)
     if not grid or any(not (v >= 0 and v < float("inf")) for v in grid):
         raise ValueError(f"thresholds: expected a non-empty sequence of finite numbers >= 0, got {thresholds!r}")
-    Theta, dx = _regression_rows(x, t, library, differentiation)
+    if isinstance(x, (list, tuple)):
+        xs, ts, _ = as_trajectories(x, t, min_samples=getattr(differentiation, "min_points", 2))
+        rows = [_regression_rows(a[None], ti, library, differentiation) for a, ti in zip(xs, ts)]
+        Theta, dx = torch.cat([r[0] for r in rows], 1), torch.cat([r[1] for r in rows], 1)
+    else:
+        Theta, dx = _regression_rows(x, t, library, differentiation)
     B, N, _ = Theta.shape
     D = dx.shape[-1]
     if N < 2 * folds:
