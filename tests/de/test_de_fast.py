@@ -95,7 +95,7 @@ def test_fast_gradients_equal_generic(monkeypatch):
 
 def test_compiled_window_logic_without_compiling(monkeypatch):
     # the compiled step's in-graph save window (and its overflow fallback), run eagerly
-    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.step)
+    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.steps)
     monkeypatch.setattr(_fast, "_WINDOW", 2)  # most steps pass more than 2 save times
     torch.manual_seed(2)
     y0 = torch.randn(6, 2, dtype=torch.float64)
@@ -107,6 +107,22 @@ def test_compiled_window_logic_without_compiling(monkeypatch):
     comp = de.solve(forced, de.Tsit5(), 0.0, 3.0, y0, compile=True, **kw)
     assert calls, "expected the overflow fallback to run"
     eager = generic(monkeypatch, forced, de.Tsit5(), 0.0, 3.0, y0, **kw)
+    assert_same(comp, eager, tol=1e-11)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_compiled_blocks_of_steps_without_compiling(monkeypatch, block):
+    # several steps per compiled call: samples that finish inside a block (per-sample end times) repeat
+    # masked no-op steps, which must leave their state, statistics and status untouched
+    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.steps)
+    monkeypatch.setattr(_fast, "_BLOCK", block)
+    torch.manual_seed(4)
+    y0 = torch.randn(5, 2, dtype=torch.float64)
+    t1 = torch.tensor([0.3, 1.0, 1.7, 2.2, 3.0], dtype=torch.float64)
+    ts = torch.linspace(0, 1, 13, dtype=torch.float64)[None] * t1[:, None]
+    kw = dict(saveat=de.SaveAt(ts=ts, t1=True), controller=de.PIDController(1e-7, 1e-7))
+    comp = de.solve(forced, de.Dopri5(), 0.0, t1, y0, compile=True, **kw)
+    eager = generic(monkeypatch, forced, de.Dopri5(), 0.0, t1, y0, **kw)
     assert_same(comp, eager, tol=1e-11)
 
 
