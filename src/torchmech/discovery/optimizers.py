@@ -129,6 +129,15 @@ def _normalized_stats(Theta: torch.Tensor, dX: torch.Tensor, weight: torch.Tenso
     return _Normalized(G=G, b=b, scale=scale, valid=valid, yy=yy, n=n)
 
 
+def ridge_matrices(G: torch.Tensor, support: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """The masked ridge normal matrices (B, D, F, F) of :func:`masked_ridge`: ``G_SS + diag(alpha_S)`` on the
+    support of each (batch, target), identity rows and columns off it (pinning those coefficients to zero)."""
+    B, F, D = support.shape
+    m = support.to(G.dtype).transpose(1, 2)  # (B, D, F)
+    a = torch.broadcast_to(torch.as_tensor(alpha, dtype=G.dtype, device=G.device), (B, F, D)).transpose(1, 2)
+    return G[:, None] * (m[..., :, None] * m[..., None, :]) + torch.diag_embed(a * m + (1.0 - m))
+
+
 def masked_ridge(G: torch.Tensor, b: torch.Tensor, support: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """Solve ridge problems restricted to a support, one per (batch, target), without loops.
 
@@ -143,13 +152,8 @@ def masked_ridge(G: torch.Tensor, b: torch.Tensor, support: torch.Tensor, alpha:
         (B, F, D) coefficients solving ``(G_SS + diag(alpha_S)) xi_S = b_S`` per (batch, target);
         systems that are singular fall back to the pseudo-inverse.
     """
-    B, F, D = b.shape
     m = support.to(G.dtype).transpose(1, 2)  # (B, D, F)
-    A = G[:, None] * (m[..., :, None] * m[..., None, :])  # (B, D, F, F)
-    alpha_t = torch.as_tensor(alpha, dtype=G.dtype, device=G.device)
-    alpha_t = torch.broadcast_to(alpha_t, (B, F, D)).transpose(1, 2)  # (B, D, F)
-    diag = alpha_t * m + (1.0 - m)  # alpha on the support, 1 off it (pins those to zero)
-    A = A + torch.diag_embed(diag)
+    A = ridge_matrices(G, support, alpha)
     rhs = b.transpose(1, 2) * m  # (B, D, F)
     sol, info = torch.linalg.solve_ex(A, rhs)
     bad = (info != 0) | ~torch.isfinite(sol).all(-1)

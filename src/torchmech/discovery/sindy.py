@@ -11,7 +11,7 @@ import torch
 from torchmech.discovery.base import BaseDiscovery, _tensor, as_trajectories
 from torchmech.discovery.differentiation import Differentiator, FiniteDifference, check_xt
 from torchmech.discovery.library import Library, PolynomialLibrary
-from torchmech.discovery.optimizers import SparseOptimizer, STLSQ, _normalized_stats, masked_ridge
+from torchmech.discovery.optimizers import SparseOptimizer, STLSQ, _normalized_stats, masked_ridge, ridge_matrices
 
 __all__ = ["SINDy", "fit_sindy_batch", "fit_sindy_cv", "SINDyCV", "select_threshold", "select_support", "backward_path"]
 
@@ -230,15 +230,6 @@ _EXACT_FLOOR = 1e-10
 _BACKWARD_RIDGE = 1e-10
 
 
-def _ridge_matrices(G: torch.Tensor, support: torch.Tensor, alpha) -> torch.Tensor:
-    """Per (batch, target) masked normal matrices (B, D, F, F), identity rows off the support (as masked_ridge)."""
-    B, F, D = support.shape
-    m = support.to(G.dtype).transpose(1, 2)  # (B, D, F)
-    a = torch.broadcast_to(torch.as_tensor(alpha, dtype=G.dtype, device=G.device), (B, F, D)).transpose(1, 2)
-    A = G[:, None] * (m[..., :, None] * m[..., None, :])
-    return A + torch.diag_embed(a * m + (1.0 - m))
-
-
 def backward_path(G: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor, alpha) -> torch.Tensor:
     """Backward elimination on ridge normal equations: nested supports from all allowed terms down to one.
 
@@ -261,7 +252,7 @@ def backward_path(G: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor, alpha
     support = allowed.clone()
     out = [support.clone()]
     for _ in range(F - 1):
-        Ainv = torch.linalg.pinv(_ridge_matrices(G, support, a), hermitian=True)  # (B, D, F, F)
+        Ainv = torch.linalg.pinv(ridge_matrices(G, support, a), hermitian=True)  # (B, D, F, F)
         m = support.transpose(1, 2)  # (B, D, F)
         xi = (Ainv @ (b.transpose(1, 2) * m)[..., None])[..., 0]
         score = xi.square() / torch.diagonal(Ainv, dim1=-2, dim2=-1).clamp_min(torch.finfo(G.dtype).tiny)
