@@ -428,6 +428,8 @@ def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
     for th in grid:
         opt = _with_threshold(optimizer, th)
         path.append(copy.deepcopy(opt).fit(Theta, dx).coef_.transpose(-1, -2))  # (B, D, F)
+        if search == "support":
+            continue  # only the fits on all rows are candidates; their supports are scored below
         err = []
         for k in range(folds):
             train = (block != k).to(Theta.dtype).expand(B, N)
@@ -436,7 +438,6 @@ def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
             err.append((Theta[:, held] @ C - dx[:, held]).double().square().mean(-2))  # (B, D)
         errors.append(torch.stack(err, -1))  # (B, D, K)
     path = torch.stack(path)  # (G, B, D, F)
-    cv_error = torch.stack(errors)  # (G, B, D, K)
     grid_t = torch.tensor(grid, dtype=torch.float64, device=Theta.device)
     if search == "support":
         candidates, cv_error, index = _support_cv(Theta, dx, optimizer, path, block, folds, one_se)
@@ -446,6 +447,7 @@ def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
         threshold = torch.where(index < G, grid_t[index.clamp_max(G - 1)], torch.full_like(grid_t[:1], float("nan")))
         return SINDyCV(coefficients=coefficients.to(path.dtype).contiguous(), threshold=threshold, index=index,
                        thresholds=grid_t, path=candidates.to(path.dtype), cv_error=cv_error)
+    cv_error = torch.stack(errors)  # (G, B, D, K)
     if per_equation:
         index = select_threshold(cv_error, one_se)  # (B, D)
     else:
