@@ -10,6 +10,8 @@ from torch.utils.checkpoint import checkpoint
 from torchmech.de.controllers import AbstractController, _next_mark
 from torchmech.de.terms import ControlTerm, MultiTerm, ODETerm
 
+__all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
+
 
 def _grad(out, inputs, **kw) -> tuple:
     """``torch.autograd.grad`` with unused inputs as None, also when ``out`` has no graph at all (a vector
@@ -18,8 +20,6 @@ def _grad(out, inputs, **kw) -> tuple:
     if not (torch.is_tensor(out) and out.requires_grad):
         return (None,) * len(inputs)
     return torch.autograd.grad(out, inputs, allow_unused=True, **kw)
-
-__all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
 
 
 class AbstractAdjoint:
