@@ -126,6 +126,26 @@ def test_compiled_blocks_of_steps_without_compiling(monkeypatch, block):
     assert_same(comp, eager, tol=1e-11)
 
 
+@pytest.mark.parametrize("window", [3, 40])
+def test_compiled_block_window_backwards_in_time_nonflat_state(monkeypatch, window):
+    # the block's save window locates each save time's step by the step ends in the direction of
+    # integration; a (B, 2, 2) state exercises the gathers' broadcasting; window 3 overflows
+    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.steps)
+    monkeypatch.setattr(_fast, "_WINDOW", window)
+    torch.manual_seed(5)
+    y0 = torch.randn(4, 2, 2, dtype=torch.float64)
+    t0 = torch.tensor([2.0, 2.5, 3.0, 1.5], dtype=torch.float64)
+    ts = t0[:, None] * torch.linspace(1, 0, 25, dtype=torch.float64)[None]
+
+    def f(t, y, args):
+        return torch.stack([y[:, :, 1], -y[:, :, 0] + torch.cos(t)[:, None]], dim=-1)
+
+    kw = dict(saveat=de.SaveAt(ts=ts), controller=de.PIDController(1e-7, 1e-7))
+    comp = de.solve(f, de.Tsit5(), t0, 0.0, y0, compile=True, **kw)
+    eager = generic(monkeypatch, f, de.Tsit5(), t0, 0.0, y0, **kw)
+    assert_same(comp, eager, tol=1e-11)
+
+
 def test_large_state_flushes_records(monkeypatch):
     # a tiny record budget forces a save pass after every step
     monkeypatch.setattr(_fast, "_RECORD_BUDGET", 1)

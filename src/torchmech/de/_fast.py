@@ -32,7 +32,10 @@ _MAX_RECORDS = 64
 # records larger than this are kept only for steps that pass a save time (a few (B,) operations
 # per step, worth it when the state is large and save times are sparse), at most 4 at a time
 _FILTER_BYTES = 64 * 2 ** 10
-_WINDOW = 16  # save times interpolated inside one compiled step
+# save times interpolated inside one compiled call (a block of ``_BLOCK`` steps); a block passing more
+# also goes through the eager save pass. One window per block rather than per step: the block's busiest
+# sample sets the width, not each step's (Van der Pol, 200 saves: at most 43 per block of 4, 17 per step)
+_WINDOW = 48
 # steps per compiled call: the call's own cost (guards, wrapper, the done read-back, the save scatter; ~80 us on
 # CPU, as much as a small problem's step arithmetic) is paid once per block; a block that runs past the last
 # sample's end repeats masked no-op steps (h = 0)
@@ -133,17 +136,12 @@ def _stages(P: Plan, f, args, t: Tensor, t_next: Tensor, h: Tensor, hb: Tensor, 
     return fs, y1, f(t_next, y1, args)
 
 
-def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2):
+def step(P: Plan, integ, window: int, t, y, dt, f0, done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2):
     """One attempted step of every unfinished sample (same semantics as ``_Integrator.step``).
 
-    Returns (new state tuple, record, block, flags). record = (t, t_new, y, F) for the deferred
-    save pass (F: the R stage values, a tuple in eager mode, stacked (R, B, ...) when compiled),
-    None when nothing is saved at ``ts``.
-    With ``window > 0`` (compiled mode) the step also interpolates the first ``window`` save
-    times it passed: block = (indices (B, window), values (B, window, ...)) and flags =
-    [all done, some sample passed more than ``window`` save times] for one read-back. (The
-    caller scatters the block into the save buffer in place: inside the graph the scatter would
-    copy the whole buffer every step.)
+    Returns (new state tuple, record). record = (t, t_new, y, F) for the deferred save pass (F:
+    the R stage values, a tuple in eager mode, stacked (R, B, ...) with ``window > 0``, i.e. in
+    compiled mode), None when nothing is saved at ``ts``.
     """
 
     f, args = integ.terms.f, integ.args
@@ -211,44 +209,48 @@ def step(P: Plan, integ, window: int, nxt, t, y, dt, f0, done, status, nonfinite
         F = torch.stack(fs) if window else tuple(fs)
         record = (t, t_new, y, F)
     state = (t_new, y_new, dt_new, f_new, new_done, status, nonfinite, nsteps, nacc, nrej, nfev, e1, e2)
-    if window == 0:
-        return state, record, None, None, None
-    block = None
-    over = torch.zeros_like(new_done[0])
-    if P.save and not P.records:
-        block, nxt, over = _window_save(P, integ, window, nxt, t, h, t_new, y, F)
-    flags = torch.stack([new_done.all(), over])
-    return state, record, block, nxt, flags
+    return state, record
 
 
-def _window_save(P: Plan, integ, W: int, nxt, t, h, t_new, y, F):
-    """Values at the first ``W`` save times in (t, t_new] of every sample.
+def _block_save(P: Plan, integ, W: int, nxt, records: list, t_end):
+    """Values at the first ``W`` save times passed by a block of steps (compiled mode).
 
-    ``nxt`` (B,) is each sample's first save index not yet passed. Returns ((B, W) column indices
-    into the save buffer (spare column T where unused), (B, W, ...) values), the advanced ``nxt``
-    and whether some sample passed more than ``W`` save times.
+    ``records`` are the block's step records (t, t_new, y, F stacked (R, B, ...)); per sample they
+    tile (start, t_end]. ``nxt`` (B,) is each sample's first save index not yet passed. Returns ((B, W)
+    column indices into the save buffer (spare column T where unused), (B, W, ...) values), the
+    advanced ``nxt`` and whether some sample passed more than ``W`` save times (the caller's eager
+    save pass then fills the block's records).
     """
     d = integ.direction
     T = integ.ts.shape[1]
-    ar = torch.arange(W + 1, device=t.device)
+    k = len(records)
+    ar = torch.arange(W + 1, device=t_end.device)
     cols = (nxt[:, None] + ar[None]).clamp(max=T)
-    passed = integ._dts_pad.gather(1, cols) <= (d * t_new)[:, None]  # (B, W+1); the pad column is +inf
+    passed = integ._dts_pad.gather(1, cols) <= (d * t_end)[:, None]  # (B, W+1); the pad column is +inf
     over = passed[:, W].any()
     used = passed[:, :W]
-    # every save time passed, also beyond the window (the caller fills those from this step's record)
-    nxt = torch.searchsorted(integ._dts, (d * t_new)[:, None], right=True)[:, 0]
+    nxt = torch.searchsorted(integ._dts, (d * t_end)[:, None], right=True)[:, 0]
     idx = torch.where(used, cols[:, :W], T)
-    tau = integ._ts_pad.gather(1, idx)
-    safe_h = torch.where(h != 0, h, torch.ones_like(h))
-    theta = torch.where(used, (tau - t[:, None]) / safe_h[:, None], torch.zeros_like(tau))  # (B, W)
-    # the interpolant's coefficients y + h sum_p theta^(p+1) Q_p, then Horner at every save time
+    tau = integ._ts_pad.gather(1, idx)  # (B, W)
+    # the step covering each save time: the first whose end reaches it (rejected steps have zero
+    # length and end where an earlier step did, so they are never the first)
+    ends = torch.stack([d * r[1] for r in records], dim=1)  # (B, k), non-decreasing
+    m = (ends[:, None, :] < (d[:, None] * tau)[:, :, None]).sum(-1).clamp_(max=k - 1)  # (B, W)
+    t_m = torch.stack([r[0] for r in records], dim=1).gather(1, m)
+    h_m = torch.stack([r[1] - r[0] for r in records], dim=1).gather(1, m)
+    safe_h = torch.where(used & (h_m != 0), h_m, torch.ones_like(h_m))
+    theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))  # (B, W)
+    # per step the interpolant's coefficients y + h sum_p theta^(p+1) Q_p, gathered per save time
     deg = len(P.poly[0])
-    qs = [_lincomb(_nonzero([row[p] for row in P.poly]), list(F.unbind(0))) for p in range(deg)]
-    th = bcast(theta, qs[0][:, None])
-    acc = qs[-1][:, None] * th
+    qrows = [_nonzero([row[p] for row in P.poly]) for p in range(deg)]
+    ys = torch.stack([r[2] for r in records], dim=1)  # (B, k, ...)
+    qs = [torch.stack([_lincomb(qr, list(r[3].unbind(0))) for r in records], dim=1) for qr in qrows]
+    mi = bcast(m, ys[:, :1]).expand((ys.shape[0], W) + ys.shape[2:])
+    th = bcast(theta, mi)
+    acc = qs[-1].gather(1, mi) * th
     for q in qs[-2::-1]:
-        acc = (acc + q[:, None]) * th
-    vals = torch.addcmul(y[:, None], bcast(h, acc), acc)
+        acc = (acc + q.gather(1, mi)) * th
+    vals = torch.addcmul(ys.gather(1, mi), bcast(h_m, acc), acc)
     return (idx, vals), nxt, over
 
 
@@ -375,7 +377,7 @@ def _run_records(P: Plan, integ, state: dict, n, tensors: tuple, cst: dict) -> t
     k = 0
     all_done = False
     while n is None or k < n:
-        tensors, rec, _, _, _ = step(P, integ, 0, None, *tensors)
+        tensors, rec = step(P, integ, 0, *tensors)
         out.append(rec)
         k += 1
         if bool(tensors[4].all()):
@@ -397,20 +399,20 @@ _COMPILED: dict = {}
 def steps(P: Plan, integ, window: int, k: int, nxt, *state):
     """``k`` consecutive ``step`` calls (one compiled graph in compiled mode).
 
-    Returns (state, records of the k steps, block of all k steps' saved values (indices and values
-    concatenated along the save axis, or None), nxt, flags (k + 1,) = [all done after the last step,
-    whether step j passed more than ``window`` save times, j < k]) for one read-back.
+    Returns (state, records of the k steps, block of the first ``window`` save times the k steps
+    passed (indices and values, or None), nxt, flags (2,) = [all done after the last step, some
+    sample passed more than ``window`` save times]) for one read-back. (The caller scatters the
+    block into the save buffer in place: inside the graph the scatter would copy the whole buffer.)
     """
-    records, idx, vals, over = [], [], [], []
+    records = []
     for _ in range(k):
-        state, rec, block, nxt, flags = step(P, integ, window, nxt, *state)
+        state, rec = step(P, integ, window, *state)
         records.append(rec)
-        over.append(flags[1])
-        if block is not None:
-            idx.append(block[0])
-            vals.append(block[1])
-    block = (torch.cat(idx, 1), torch.cat(vals, 1)) if idx else None
-    return state, records, block, nxt, torch.stack([flags[0]] + over)
+    done = state[4].all()
+    if not (P.save and not P.records):
+        return state, records, None, nxt, torch.stack([done, torch.zeros_like(done)])
+    block, nxt, over = _block_save(P, integ, window, nxt, records, state[0])
+    return state, records, block, nxt, torch.stack([done, over])
 
 
 def _compiled_step():
@@ -443,8 +445,8 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
     y = tensors[1]
     per_step = y.numel() * y.element_size() * (len(P.poly) + 2)
     max_rec = max(1, min(_MAX_RECORDS, _RECORD_BUDGET // max(per_step, 1)))
-    # compiled: each step interpolates up to W save times in-graph (a block scattered into the
-    # buffer after the step); a step passing more also goes through the eager save pass
+    # compiled: each block of steps interpolates up to W save times in-graph (scattered into the
+    # buffer after the call); a block passing more also goes through the eager save pass
     if P.records:  # records-only dense output: eager steps, the records go back to the caller
         return _run_records(P, integ, state, n, tensors, cst)
     if not P.adaptive and not compiled:
@@ -470,7 +472,7 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
             tensors, recs, block, nxt, flags = fn(P, integ, W, block_steps, nxt, *tensors)
             k += block_steps
         else:
-            tensors, rec, block, nxt, flags = fn(P, integ, W, nxt, *tensors)
+            tensors, rec = fn(P, integ, W, *tensors)
             k += 1
         if W == 0 and filt:
             # keep the record only if some sample passed its next save time (one read-back per step)
@@ -491,13 +493,13 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
                     records = []
             done = bool(tensors[4].all())  # the one host read-back per step
         else:
-            done, *over = flags.tolist()
+            done, over = flags.tolist()
             if block is not None:
                 idx, vals = block
                 buf.scatter_(1, bcast(idx, vals).expand_as(vals), vals)
-            for rec, o in zip(recs, over):
-                if o:  # the eager pass fills the save times this step passed beyond its window
-                    buf = save_pass(P, integ, buf, [rec])
+            if over:  # the eager pass fills the save times the block passed beyond its window
+                buf = save_pass(P, integ, buf, recs)
+
         if done:
             all_done = True
             break

@@ -634,7 +634,7 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         throw: raise ``RuntimeError`` naming failing samples if any status is not SUCCESS/EVENT.
         progress: show a tqdm progress bar of the slowest sample over [t0, t1].
         compile: run the steps (stages, error norm, controller, bookkeeping and the
-            interpolation of up to 16 save times) as ``torch.compile``d graphs of four steps
+            interpolation of up to 48 save times) as ``torch.compile``d graphs of four steps
             each (samples that finish inside one repeat masked no-op steps). Needs the
             common case that the lean eager loop also covers: an ``ODETerm`` with an explicit RK
             solver, ``PIDController`` (no ``step_ts``/``jump_ts``) or ``ConstantStep``, no
