@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import torchmech.de as de
+from torchmech.de import _fast
 
 
 def vdp(t, y, args):
@@ -14,7 +15,7 @@ def vdp(t, y, args):
 def test_compiled_matches_eager():
     torch.manual_seed(0)
     y0 = torch.rand(8, 2, dtype=torch.float64) * 4 - 2
-    ts = torch.linspace(0, 3, 40, dtype=torch.float64)  # several save times per step: window overflow path too
+    ts = torch.linspace(0, 3, 40, dtype=torch.float64)  # several save times per step (overflow: test_de_fast.py)
     kw = dict(saveat=de.SaveAt(ts=ts, t1=True), controller=de.PIDController(1e-6, 1e-6))
     eager = de.solve(vdp, de.Tsit5(), 0.0, 3.0, y0, **kw)
     comp = de.solve(vdp, de.Tsit5(), 0.0, 3.0, y0, compile=True, **kw)
@@ -34,3 +35,24 @@ def test_compile_rejects_unsupported():
         de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, compile=True, controller=de.StepTo(torch.tensor([0.0, 1.0])))
     with pytest.raises(TypeError, match="compile must be a bool"):
         de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, compile="yes")
+    with pytest.raises(TypeError, match="compile options must have str keys"):
+        de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, compile={1: True})
+
+
+def test_compile_options_reach_torch_compile(monkeypatch):
+    # a dict is handed to torch.compile as Inductor options, one compiled function per set of options
+    seen = []
+
+    def fake_compile(fn, dynamic=None, options=None):
+        seen.append(options)
+        return fn  # run eagerly: only the plumbing is under test here
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(_fast, "_COMPILED", {})
+    y0 = torch.rand(3, 2, dtype=torch.float64)
+    kw = dict(saveat=de.SaveAt(ts=torch.linspace(0, 1, 5, dtype=torch.float64)), controller=de.PIDController(1e-6, 1e-6))
+    eager = de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, **kw)
+    for opts in ({"cpp_wrapper": True}, {"cpp_wrapper": True}, True):
+        sol = de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, compile=opts, **kw)
+        torch.testing.assert_close(sol.ys, eager.ys, rtol=1e-12, atol=1e-12)
+    assert seen == [{"cpp_wrapper": True}, None]

@@ -95,7 +95,7 @@ def test_fast_gradients_equal_generic(monkeypatch):
 
 def test_compiled_window_logic_without_compiling(monkeypatch):
     # the compiled step's in-graph save window (and its overflow fallback), run eagerly
-    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.steps)
+    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
     monkeypatch.setattr(_fast, "_WINDOW", 2)  # most steps pass more than 2 save times
     torch.manual_seed(2)
     y0 = torch.randn(6, 2, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_compiled_window_logic_without_compiling(monkeypatch):
 def test_compiled_blocks_of_steps_without_compiling(monkeypatch, block):
     # several steps per compiled call: samples that finish inside a block (per-sample end times) repeat
     # masked no-op steps, which must leave their state, statistics and status untouched
-    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.steps)
+    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
     monkeypatch.setattr(_fast, "_BLOCK", block)
     torch.manual_seed(4)
     y0 = torch.randn(5, 2, dtype=torch.float64)
@@ -130,7 +130,7 @@ def test_compiled_blocks_of_steps_without_compiling(monkeypatch, block):
 def test_compiled_block_window_backwards_in_time_nonflat_state(monkeypatch, window):
     # the block's save window locates each save time's step by the step ends in the direction of
     # integration; a (B, 2, 2) state exercises the gathers' broadcasting; window 3 overflows
-    monkeypatch.setattr(_fast, "_compiled_step", lambda: _fast.steps)
+    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
     monkeypatch.setattr(_fast, "_WINDOW", window)
     torch.manual_seed(5)
     y0 = torch.randn(4, 2, 2, dtype=torch.float64)

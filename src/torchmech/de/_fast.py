@@ -415,18 +415,21 @@ def steps(P: Plan, integ, window: int, k: int, nxt, *state):
     return state, records, block, nxt, torch.stack([done, over])
 
 
-def _compiled_step():
-    fn = _COMPILED.get("step")
+def _compiled_step(options: dict | None = None):
+    """``steps`` compiled with these Inductor options (one compiled function per set of options)."""
+    key = tuple(sorted((k, repr(v)) for k, v in (options or {}).items()))
+    fn = _COMPILED.get(key)
     if fn is None:
         import torch._dynamo
 
         # one graph per problem structure (solver, vector field code, shapes, dtypes, steps per call)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        fn = _COMPILED["step"] = torch.compile(steps, dynamic=False)
+        fn = _COMPILED[key] = torch.compile(steps, dynamic=False, options=dict(options) if options else None)
     return fn
 
 
-def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict, list, bool]:
+def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict | None = None
+        ) -> tuple[dict, list, bool]:
     """``_Integrator.run_steps`` for problems ``unsupported`` accepts: up to ``n`` steps (all if None).
 
     Returns None when the caller's generic loop must run instead: a ``StepTo`` solve whose samples
@@ -437,7 +440,7 @@ def run(integ, state: dict, n: int | None, compiled: bool = False) -> tuple[dict
         P = integ._fast_plan = Plan(integ)
     if type(integ.controller) is StepTo:
         return None if P.records else _run_grid(P, integ, state, n)
-    fn = _compiled_step() if compiled else step
+    fn = _compiled_step(options) if compiled else step
     cst = state["ctrl"]
     ones = torch.ones_like(state["t"])
     tensors = tuple(state[k] for k in _KEYS) + (cst.get("e1", ones), cst.get("e2", ones))

@@ -233,6 +233,7 @@ class _Integrator:
         # fixed-step SDE solves on one shared time grid: the lean loop of _fast_sde (checked again at run time)
         self.fast_sde = not self.fast and _fast_sde.unsupported(self) is None
         self.compiled = False  # set by solve(compile=True): the lean loop's step runs torch.compile'd
+        self.compile_options: dict = {}  # solve(compile={...}): Inductor options for that compile
 
     def _check_ts(self, ts: Tensor) -> Tensor:
         B = self.B
@@ -570,7 +571,7 @@ class _Integrator:
         if self.fast:
             from torchmech.de import _fast
 
-            out = _fast.run(self, state, n, compiled=self.compiled)
+            out = _fast.run(self, state, n, compiled=self.compiled, options=self.compile_options)
             if out is not None:
                 return out
         if self.fast_sde:
@@ -611,7 +612,7 @@ def _check_y0(y0: Any) -> Tensor:
 def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | None = None,
           controller: AbstractController | None = None, adjoint: AbstractAdjoint | None = None,
           event: Event | None = None, max_steps: int = 4096, throw: bool = True,
-          progress: bool = False, compile: bool = False) -> Solution:
+          progress: bool = False, compile: bool | dict = False) -> Solution:
     """Solve ``dy = sum_terms f(t, y, args) dX`` from ``t0`` to ``t1``, every sample with its own steps.
 
     Args:
@@ -642,9 +643,12 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
             ``ValueError``. The first call for a problem structure compiles (tens of seconds on
             CPU); later calls with the same solver, vector-field code, shapes and dtypes reuse it.
             Pays off for many steps of a cheap vector field (small states, where per-operation
-            dispatch dominates: about 3-4x faster per step on the Van der Pol benchmark); not for
+            dispatch dominates: about 4x faster per step on the Van der Pol benchmark); not for
             one-off solves, nor when the vector field's own cost dominates (a large MLP), nor for
-            solves of two or three steps. See benchmarks/RESULTS.md.
+            solves of two or three steps. A dict instead of ``True`` compiles with those Inductor
+            options (``torch.compile(..., options=compile)``): ``{"cpp_wrapper": True}`` on CPU
+            runs the compiled graph from generated C++ instead of Python, another ~15% per step on
+            Van der Pol for about twice the first call's compile time. See benchmarks/RESULTS.md.
 
     Returns:
         :class:`Solution` with ``ts`` (B, T), ``ys`` (B, T, ...), ``stats``, ``status``.
@@ -689,9 +693,14 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         if (dt0 == 0).any():
             raise ValueError("solve: dt0 must be non-zero")
     integ = _Integrator(terms, solver, t0, t1, y0, dt0, args, saveat, controller, event, max_steps, progress)
-    if not isinstance(compile, bool):
-        raise TypeError(f"solve: compile must be a bool, got {type(compile).__name__}")
-    if compile:
+    if isinstance(compile, dict):
+        bad = [k for k in compile if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"solve: compile options must have str keys (Inductor option names), got {bad[0]!r}")
+    elif not isinstance(compile, bool):
+        raise TypeError(f"solve: compile must be a bool or a dict of torch.compile options, "
+                        f"got {type(compile).__name__}")
+    if compile is not False:
         from torchmech.de import _fast
 
         why = _fast.unsupported(integ)
@@ -700,6 +709,7 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         if why is not None:
             raise ValueError(f"solve: compile=True does not support {why}; use compile=False")
         integ.compiled = True
+        integ.compile_options = dict(compile) if isinstance(compile, dict) else {}
     if progress:
         from tqdm.auto import tqdm
 
