@@ -321,6 +321,34 @@ def test_select_support_orders_by_size():
         select_support(e, size[:3])
 
 
+def test_select_support_takes_the_null_model_only_when_it_is_best():
+    from torchmech.discovery.sindy import select_support
+
+    # a transient in the first fold only: the null model (size 0) is 4x worse there and within one SE on
+    # the mean, so the one-SE rule alone would take it; it is admissible only as the best candidate
+    folds = torch.tensor([1.0, 0.01, 0.01, 0.01])
+    e = torch.stack([folds * 0.5, folds * 0.55, torch.tensor([4.0, 0.01, 0.01, 0.01])])[:, None]
+    size = torch.tensor([[3], [2], [0]])
+    assert int(select_support(e, size)[0]) == 1
+    null_best = torch.stack([folds * 2.0, folds * 3.0, folds])[:, None]
+    assert int(select_support(null_best, size)[0]) == 2
+    only_null = torch.ones(2, 1, 3)
+    assert int(select_support(only_null, torch.zeros(2, 1))[0]) in (0, 1)
+
+
+def test_support_search_does_not_stop_the_dynamics_of_a_settling_trajectory():
+    # odebench_06 from its second initial condition settles within the first of the 5 blocks; at 5% noise
+    # the null model x' = 0 was within one SE of the true two-term model and won the one-SE rule
+    from torchmech.discovery.differentiation import WeakForm
+    from torchmech.discovery.sindy import fit_sindy_cv
+
+    t = torch.linspace(0, 10, 512, dtype=torch.float64)
+    lib = PolynomialLibrary(3)
+    x = systems.simulate("odebench_06", t, noise=0.05, seed=0).x[1:]
+    res = fit_sindy_cv(x, t, lib, WeakForm(), STLSQ(alpha="auto"), folds=5, search="support")
+    assert metrics.exact_recovery(res.coefficients[0], systems.get("odebench_06").true_coefficients(lib))
+
+
 def test_fit_sindy_cv_pools_a_list_of_trajectories_into_one_problem():
     from torchmech.discovery.differentiation import WeakForm
     from torchmech.discovery.sindy import fit_sindy_cv

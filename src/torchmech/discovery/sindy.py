@@ -310,6 +310,12 @@ def select_support(cv_error: torch.Tensor, size: torch.Tensor, one_se: bool = Tr
             fewest: the sparsest candidate whose mean log error is within one standard error of the best.
             Among equally sparse candidates the one with the smaller mean log error is preferred.
 
+    The null model (no terms: the variable does not change) is chosen only when its mean log error is
+    the smallest: the one-SE rule trades an insignificant loss of fit for a simpler description of the
+    dynamics, and "no dynamics" is not one. It matters for trajectories that settle within the first
+    block: the blocks after the transient cannot tell ``x' = 0`` from the true model, the spread of the
+    fold scores is then mostly the transient block's, and the null model hides inside one standard error.
+
     Returns:
         (...) long indices into the M candidates.
     """
@@ -318,7 +324,12 @@ def select_support(cv_error: torch.Tensor, size: torch.Tensor, one_se: bool = Tr
     if e.ndim < 2 or size.shape != e.shape[:-1]:
         raise ValueError(f"size: expected shape {tuple(e.shape[:-1])} (cv_error without its fold axis), "
                          f"got {tuple(size.shape)}")
-    score = torch.log(torch.nan_to_num(e, nan=float("inf")).clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    e = torch.nan_to_num(e, nan=float("inf"))
+    score = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    null = size == 0
+    null_best = null.gather(0, score.argmin(0)[None])[0]
+    e = torch.where((null & ~null_best)[..., None], torch.full_like(e, float("inf")), e)
+    score = torch.where(null & ~null_best, torch.full_like(score, float("inf")), score)
     # select_threshold takes the LAST admissible entry: order by size descending, then by error descending
     order = torch.argsort(-size * 1e6 - score.clamp(-1e5, 1e5), dim=0, stable=True)
     ranked = e.gather(0, order[..., None].expand(e.shape))
