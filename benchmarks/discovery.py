@@ -10,8 +10,9 @@ threshold-selection rule: on the grid GRID, blocked 5-fold cross-validation over
 rows (contiguous blocks in time; for every threshold the optimiser is fitted on four blocks and the
 held-out block's mean squared derivative-target error is recorded) and the one-standard-error rule
 (the largest threshold whose mean held-out error is within one standard error of the smallest),
-applied per equation. The rule is ``torchmech.discovery.sindy.select_threshold``, fed with each
-method's own held-out errors; no ground truth enters it.
+applied per equation; a null model (no terms) only where it has the smallest held-out error. The rule
+is ``torchmech.discovery.sindy.select_threshold``, fed with each method's own held-out errors and model
+sizes; no ground truth enters it.
 
 Methods (pairs share the derivative targets, so each pair differs only in the optimiser):
 
@@ -203,7 +204,7 @@ def _support_cv_pysindy(Theta: np.ndarray, dx: np.ndarray, path: np.ndarray) -> 
 
 def _select(path: np.ndarray, errs: np.ndarray) -> np.ndarray:
     """The same rule as fit_sindy_cv (one-SE, per equation) on PySINDy's errors -> (D, F)."""
-    k = select_threshold(torch.as_tensor(errs)).numpy()  # (D,)
+    k = select_threshold(torch.as_tensor(errs), size=torch.as_tensor((path != 0).sum(-1))).numpy()  # (D,)
     return np.stack([path[k[d], d] for d in range(path.shape[1])])
 
 

@@ -334,6 +334,14 @@ def test_select_support_takes_the_null_model_only_when_it_is_best():
     assert int(select_support(null_best, size)[0]) == 2
     only_null = torch.ones(2, 1, 3)
     assert int(select_support(only_null, torch.zeros(2, 1))[0]) in (0, 1)
+    # the threshold rule takes the same sizes optionally (thresholds increase: the last one gives the null model)
+    from torchmech.discovery.sindy import select_threshold
+
+    assert int(select_threshold(e)[0]) == 2
+    assert int(select_threshold(e, size=size)[0]) == 1
+    assert int(select_threshold(null_best, size=size)[0]) == 2
+    with pytest.raises(ValueError, match="size"):
+        select_threshold(e, size=size[:2])
 
 
 def test_support_search_does_not_stop_the_dynamics_of_a_settling_trajectory():

@@ -182,7 +182,15 @@ def _regression_rows(x, t, library, differentiation) -> tuple[torch.Tensor, torc
     return Theta, dx.to(Theta.dtype)
 
 
-def select_threshold(cv_error: torch.Tensor, one_se: bool = True) -> torch.Tensor:
+def _drop_null(e: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """Held-out errors (M, ..., K) with the null candidates (M, ...) made inadmissible (inf) unless one of
+    them has the smallest mean log error."""
+    score = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    null_best = null.gather(0, score.argmin(0)[None])[0]
+    return torch.where((null & ~null_best)[..., None], torch.full_like(e, float("inf")), e)
+
+
+def select_threshold(cv_error: torch.Tensor, one_se: bool = True, size: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the chosen threshold from held-out errors along an increasing threshold grid.
 
     Args:
@@ -192,6 +200,8 @@ def select_threshold(cv_error: torch.Tensor, one_se: bool = True) -> torch.Tenso
             Learning, 7.10): the LARGEST threshold (sparsest model) whose mean score is at most the
             smallest mean score plus the standard error (over folds) of that best threshold's fold
             scores. False: the threshold of the smallest mean score.
+        size: optional (G, ...) number of terms of each threshold's model. Given it, a null model (no
+            terms) is chosen only when its mean score is the smallest (see :func:`select_support`).
 
     The score of a fold is the LOGARITHM of its held-out error: blocked folds of one trajectory
     differ by orders of magnitude (a held-out transient outside the region the other blocks cover
@@ -206,6 +216,12 @@ def select_threshold(cv_error: torch.Tensor, one_se: bool = True) -> torch.Tenso
     if e.ndim < 2 or e.shape[0] < 1 or e.shape[-1] < 1:
         raise ValueError(f"cv_error: expected shape (G, ..., K) with G, K >= 1, got {tuple(e.shape)}")
     e = torch.nan_to_num(e, nan=float("inf"), posinf=float("inf"))
+    if size is not None:
+        size = torch.as_tensor(size, device=e.device)
+        if size.shape != e.shape[:-1]:
+            raise ValueError(f"size: expected shape {tuple(e.shape[:-1])} (cv_error without its fold axis), "
+                             f"got {tuple(size.shape)}")
+        e = _drop_null(e, size == 0)
     e = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny))  # exact fits: log of the tiniest positive
     mean = e.mean(-1)  # (G, ...)
     best = mean.argmin(0)  # (...)
@@ -324,12 +340,8 @@ def select_support(cv_error: torch.Tensor, size: torch.Tensor, one_se: bool = Tr
     if e.ndim < 2 or size.shape != e.shape[:-1]:
         raise ValueError(f"size: expected shape {tuple(e.shape[:-1])} (cv_error without its fold axis), "
                          f"got {tuple(size.shape)}")
-    e = torch.nan_to_num(e, nan=float("inf"))
+    e = _drop_null(torch.nan_to_num(e, nan=float("inf")), size == 0)
     score = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
-    null = size == 0
-    null_best = null.gather(0, score.argmin(0)[None])[0]
-    e = torch.where((null & ~null_best)[..., None], torch.full_like(e, float("inf")), e)
-    score = torch.where(null & ~null_best, torch.full_like(score, float("inf")), score)
     # select_threshold takes the LAST admissible entry: order by size descending, then by error descending
     order = torch.argsort(-size * 1e6 - score.clamp(-1e5, 1e5), dim=0, stable=True)
     ranked = e.gather(0, order[..., None].expand(e.shape))
@@ -459,10 +471,11 @@ def fit_sindy_cv(x: torch.Tensor, t: Any, library: Library | None = None,
         return SINDyCV(coefficients=coefficients.to(path.dtype).contiguous(), threshold=threshold, index=index,
                        thresholds=grid_t, path=candidates.to(path.dtype), cv_error=cv_error)
     cv_error = torch.stack(errors)  # (G, B, D, K)
+    size = (path != 0).sum(-1)  # (G, B, D) terms per equation
     if per_equation:
-        index = select_threshold(cv_error, one_se)  # (B, D)
-    else:
-        index = select_threshold(cv_error.mean(-2), one_se)[:, None].expand(B, D)  # mean over equations
+        index = select_threshold(cv_error, one_se, size=size)  # (B, D)
+    else:  # mean over equations; the null model has no term in any equation
+        index = select_threshold(cv_error.mean(-2), one_se, size=size.sum(-1))[:, None].expand(B, D)
     index = index.to(Theta.device)
     coefficients = path.gather(0, index[None, ..., None].expand((1,) + path.shape[1:])).squeeze(0)
     return SINDyCV(coefficients=coefficients.contiguous(), threshold=grid_t[index], index=index,
