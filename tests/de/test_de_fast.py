@@ -26,6 +26,13 @@ def assert_same(a, b, tol=1e-12):
     assert torch.equal(a.status, b.status)
 
 
+def assert_compiled_path_matches(monkeypatch, f, solver, t0, t1, y0, **kw):
+    """The compiled mode's code path (blocks of steps, in-graph save windows) run eagerly == the generic loop."""
+    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
+    comp = de.solve(f, solver, t0, t1, y0, compile=True, **kw)
+    assert_same(comp, generic(monkeypatch, f, solver, t0, t1, y0, **kw), tol=1e-11)
+
+
 CASES = [
     (de.Tsit5, dict(controller=de.PIDController(1e-7, 1e-7))),
     (de.Dopri5, dict(controller=de.PIDController(1e-6, 1e-8, pcoeff=0.2, icoeff=0.4, dcoeff=0.1))),
@@ -95,8 +102,7 @@ def test_fast_gradients_equal_generic(monkeypatch):
 
 def test_compiled_window_logic_without_compiling(monkeypatch):
     # the compiled step's in-graph save window (and its overflow fallback), run eagerly
-    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
-    monkeypatch.setattr(_fast, "_WINDOW", 2)  # most steps pass more than 2 save times
+    monkeypatch.setattr(_fast, "_WINDOW", 2)  # most blocks pass more than 2 save times
     torch.manual_seed(2)
     y0 = torch.randn(6, 2, dtype=torch.float64)
     ts = torch.linspace(0, 3, 60, dtype=torch.float64)
@@ -104,33 +110,27 @@ def test_compiled_window_logic_without_compiling(monkeypatch):
     calls = []
     real = _fast.save_pass
     monkeypatch.setattr(_fast, "save_pass", lambda *a: calls.append(1) or real(*a))
-    comp = de.solve(forced, de.Tsit5(), 0.0, 3.0, y0, compile=True, **kw)
+    assert_compiled_path_matches(monkeypatch, forced, de.Tsit5(), 0.0, 3.0, y0, **kw)
     assert calls, "expected the overflow fallback to run"
-    eager = generic(monkeypatch, forced, de.Tsit5(), 0.0, 3.0, y0, **kw)
-    assert_same(comp, eager, tol=1e-11)
 
 
 @pytest.mark.parametrize("block", [1, 3])
 def test_compiled_blocks_of_steps_without_compiling(monkeypatch, block):
     # several steps per compiled call: samples that finish inside a block (per-sample end times) repeat
     # masked no-op steps, which must leave their state, statistics and status untouched
-    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
     monkeypatch.setattr(_fast, "_BLOCK", block)
     torch.manual_seed(4)
     y0 = torch.randn(5, 2, dtype=torch.float64)
     t1 = torch.tensor([0.3, 1.0, 1.7, 2.2, 3.0], dtype=torch.float64)
     ts = torch.linspace(0, 1, 13, dtype=torch.float64)[None] * t1[:, None]
     kw = dict(saveat=de.SaveAt(ts=ts, t1=True), controller=de.PIDController(1e-7, 1e-7))
-    comp = de.solve(forced, de.Dopri5(), 0.0, t1, y0, compile=True, **kw)
-    eager = generic(monkeypatch, forced, de.Dopri5(), 0.0, t1, y0, **kw)
-    assert_same(comp, eager, tol=1e-11)
+    assert_compiled_path_matches(monkeypatch, forced, de.Dopri5(), 0.0, t1, y0, **kw)
 
 
 @pytest.mark.parametrize("window", [3, 40])
 def test_compiled_block_window_backwards_in_time_nonflat_state(monkeypatch, window):
     # the block's save window locates each save time's step by the step ends in the direction of
     # integration; a (B, 2, 2) state exercises the gathers' broadcasting; window 3 overflows
-    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
     monkeypatch.setattr(_fast, "_WINDOW", window)
     torch.manual_seed(5)
     y0 = torch.randn(4, 2, 2, dtype=torch.float64)
@@ -141,9 +141,7 @@ def test_compiled_block_window_backwards_in_time_nonflat_state(monkeypatch, wind
         return torch.stack([y[:, :, 1], -y[:, :, 0] + torch.cos(t)[:, None]], dim=-1)
 
     kw = dict(saveat=de.SaveAt(ts=ts), controller=de.PIDController(1e-7, 1e-7))
-    comp = de.solve(f, de.Tsit5(), t0, 0.0, y0, compile=True, **kw)
-    eager = generic(monkeypatch, f, de.Tsit5(), t0, 0.0, y0, **kw)
-    assert_same(comp, eager, tol=1e-11)
+    assert_compiled_path_matches(monkeypatch, f, de.Tsit5(), t0, 0.0, y0, **kw)
 
 
 def test_large_state_flushes_records(monkeypatch):
