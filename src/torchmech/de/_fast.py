@@ -502,7 +502,6 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
                 buf.scatter_(1, bcast(idx, vals).expand_as(vals), vals)
             if over:  # the eager pass fills the save times the block passed beyond its window
                 buf = save_pass(P, integ, buf, recs)
-
         if done:
             all_done = True
             break
