@@ -182,10 +182,15 @@ def _regression_rows(x, t, library, differentiation) -> tuple[torch.Tensor, torc
     return Theta, dx.to(Theta.dtype)
 
 
+def _log(e: torch.Tensor) -> torch.Tensor:
+    """Fold scores: log held-out errors (float64; exact fits score the log of the tiniest positive)."""
+    return torch.log(e.clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def _drop_null(e: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     """Held-out errors (M, ..., K) with the null candidates (M, ...) made inadmissible (inf) unless one of
     them has the smallest mean log error."""
-    score = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    score = _log(e).mean(-1)
     null_best = null.gather(0, score.argmin(0)[None])[0]
     return torch.where((null & ~null_best)[..., None], torch.full_like(e, float("inf")), e)
 
@@ -222,7 +227,7 @@ def select_threshold(cv_error: torch.Tensor, one_se: bool = True, size: torch.Te
             raise ValueError(f"size: expected shape {tuple(e.shape[:-1])} (cv_error without its fold axis), "
                              f"got {tuple(size.shape)}")
         e = _drop_null(e, size == 0)
-    e = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny))  # exact fits: log of the tiniest positive
+    e = _log(e)
     mean = e.mean(-1)  # (G, ...)
     best = mean.argmin(0)  # (...)
     if not one_se:
@@ -341,7 +346,7 @@ def select_support(cv_error: torch.Tensor, size: torch.Tensor, one_se: bool = Tr
         raise ValueError(f"size: expected shape {tuple(e.shape[:-1])} (cv_error without its fold axis), "
                          f"got {tuple(size.shape)}")
     e = _drop_null(torch.nan_to_num(e, nan=float("inf")), size == 0)
-    score = torch.log(e.clamp_min(torch.finfo(torch.float64).tiny)).mean(-1)
+    score = _log(e).mean(-1)
     # select_threshold takes the LAST admissible entry: order by size descending, then by error descending
     order = torch.argsort(-size * 1e6 - score.clamp(-1e5, 1e5), dim=0, stable=True)
     ranked = e.gather(0, order[..., None].expand(e.shape))
