@@ -211,3 +211,19 @@ def test_warm_start_on_the_shortest_series():
     t, x = lorenz_data(0.0, n=32)
     model = MechanisticDiscovery(LIB, warm_start="sindy", cycles=1, progress=False).fit(x[:32], t[:32])
     assert model.coefficients_.shape == (3, 10)
+
+
+def test_a_state_that_stays_at_zero_does_not_spoil_the_fit():
+    """Its library columns are identically zero, so the least-squares matrix is rank-deficient."""
+    t, x = lorenz_data(0.0, n=600)
+    x4 = torch.cat([x, torch.zeros(len(t), 1, dtype=x.dtype)], 1)
+    lib = PolynomialLibrary(degree=2)
+    fits = [fit_mechanistic([x4], [t], lib, threshold=0.5, cycles=3, denoise=None, progress=False)
+            for _ in range(2)]
+    names = lib.feature_names(["x", "y", "z", "w"])
+    keep = [names.index(n) for n in NAMES]  # the features without the fourth state
+    for fit in fits:
+        check_lorenz(fit.coefficients[:3, keep], 0.01)
+        assert not fit.coefficients[:3].abs()[:, [k for k in range(len(names)) if k not in keep]].any()
+        assert not fit.coefficients[3].any()
+    assert torch.equal(fits[0].coefficients, fits[1].coefficients)

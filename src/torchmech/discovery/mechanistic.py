@@ -186,7 +186,10 @@ def fit_mechanistic(xs: list[Tensor], ts: list[Tensor], library, *, threshold: f
             for d in range(D):
                 keep = mask[d].nonzero().squeeze(-1)
                 if keep.numel():
-                    raw[d, keep] = torch.linalg.lstsq(A[:, keep], target[d, :, None]).solution[:, 0]
+                    # Minimum-norm least squares by SVD: a library column that is identically zero (a state
+                    # that stays at 0) makes A rank-deficient. lstsq's default drivers do not handle that
+                    # reliably (CPU gelsy gave run-to-run different answers, CUDA gels assumes full rank).
+                    raw[d, keep] = (torch.linalg.pinv(A[:, keep]) @ target[d, :, None])[:, 0]
             forced = torch.einsum("fnw,df->dnw", basis, raw)
             offset = ((Xn.permute(2, 0, 1) - forced) * g).sum(-1, keepdim=True)
             fitted = (forced + offset * g).permute(1, 2, 0)  # (N, W, D)
