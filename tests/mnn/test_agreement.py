@@ -126,6 +126,20 @@ def test_double_backward_not_required_but_reentrant(method):
         assert torch.allclose(x, y, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+def test_create_graph_gives_first_derivatives_and_refuses_second_ones(method):
+    """A second derivative through the implicit backward is not implemented: it must raise, not be dropped."""
+    c, r, i, s = random_problem(3, T=6, requires_grad=True)
+    first = {}
+    for m in ("dense", method):
+        loss = solve_linear_ode(c, r, i, s, method=m).square().sum() + (c ** 3).sum()
+        first[m] = torch.autograd.grad(loss, c, create_graph=True)[0]
+    assert torch.allclose(first[method], first["dense"], rtol=1e-8, atol=1e-10)
+    assert torch.autograd.grad(first["dense"].sum(), c)[0].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="second derivatives through solve_linear_ode are not implemented"):
+        torch.autograd.grad(first[method].sum(), c)
+
+
 @pytest.mark.parametrize("slack", [None, 0.5])
 def test_float32_dense_gradients_match_float64(slack):
     """The dense reference solves float32 in float64: values and gradients are the float64 ones, rounded."""
@@ -245,3 +259,12 @@ def test_keep_factor_budget_rule():
     assert not solve_mod._keep_factor(p(1024, 10000))  # ~4.6 GB: recomputed in backward
     with torch.no_grad():
         assert solve_mod._keep_factor(p(1024, 10000))  # no backward, nothing to keep
+
+
+@pytest.mark.parametrize("method", ["dense", "banded", "parallel"])
+def test_empty_batch(method):
+    c, r, i, s = random_problem(0, B=(0,), T=6, requires_grad=True)
+    u = solve_linear_ode(c, r, i, s, method=method)
+    assert u.shape == (0, 6, 1, 3)
+    grads = torch.autograd.grad(u.sum(), (c, r, i, s), allow_unused=True)
+    assert all(g is None or g.shape == x.shape for g, x in zip(grads, (c, r, i, s)))

@@ -270,6 +270,20 @@ def _promote(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on a first derivative of solve_linear_ode; differentiating it again raises."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, *inputs: Tensor) -> Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "second derivatives through solve_linear_ode are not implemented for method='banded'/'parallel' "
+            "(its backward is an implicit-differentiation solve); use method='dense' on small problems")
+
+
 class _NeuRLPFunction(torch.autograd.Function):
     """u = argmin of the NeuRLP objective; backward by implicit differentiation."""
 
@@ -296,6 +310,19 @@ class _NeuRLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = _NeuRLPFunction._input_grads(ctx, grad_u)
+        if not create_graph:
+            return grads
+        # backward(create_graph=True): the gradients are correct, but their own derivatives are not
+        # implemented. Tie each one to the inputs through a node that raises when it is differentiated,
+        # so that a second derivative fails loudly instead of silently missing the solver's part.
+        inputs = [t for t in ctx.saved_tensors[1:] if t.requires_grad]
+        return tuple(g if g is None or not inputs else _NoSecondDerivative.apply(g, *inputs) for g in grads)
+
+    @staticmethod
+    def _input_grads(ctx, grad_u: Tensor) -> tuple:
         u, *tensors = ctx.saved_tensors
         template: Problem = ctx.template
         bs, T, n, hi = template.batch_shape, template.T, template.n, ctx.hi
@@ -422,7 +449,9 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
         u: ``(..., T, D, K)``; ``u[..., 0]`` is the solution, ``u[..., k]`` its k-th derivative.
 
     Gradients flow to every tensor argument by implicit differentiation of the normal equations (one more
-    solve with the stored factorisation). Raises ``ValueError``/``TypeError`` on bad input (including dtypes
+    solve with the stored factorisation). That backward is not itself differentiable: with ``create_graph=True``
+    the first derivatives are exact, and differentiating them again raises a ``RuntimeError`` (only
+    ``method="dense"`` gives second derivatives). Raises ``ValueError``/``TypeError`` on bad input (including dtypes
     other than float32/float64), ``FactorizationError`` when the normal matrix is not (numerically) positive
     definite, when the slack is not determined by the rows, or when the solve produces non-finite values, and
     ``OverflowError`` when a float32 problem's solution (computed in float64) exceeds float32's range.

@@ -46,7 +46,7 @@ def dense_rows(p: Problem) -> tuple[Tensor, Tensor, Tensor]:
     # initial rows: u[t, d, k] = init[t, d, k]
     if p.T0 > 0 and p.K0 > 0:
         A = new(p.T0 * D * p.K0)
-        y = p.init.expand(bs + (p.T0, D, p.K0)).reshape(bs + (-1,))
+        y = p.init.expand(bs + (p.T0, D, p.K0)).reshape(bs + (p.T0 * D * p.K0,))  # (not -1: bs may hold a 0)
         r = 0
         for t in range(p.T0):
             for d in range(D):
