@@ -65,8 +65,10 @@ def test_bad_construction_and_call():
         MechanisticBlock(order=0)
     with pytest.raises(ValueError, match="step must be a positive"):
         MechanisticBlock(step=-1.0)
-    with pytest.raises(ValueError, match="need num_points"):
+    with pytest.raises(ValueError, match="needs num_points"):
         MechanisticBlock(learn_steps=True, per_step_steps=True)
+    with pytest.raises(ValueError, match="per_step_steps=True needs num_points"):
+        MechanisticBlock(per_step_steps=True)  # a fixed per-step vector needs T too
     with pytest.raises(ValueError, match="method must be one of"):
         MechanisticBlock(method="fast")
     c, r, i = inputs((2,), K=4)

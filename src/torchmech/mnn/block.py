@@ -67,8 +67,9 @@ class MechanisticBlock(nn.Module):
             raise ValueError(f"step must be a positive finite number, got {step!r}")
         if num_points is not None and (not isinstance(num_points, int) or num_points < 2):
             raise ValueError(f"num_points must be an int >= 2 or None, got {num_points!r}")
-        if learn_steps and per_step_steps and num_points is None:
-            raise ValueError("learnable per-step steps need num_points (the number of grid points T)")
+        if per_step_steps and num_points is None:
+            raise ValueError("per_step_steps=True needs num_points (the number of grid points T): it holds one "
+                             "step per interval, T-1 of them")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.order, self.num_points = order, num_points
