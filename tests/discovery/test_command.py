@@ -139,3 +139,46 @@ def test_threshold_chosen_by_cross_validation(tmp_path, capsys):
             main(["discover", "--threshold", bad, "--out", str(tmp_path)])
         assert exc.value.code == 2
         assert "--threshold: expected a number >= 0 or 'cv'" in capsys.readouterr().err
+
+
+def test_npz_names_must_match_the_variables(tmp_path, capsys):
+    t, x = lorenz_arrays()
+    for names, shape in ((["z", "x"], "(2,)"), (["a", "b", "c", "d"], "(4,)"), ("abc", "()")):
+        p = tmp_path / "n.npz"
+        np.savez(p, t=t, x=x, names=np.array(names))
+        _bad(tmp_path, capsys, [str(p)], f"'names' must list one name per variable, i.e. have shape (3,) for "
+                                         f"'x' of shape (600, 3); got shape {shape}")
+
+
+def test_npz_without_trajectories_or_variables(tmp_path, capsys):
+    t = np.linspace(0, 1, 40)
+    for x, what in ((np.zeros((0, 40, 2)), "no trajectories"), (np.zeros((40, 0)), "no variables")):
+        p = tmp_path / "e.npz"
+        np.savez(p, t=t, x=x)
+        _bad(tmp_path, capsys, [str(p)], f"'x' holds {what}")
+
+
+def test_csv_header_problems_and_missing_ids(tmp_path, capsys):
+    rows = [(i, i, i) for i in range(50)]
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "a.csv", ["t", "", "y"], rows)], "column(s) [2] of the header have no name")
+    rows = [("" if i == 5 else 0, i * 0.1, 2.0 ** (-i * 0.1)) for i in range(40)]
+    _bad(tmp_path, capsys, [write_csv(tmp_path / "b.csv", ["trajectory", "t", "x"], rows)],
+         "line 7: the trajectory id ('trajectory') is missing")
+
+
+def test_csv_with_a_byte_order_mark(tmp_path, capsys):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which must not become part of the first column's name."""
+    t, x = lorenz_arrays()
+    p = tmp_path / "bom.csv"
+    p.write_text("t,x,y,z\n" + "".join(f"{ti},{a},{b},{c}\n" for ti, (a, b, c) in zip(t, x)), encoding="utf-8-sig")
+    assert main(["discover", str(p), "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    assert "x' = " in capsys.readouterr().out
+
+
+def test_bad_device_samples_and_out(tmp_path, capsys):
+    _bad(tmp_path, capsys, ["--device", "foo"], "--device 'foo' is not a device")
+    _bad(tmp_path, capsys, ["--samples", "31"], "--samples must be at least 32")
+    f = tmp_path / "file"
+    f.write_text("")
+    code = main(["discover", "--quick", "--no-progress", "--out", str(f)])
+    assert code == 2 and "exists and is not a directory" in capsys.readouterr().err

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from torchmech.mnn.linalg.blocktri import FactorizationError
+
 LIBRARIES = ("poly2", "poly3", "poly3+fourier")
 DEFAULT_SYSTEM = "lorenz"
 
@@ -143,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bad input reported by the library, with its own message
         print(f"torchmech discover: error: {exc}", file=sys.stderr)
         return 2
+    except FactorizationError as exc:  # the fit's linear algebra broke down on this data: its own message
+        print(f"torchmech discover: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -152,18 +157,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_systems:
         print("\n".join(systems.names()))
         return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise _Fail(f"--device {args.device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise _Fail(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise _Fail(f"--device {args.device}: CUDA is not available on this machine")
     if not 0 <= args.noise < 10:
         raise _Fail(f"--noise must be a fraction in [0, 10), got {args.noise}")
-    if args.samples < 20:
-        raise _Fail(f"--samples must be at least 20, got {args.samples}")
+    window = 32  # the MNN fit's window, and so the shortest series either method is given
+    if args.samples < window:
+        raise _Fail(f"--samples must be at least {window}, got {args.samples}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the fits, not after them
+        raise _Fail(f"--out {args.out}: exists and is not a directory")
     progress = not args.no_progress
-    dtype, device = torch.float64, torch.device(args.device)
+    dtype = torch.float64
     library = make_library(args.library)
     system = systems.get(args.system) if args.system else (None if args.data else systems.get(DEFAULT_SYSTEM))
 
-    window = 32
     if args.data:
         try:
             data = load_trajectories(args.data, time_column=args.time_column, id_column=args.id_column,

@@ -49,7 +49,7 @@ def _check_trajectory(t: np.ndarray, x: np.ndarray, where: str, min_samples: int
 
 
 def _read_csv(path: str, time_column: str | None, id_column: str | None, min_samples: int):
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: drop a byte-order mark (Excel's CSV UTF-8)
         rows = list(csv.reader(fh))
     rows = [r for r in rows if any(c.strip() for c in r)]
     if len(rows) < 2:
@@ -77,6 +77,10 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
     var_idx = [i for i in range(len(header)) if i not in (ti, ii)]
     if not var_idx:
         raise DataError(f"{path}: no variable columns besides time{'' if ii is None else ' and trajectory id'}")
+    unnamed = [i + 1 for i in var_idx if not header[i]]
+    if unnamed:
+        raise DataError(f"{path}: column(s) {unnamed} of the header have no name (a trailing comma?); name every "
+                        f"variable column")
     values = np.full((len(rows) - 1, len(header)), np.nan)
     for r, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
@@ -89,6 +93,9 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
                 values[r - 2, c] = float(cell)
             except ValueError:
                 raise DataError(f"{path}, line {r}, column {header[c]!r}: {cell!r} is not a number") from None
+    if ii is not None and np.isnan(values[:, ii]).any():
+        r = int(np.argmax(np.isnan(values[:, ii])))
+        raise DataError(f"{path}, line {r + 2}: the trajectory id ({header[ii]!r}) is missing")
     groups = [np.arange(values.shape[0])] if ii is None else \
         [np.flatnonzero(values[:, ii] == k) for k in dict.fromkeys(values[:, ii].tolist())]
     out = []
@@ -115,7 +122,18 @@ def _read_npz(path: str, min_samples: int):
         x = x[None]
     if x.ndim != 3 or x.shape[1] != t.shape[0]:
         raise DataError(f"{path}: 'x' must have shape (T, D) or (B, T, D) with T = {t.shape[0]}, got {data['x'].shape}")
-    names = [str(n) for n in data["names"]] if "names" in data.files else None
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        raise DataError(f"{path}: 'x' holds no {'trajectories' if x.shape[0] == 0 else 'variables'} "
+                        f"(shape {data['x'].shape})")
+    names = None
+    if "names" in data.files:
+        raw = data["names"]
+        if raw.ndim != 1 or raw.shape[0] != x.shape[2]:
+            raise DataError(f"{path}: 'names' must list one name per variable, i.e. have shape ({x.shape[2]},) "
+                            f"for 'x' of shape {data['x'].shape}; got shape {raw.shape}")
+        names = [str(n) for n in raw]
+        if not all(n.strip() for n in names):
+            raise DataError(f"{path}: 'names' contains an empty name: {names}")
     out = []
     for b in range(x.shape[0]):
         where = path if x.shape[0] == 1 else f"{path} (trajectory {b})"
