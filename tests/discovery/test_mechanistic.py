@@ -1,5 +1,6 @@
 """MNN-based discovery: the NeuRLP least-squares fit, thresholding cycles and the network denoiser."""
 
+import warnings
 import numpy as np
 import pytest
 import torch
@@ -72,6 +73,15 @@ def test_lorenz_network_denoiser_short_run():
     t, x = lorenz_data(0.01, seed=1)
     fit = fit_mechanistic([x], [t], LIB, threshold=0.5, cycles=3, iterations=30, denoise="network", progress=False)
     check_lorenz(fit.coefficients, 0.02)
+
+
+def test_learned_step_without_warnings():
+    t, x = lorenz_data(0.01, seed=1, n=400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. converting a tensor that requires grad to a float
+        fit = fit_mechanistic([x], [t], LIB, threshold=0.5, cycles=1, iterations=5, denoise="network",
+                              learn_step=True, progress=False)
+    assert isinstance(fit.step_scale, float) and 0.5 < fit.step_scale < 2
 
 
 def test_warm_start_mask_is_persistent():
@@ -164,6 +174,8 @@ def test_estimator_bad_arguments():
         MechanisticDiscovery(denoise="kalman")
     with pytest.raises(ValueError, match="learn_step=True needs denoise='network'"):
         MechanisticDiscovery(learn_step=True)
+    with pytest.raises(ValueError, match="weight_denoise: expected a finite number >= 0"):
+        MechanisticDiscovery(weight_denoise=-1)
     with pytest.raises(TypeError, match="dtype: expected None, torch.float32 or torch.float64"):
         MechanisticDiscovery(dtype=torch.float16)
     with pytest.raises(TypeError, match="library: expected a torchmech.discovery Library"):

@@ -241,7 +241,7 @@ def fit_mechanistic(xs: list[Tensor], ts: list[Tensor], library, *, threshold: f
     raw, _, misfit = least_squares(state, raw, mask)
     history.append(dict(cycle="final", misfit=misfit, support=int(mask.sum())))
     xi = (raw * to_raw * mask).detach()
-    return MechanisticFit(xi, mask, history, float(log_step.exp()))
+    return MechanisticFit(xi, mask, history, float(log_step.detach().exp()))
 
 
 class MechanisticDiscovery(BaseDiscovery):
@@ -311,6 +311,9 @@ class MechanisticDiscovery(BaseDiscovery):
             raise ValueError(f"denoise: expected None, 'network' or 'spline', got {denoise!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        if isinstance(weight_denoise, bool) or not isinstance(weight_denoise, (int, float)) \
+                or not math.isfinite(weight_denoise) or weight_denoise < 0:
+            raise ValueError(f"weight_denoise: expected a finite number >= 0, got {weight_denoise!r}")
         if not (warm_start is None or warm_start == "sindy" or isinstance(warm_start, Tensor)):
             raise ValueError(f"warm_start: expected None, 'sindy' or a (D, F) tensor, got {warm_start!r}")
         if learn_step and denoise != "network":
