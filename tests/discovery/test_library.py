@@ -59,6 +59,8 @@ def test_bad_arguments():
         CustomLibrary([torch.sin], [])
     with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         PolynomialLibrary(2).transform([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"x: expected shape \(..., D\) with D >= 1 variables, got \(5, 0\)"):
+        PolynomialLibrary(2).transform(torch.zeros(5, 0))
     with pytest.raises(TypeError, match="floating-point"):
         PolynomialLibrary(2).transform(torch.ones(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="variable_names: expected 3 names"):

@@ -29,6 +29,8 @@ def _check_x(x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name}: expected a torch.Tensor of shape (..., T, D), got {type(x).__name__}")
     if x.ndim < 1:
         raise ValueError(f"{name}: expected shape (..., D), got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape (..., D) with D >= 1 variables, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
 
