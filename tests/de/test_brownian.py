@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import torchmech.de as de
 from torchmech.de.brownian import BrownianInterval, VirtualBrownianTree
 
 N = 20000  # samples (batch) for statistics; 4-sigma tolerances below
@@ -143,3 +144,19 @@ def test_float32_and_device_follow():
     bm = VirtualBrownianTree(0.0, 1.0, (2, 3), dtype=torch.float32, seed=0, levy_area="space-time")
     W, H = bm(0.1, 0.2, levy_area=True)
     assert W.dtype == torch.float32 and H.dtype == torch.float32 and W.device.type == "cpu"
+
+
+@pytest.mark.parametrize("cls", [BrownianInterval, VirtualBrownianTree])
+@pytest.mark.parametrize("t1", [0.1, 0.3])
+def test_float32_solve_whose_end_time_rounds_past_the_interval(cls, t1):
+    """float32(0.1) = 0.10000000149 > 0.1: the solve's last query must still mean t1, not be an error."""
+    bm = cls(0.0, t1, shape=(4, 2), seed=0)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y),
+                         de.DiagonalControlTerm(lambda t, y, a: 0.5 * torch.ones_like(y), bm))
+    sol = de.solve(terms, de.EulerMaruyama(), 0.0, t1, torch.zeros(4, 2), dt0=0.01,
+                   saveat=de.SaveAt(ts=torch.linspace(0, t1, 5)))
+    assert (sol.status == 0).all() and torch.isfinite(sol.ys).all()
+    # snapping is limited to rounding: the full increment is W(t1) - W(0), and beyond that is an error
+    assert torch.equal(bm(0.0, float(torch.tensor(t1, dtype=torch.float32))), bm(0.0, t1))
+    with pytest.raises(ValueError, match="outside"):
+        bm(0.0, t1 * 1.001)

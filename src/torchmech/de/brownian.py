@@ -184,12 +184,23 @@ class AbstractBrownian:
         self._gen.manual_seed(seed)
         return torch.randn((k,) + self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
 
-    def _check_t(self, t: float, name: str) -> None:
-        if not (self.t0 <= t <= self.t1):
-            raise ValueError(
-                f"{type(self).__name__}: query time {name}={t!r} is outside the Brownian motion's "
-                f"interval [t0, t1] = [{self.t0}, {self.t1}]"
-            )
+    def _check_t(self, t: float, name: str) -> float:
+        """t, snapped onto [t0, t1] when it lies outside by no more than float32 rounding, else an error.
+
+        A solve in float32 queries its end time as a float32 number: t1 = 0.1 arrives as 0.10000000149,
+        just past the interval, and must still mean t1.
+        """
+        if self.t0 <= t <= self.t1:
+            return t
+        slack = 16 * torch.finfo(torch.float32).eps * max(abs(self.t0), abs(self.t1), self.t1 - self.t0)
+        if self.t0 - slack <= t < self.t0:
+            return self.t0
+        if self.t1 < t <= self.t1 + slack:
+            return self.t1
+        raise ValueError(
+            f"{type(self).__name__}: query time {name}={t!r} is outside the Brownian motion's "
+            f"interval [t0, t1] = [{self.t0}, {self.t1}]"
+        )
 
     @property
     def has_space_space_levy_area(self) -> bool:
@@ -204,8 +215,8 @@ class AbstractBrownian:
         return BrownianIncrement(W, H, _space_space_area(self.levy_area, W, H, u - s, Z))
 
     def _scalar(self, s: float, u: float, levy: bool):
-        self._check_t(s, "t0")
-        self._check_t(u, "t1")
+        s = self._check_t(s, "t0")
+        u = self._check_t(u, "t1")
         area = levy and self.has_space_space_levy_area
         if s == u:
             z = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
