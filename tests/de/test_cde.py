@@ -127,3 +127,33 @@ def test_torchcde_compat_roundtrip():
     assert out.shape == (2, 2, 2)
     with pytest.raises(ValueError, match="4C"):
         torchcde.CubicSpline(torch.zeros(2, 5, 3))
+
+
+def test_compat_cdeint_steps_the_batch_together_with_a_scalar_time():
+    """torchcde passes func a scalar t; with B == hidden * channels a (B,) t would silently broadcast."""
+    import torchmech.compat.torchcde as torchcde
+
+    torch.manual_seed(0)
+    B, T, C, H = 4, 20, 2, 2
+    t = torch.linspace(0, 3, T, dtype=torch.float64)
+    x = torch.cumsum(torch.randn(B, T, C, dtype=torch.float64), 1)
+    seen = []
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(H, H * C, dtype=torch.float64)
+
+        def forward(self, t, z):
+            seen.append(t.dim())
+            return (torch.tanh(self.l(z)) * torch.cos(2 * t)).view(z.shape[0], H, C)
+
+    f, z0 = F(), torch.randn(B, H, dtype=torch.float64)
+    X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, t), t)
+    got = torchcde.cdeint(X, f, z0, X.interval, rtol=1e-9, atol=1e-9)
+    assert set(seen) == {0}
+    # the reference: each sample alone (a batch of one always shares its time)
+    for b in range(B):
+        Xb = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x[b:b + 1], t), t)
+        alone = torchcde.cdeint(Xb, f, z0[b:b + 1], X.interval, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[b], alone[0], rtol=0, atol=1e-6)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchmech.de.cde import cdeint
+from torchmech.de.cde import cdeint as _cdeint
+from torchmech.de.controllers import batch_rms_norm
 from torchmech.de.interpolation import (
     AbstractInterpolation,
     CubicHermiteInterpolation,
@@ -25,6 +26,20 @@ __all__ = [
     "cdeint", "linear_interpolation_coeffs", "natural_cubic_coeffs", "natural_cubic_spline_coeffs",
     "hermite_cubic_coefficients_with_backward_differences", "LinearInterpolation", "CubicSpline",
 ]
+
+
+def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tensor, adjoint: bool = True,
+           method: str | None = None, rtol: float = 1e-4, atol: float = 1e-6, options: dict | None = None,
+           norm=batch_rms_norm, **kwargs) -> Tensor:
+    """:func:`torchmech.de.cdeint` with torchcde's stepping: one step size for the whole batch.
+
+    torchcde (through torchdiffeq) steps a batch together and calls ``func(t, z)`` with a scalar ``t``; so
+    does this function, by default (``norm=batch_rms_norm``). Pass ``norm=None`` for torchmech's per-sample
+    steps, under which ``func`` receives a (B,) ``t`` whenever the samples' times differ. The other
+    arguments are those of :func:`torchmech.de.cdeint`.
+    """
+    return _cdeint(X, func, z0, t, adjoint=adjoint, method=method, rtol=rtol, atol=atol, options=options,
+                   norm=norm, **kwargs)
 
 
 def _times(t, x):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
 from torchmech.de.brownian import AbstractBrownian, BrownianInterval, VirtualBrownianTree
-from torchmech.de.controllers import PIDController, StepTo
+from torchmech.de.controllers import PIDController, StepTo, batch_rms_norm
 from torchmech.de.integrate import SaveAt, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
 from torchmech.de.solvers.sde import (
@@ -69,6 +69,14 @@ def _grid(ts: Tensor, dt: float, dtype: torch.dtype = torch.float64) -> Tensor:
     return torch.tensor(pts, dtype=torch.float64)
 
 
+def _scalar_time(t: Tensor) -> Tensor:
+    """The batch's one time as a 0-d tensor: torchsde calls f(t, y) and g(t, y) with a scalar t."""
+    if not bool((t == t[0]).all()):  # cannot happen with shared steps; never pass a (B,) t on silently
+        raise RuntimeError("torchmech.compat.torchsde: the samples' times differ, so the torchsde-style f(t, y) "
+                           "cannot be given one scalar t")
+    return t[0]
+
+
 class _Fn(torch.nn.Module):
     """Wraps sde.f / sde.g (torchsde signature f(t, y), scalar t) as f(t, y, args) with (B,) t."""
 
@@ -77,8 +85,7 @@ class _Fn(torch.nn.Module):
         self.sde, self.name = sde, name
 
     def forward(self, t, y, args):
-        tt = t[0] if bool((t == t[0]).all()) else t
-        return getattr(self.sde, self.name)(tt, y)
+        return getattr(self.sde, self.name)(_scalar_time(t), y)
 
 
 class _LogQP(torch.nn.Module):
@@ -89,7 +96,7 @@ class _LogQP(torch.nn.Module):
         self.sde, self.names = sde, names
 
     def drift(self, t, z, args):
-        tt = t[0] if bool((t == t[0]).all()) else t
+        tt = _scalar_time(t)
         y = z[:, :-1]
         f = getattr(self.sde, self.names["drift"])(tt, y)
         h = getattr(self.sde, self.names["prior_drift"])(tt, y)
@@ -98,7 +105,7 @@ class _LogQP(torch.nn.Module):
         return torch.cat([f, 0.5 * (u * u).sum(-1, keepdim=True)], dim=-1)
 
     def diffusion(self, t, z, args):
-        tt = t[0] if bool((t == t[0]).all()) else t
+        tt = _scalar_time(t)
         g = getattr(self.sde, self.names["diffusion"])(tt, z[:, :-1])
         return torch.cat([g, torch.zeros_like(g[:, :1])], dim=-1)
 
@@ -169,7 +176,9 @@ def _adaptive_controller(rtol, atol, dt_min, ts=None):
     for name, v in (("rtol", rtol), ("atol", atol), ("dt_min", dt_min)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"sdeint: {name} must be a positive float with adaptive=True, got {v!r}")
-    return PIDController(rtol=rtol, atol=atol, dtmin=dt_min, force_dtmin=True, step_ts=ts)
+    # one error estimate and one step for the whole batch, as torchsde steps: every sample is then at the
+    # same time, and sde.f / sde.g get the scalar t they are written for
+    return PIDController(rtol=rtol, atol=atol, dtmin=dt_min, force_dtmin=True, step_ts=ts, norm=batch_rms_norm)
 
 
 def _adaptive_max_steps(ts, dt_min) -> int:
@@ -232,7 +241,8 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
         extra: also return the torchmech ``Solution``.
         adaptive: adaptive steps (methods "heun", "midpoint" and "euler_heun", which carry an error estimate
             against Euler-Maruyama): a ``PIDController(rtol, atol, dtmin=dt_min, force_dtmin=True,
-            step_ts=ts)`` starting from ``dt``; every step lands on the output times, a rejected
+            step_ts=ts, norm=batch_rms_norm)`` starting from ``dt``: one step size for the whole batch,
+            as torchsde, so ``f``/``g`` always get a scalar ``t``; every step lands on the output times, a rejected
             step re-queries the Brownian motion over the shorter interval (consistently, on the same
             path), and a step of ``dt_min`` is always accepted (as torchsde). Other methods raise
             ``ValueError`` with ``adaptive=True``.

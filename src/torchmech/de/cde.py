@@ -84,7 +84,8 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
 
     Args:
         X: an interpolation from :mod:`torchmech.de.interpolation` with data (B, T, C).
-        func: ``func(t, z) -> (B, hidden, C)``.
+        func: ``func(t, z) -> (B, hidden, C)``. ``t`` is a 0-d tensor while every sample is at the same
+            time (always with fixed steps or ``norm=batch_rms_norm``), else the samples' times (B,).
         z0: (B, hidden) initial state.
         t: (K,) increasing times inside ``X.interval``; the solve runs from ``t[0]`` to ``t[-1]``.
         adjoint: gradients by the continuous adjoint (O(1) memory; ``BacksolveAdjoint``) when True,
