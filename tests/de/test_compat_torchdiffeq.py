@@ -348,3 +348,25 @@ def test_adaptive_close_to_torchdiffeq(method):
     err_a = (a - ref).abs().max()
     err_b = (b - ref).abs().max()
     assert err_b < max(3 * err_a, 1e-6), (err_a, err_b)
+
+
+@pytest.mark.parametrize("method,options", [("rk4", None), ("euler", None), ("midpoint", None),
+                                            ("rk4", {"step_size": 0.1})])
+def test_fixed_grid_gradients_with_respect_to_t(method, options):
+    """The fixed grid is built from t, so the discrete solution depends on t (as in torchdiffeq)."""
+    def fn(t):
+        return torchmech.odeint(lambda t, y: -2 * y + t, torch.tensor([1.0], dtype=torch.float64), t,
+                                method=method, options=options)
+
+    t = torch.tensor([0.0, 0.45, 1.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (t,))
+    assert torch.autograd.grad(fn(t)[-1].sum(), t)[0][-1] > 0.1
+
+
+def test_adams_refuses_gradients_with_respect_to_t():
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="gradients with respect to t are not supported by the Adams"):
+        torchmech.odeint(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t, method="explicit_adams")
+    out = torchmech.odeint(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t.detach(),
+                           method="explicit_adams")
+    assert out.shape == (3, 1)

@@ -1,5 +1,7 @@
 """ConstantStep ODE solves on one shared grid take the stage-only loop and agree with the per-sample loop."""
 
+import math
+
 import pytest
 import torch
 
@@ -118,3 +120,22 @@ def test_step_to_grid_agrees_with_generic_loop(dtype, grid_calls, monkeypatch):
     assert torch.equal(fast[1], ref[1])
     for a, b in zip(fast[:1] + fast[2:], ref[:1] + ref[2:]):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("how", ["constant", "step_to"])
+def test_fixed_step_gradients_with_respect_to_t0_and_t1(how):
+    """y' = -2 y + t, y(t0) = 1: dy(t1)/dt1 = f(t1, y(t1)) and dy(t1)/dt0 = -exp(-2 (t1 - t0)) f(t0, 1).
+    The float grid of the stage-only loop would leave the times out of the graph."""
+    f64 = torch.float64
+    t0 = torch.tensor(0.0, dtype=f64, requires_grad=True)
+    t1 = torch.tensor(1.0, dtype=f64, requires_grad=True)
+    if how == "constant":
+        kw = dict(dt0=0.05, controller=de.ConstantStep())
+    else:
+        grid = torch.cat([t0[None], torch.linspace(0.05, 0.95, 19, dtype=f64), t1[None]])
+        kw = dict(controller=de.StepTo(grid))
+    sol = de.solve(lambda t, y, a: -2 * y + t[:, None], de.RK4(), t0, t1, torch.ones(1, 1, dtype=f64), **kw)
+    g0, g1 = torch.autograd.grad(sol.ys[0, -1, 0], (t0, t1))
+    y1 = 0.25 + 1.25 * math.exp(-2.0)
+    assert abs(float(g1) - (1 - 2 * y1)) < 1e-5  # RK4 at h = 0.05; the float grid gave 0 and 0.001
+    assert abs(float(g0) - 2 * math.exp(-2.0)) < 1e-5

@@ -424,13 +424,13 @@ class _Setup:
                                  f"t[-1]={float(t[-1])}, got [{float(g[0])}, ..., {float(g[-1])}]")
         elif o.get("step_size") is not None:
             h = _positive(o["step_size"], "step_size")
-            span = float((t[-1] - t[0]).abs())
+            span = float((t[-1] - t[0]).detach().abs())
             n = int(math.ceil(span / h + 1))
             d = 1.0 if t.shape[0] < 2 or t[-1] > t[0] else -1.0
             g = t[0] + d * h * torch.arange(n, dtype=t.dtype, device=t.device)
             g[-1] = t[-1]
         else:
-            g = t.detach().clone()
+            g = t.clone()  # (not detached: the discrete solution depends on the grid, and so on t)
         if g.shape[0] > 1:
             d = 1.0 if g[-1] > g[0] else -1.0
             step = d * g.diff()
@@ -637,6 +637,10 @@ def _run(setup: _Setup, adjoint) -> Tensor:
         if grid.shape[0] == 1:
             return y0.expand(t.shape[0], y0.shape[1])
         if setup.adams:
+            if torch.is_grad_enabled() and grid.requires_grad:
+                raise NotImplementedError(
+                    "odeint: gradients with respect to t are not supported by the Adams methods (their "
+                    "per-step weights are computed once, outside autograd); pass t.detach(), or use an RK method")
             return _interp_fixed(setup, grid, _adams(setup, grid, isinstance(adjoint, CheckpointAdjoint)))
         sol = solve(setup.f, setup.solver, grid[0], grid[-1], y0, saveat=SaveAt(ts=grid),
                     controller=StepTo(grid), adjoint=adjoint, max_steps=grid.shape[0] + 1)

@@ -100,6 +100,14 @@ def _shared(x: Tensor) -> bool:
     return bool((x == x.reshape(-1)[0]).all())
 
 
+def _times_need_grad(integ) -> bool:
+    """Whether gradients are wanted with respect to t0, t1 or a StepTo grid."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = getattr(integ.controller, "ts", None)
+    return any(isinstance(x, Tensor) and x.requires_grad for x in (integ.t0, integ.t1, ts))
+
+
 def plan(integ) -> Plan | None:
     """The plan of a fixed-step solve (``unsupported`` here, or an ODE solve with ``ConstantStep`` in
     :mod:`torchmech.de._fast`), or None when its samples do not share one grid
@@ -109,6 +117,8 @@ def plan(integ) -> Plan | None:
         return cached
     integ._sde_plan = None
     t0, t1 = integ.t0, integ.t1
+    if _times_need_grad(integ):
+        return None  # the grid here is made of floats: the generic loop keeps the times differentiable
     npdt = np.float32 if integ.y0.dtype == torch.float32 else np.float64
     if not (_shared(t0) and _shared(t1)) or bool((t0 == t1).any()):
         return None
