@@ -213,3 +213,57 @@ def test_backsolve_with_a_field_that_ignores_the_state_and_unused_params():
         torch.testing.assert_close(sol.ys, y0.detach()[:, None] + torch.sin(ts)[None, :, None])
         (g,) = torch.autograd.grad(sol.ys.sum(), [y0])
         torch.testing.assert_close(g, torch.full_like(y0, 4.0))
+
+
+def test_backsolve_skips_samples_that_failed_in_the_forward_solve():
+    """throw=False: a sample stopped by max_steps has no end state to solve back from; it gets zero
+    gradient and the other samples' gradients are those of solving them alone."""
+
+    class Field(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
+
+        def forward(self, t, y, a):
+            k = self.k[:, None]
+            return -k * y * (1 + torch.sin(30 * k * t[:, None]))
+
+    ts = torch.linspace(0, 1, 5, dtype=torch.float64)
+    adj = de.BacksolveAdjoint(max_steps=10000)
+    f = Field([1.0, 50.0])
+    y0 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    sol = de.solve(f, de.Tsit5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=ts), max_steps=40, throw=False, adjoint=adj)
+    assert sol.status.tolist() == [0, int(de.Status.MAX_STEPS)]
+    sol.ys[sol.status == 0].sum().backward()
+    alone = Field([1.0])
+    y0a = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    de.solve(alone, de.Tsit5(), 0.0, 1.0, y0a, saveat=de.SaveAt(ts=ts), adjoint=adj).ys.sum().backward()
+    assert f.k.grad[1] == 0 and y0.grad[1, 0] == 0
+    torch.testing.assert_close(f.k.grad[:1], alone.k.grad)
+    torch.testing.assert_close(y0.grad[:1], y0a.grad)
+
+
+def test_backsolve_finds_or_refuses_parameters_outside_modules():
+    net = torch.nn.Linear(2, 2).double()
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    # a plain function naming a module: its parameters would silently get no gradient
+    with pytest.raises(ValueError, match=r"uses tensors that require grad \(net.weight, net.bias\)"):
+        de.solve(lambda t, y, a: net(y), de.Tsit5(), 0.0, 1.0, y0, adjoint=de.BacksolveAdjoint())
+    ref = torch.autograd.grad(de.solve(lambda t, y, a: net(y), de.Tsit5(), 0.0, 1.0, y0).ys.sum(),
+                              list(net.parameters()))
+    got = de.solve(lambda t, y, a: net(y), de.Tsit5(), 0.0, 1.0, y0,
+                   adjoint=de.BacksolveAdjoint(adjoint_params=list(net.parameters())))
+    for a, b in zip(torch.autograd.grad(got.ys.sum(), list(net.parameters())), ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+    class Model(torch.nn.Module):  # a bound method of a module counts as the module
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2).double()
+
+        def drift(self, t, y, a):
+            return self.lin(y)
+
+    m = Model()
+    sol = de.solve(m.drift, de.Tsit5(), 0.0, 1.0, y0, adjoint=de.BacksolveAdjoint())
+    assert all(g is not None for g in torch.autograd.grad(sol.ys.sum(), list(m.parameters())))

@@ -103,8 +103,12 @@ class BacksolveAdjoint(AbstractAdjoint):
             torchdiffeq without seminorms; per-sample ``a^T df/dtheta`` comes from one batched
             vjp (``is_grads_batched``) costing O(B^2 * state) memory per evaluation, so keep B small.
         adjoint_params: tensors to differentiate with respect to. Default: the parameters of
-            every ``nn.Module`` vector field in ``terms``. Tensors in ``args`` that require grad
-            are always included.
+            every ``nn.Module`` vector field in ``terms`` (for a bound method such as
+            ``model.drift``, of its module). Tensors in ``args`` that require grad are always
+            included. A plain function cannot be searched: one that names a module with trainable
+            parameters or a tensor requiring grad (in its closure or globals) raises ``ValueError``
+            rather than leave them without gradient; pass them here, through ``args``, or wrap the
+            field in an ``nn.Module``.
         max_steps: step limit of the backward solve (default: the forward ``max_steps``).
         norm: ODEs: error norm of the backward solve's ``PIDController`` (default per-sample
             :func:`~torchmech.de.rms_norm`; :func:`~torchmech.de.batch_rms_norm` for one step
@@ -113,7 +117,9 @@ class BacksolveAdjoint(AbstractAdjoint):
             the same ``ConstantStep`` dt0, the ``StepTo`` times, or the forward ``PIDController``).
 
     After a backward pass, ``backward_stats`` holds the backward solves' per-sample statistics
-    (summed over the segments between save times).
+    (summed over the segments between save times). Samples that did not finish the forward solve
+    (``throw=False`` and a status other than SUCCESS) have no end state to solve back from: they get
+    zero gradient.
 
     **SDEs** (``MultiTerm(ODETerm(f), ControlTerm/DiagonalControlTerm(g, brownian))`` with an SDE
     solver): the stochastic adjoint of Li et al. (2020, "Scalable Gradients for Stochastic
@@ -152,7 +158,6 @@ class BacksolveAdjoint(AbstractAdjoint):
         self.controller = controller
 
     def run(self, integ):
-        from torchmech.de._tree import tree_leaves
         from torchmech.de.terms import ODETerm
 
         sde = _sde_parts(integ) if not isinstance(integ.terms, ODETerm) else None
@@ -160,19 +165,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             raise ValueError("BacksolveAdjoint: events are not supported; use DirectAdjoint or CheckpointAdjoint")
         if integ.saveat.dense or integ.saveat.steps:
             raise ValueError("BacksolveAdjoint: SaveAt(dense=True) and SaveAt(steps=True) are not supported")
-        if self.adjoint_params is not None:
-            params = [p for p in self.adjoint_params if isinstance(p, torch.Tensor)]
-        else:
-            params = [p for m in integ.terms.modules() for p in m.parameters() if p.requires_grad]
-        uniq: dict = {}
-        for p in params:  # drift and diffusion may share a module: count each tensor once
-            uniq.setdefault(id(p), p)
-        params = list(uniq.values())
-        seen = set(uniq)
-        for leaf in tree_leaves(integ.args):
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
-                params.append(leaf)
-                seen.add(id(leaf))
+        params = collect_params(integ, self.adjoint_params, "BacksolveAdjoint")
         holder = {"sde": sde}
         ys = _BacksolveFn.apply(self, integ, holder, integ.y0, *params)
         sol = holder["sol"]
@@ -546,6 +539,67 @@ class _MarksTo(AbstractController):
         return ones, t_next - t, torch.zeros_like(ones), state
 
 
+def _closure_tensors(f) -> list[tuple[str, torch.Tensor]]:
+    """Tensors requiring grad that a plain-function vector field reaches by name (its closure and the
+    globals it names; module parameters included), one level deep."""
+    import inspect
+
+    code_owner = getattr(f, "__func__", f)
+    if not inspect.isfunction(code_owner):
+        return []
+    try:
+        cv = inspect.getclosurevars(code_owner)
+    except (TypeError, ValueError):
+        return []
+    found = []
+    for name, v in {**cv.globals, **cv.nonlocals}.items():
+        if isinstance(v, torch.nn.Module):
+            found += [(f"{name}.{pn}", p) for pn, p in v.named_parameters() if p.requires_grad]
+        elif isinstance(v, torch.Tensor) and v.requires_grad:
+            found.append((name, v))
+    return found
+
+
+def collect_params(integ, adjoint_params, owner: str) -> list:
+    """The tensors a continuous adjoint differentiates: ``adjoint_params``, else the parameters of the
+    terms' ``nn.Module`` vector fields (or of the modules whose bound methods they are); plus every
+    tensor in ``args`` that requires grad. Each tensor once.
+
+    A plain function cannot be searched for parameters, and missing ones would silently get no gradient:
+    when one names (through its closure or globals) a module with trainable parameters, or a tensor that
+    requires grad, that is not otherwise collected, this raises instead.
+    """
+    from torchmech.de._tree import tree_leaves
+
+    if adjoint_params is not None:
+        params = [p for p in adjoint_params if isinstance(p, torch.Tensor)]
+    else:
+        params = [p for m in integ.terms.modules() for p in m.parameters() if p.requires_grad]
+    uniq: dict = {}
+    for p in params:  # drift and diffusion may share a module: count each tensor once
+        uniq.setdefault(id(p), p)
+    params = list(uniq.values())
+    seen = set(uniq)
+    for leaf in tree_leaves(integ.args):
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
+            params.append(leaf)
+            seen.add(id(leaf))
+    if adjoint_params is None and torch.is_grad_enabled():
+        from torchmech.de.terms import _module_of
+
+        for f in integ.terms.fields():
+            if _module_of(f) is not None:
+                continue
+            hidden = [name for name, p in _closure_tensors(f) if id(p) not in seen]
+            if hidden:
+                raise ValueError(
+                    f"{owner}: the vector field {getattr(f, '__qualname__', f)!r} uses tensors that require grad "
+                    f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}) which a continuous adjoint "
+                    "cannot find in a plain function, so they would get no gradient; pass them as "
+                    "adjoint_params=[...], pass them through args, or make the vector field an nn.Module")
+    return params
+
+
 class _BacksolveFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, adj, integ, holder, y0, *params):
@@ -553,13 +607,23 @@ class _BacksolveFn(torch.autograd.Function):
             sol = DirectAdjoint().run(integ)
         holder["sol"] = sol
         ctx.adj, ctx.integ, ctx.n_params, ctx.sde = adj, integ, len(params), holder["sde"]
-        ctx.save_for_backward(sol.ts, sol.ys, *params)
+        ctx.save_for_backward(sol.ts, sol.ys, sol.status, *params)
         return sol.ys
 
     @staticmethod
     def backward(ctx, grad_ys):
-        ts, ys, *params = ctx.saved_tensors
+        ts, ys, status, *params = ctx.saved_tensors
         grad_ys = torch.nan_to_num(grad_ys) if grad_ys is not None else torch.zeros_like(ys)
+        from torchmech.de.integrate import Status
+
+        failed = status != Status.SUCCESS
+        if bool(failed.any()):
+            # A sample that stopped early (throw=False) has no end state to solve back from: it gets no
+            # gradient, and its backward solve has zero length (all its times at t0, a finite state).
+            keep = (~failed).reshape((-1,) + (1,) * (ys.dim() - 1))
+            grad_ys = grad_ys * keep
+            ys = torch.where(keep, ys, ctx.integ.y0.unsqueeze(1))
+            ts = torch.where(failed[:, None], ctx.integ.t0[:, None], ts)
         with torch.no_grad():
             if ctx.sde is not None:
                 a0, grads = ctx.adj.backward_sde(ctx.integ, ctx.sde, params, ts, ys, grad_ys)

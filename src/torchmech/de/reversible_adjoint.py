@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from torchmech.de._tree import bcast, tree_leaves, where
-from torchmech.de.adjoint import AbstractAdjoint
+from torchmech.de._tree import bcast, where
+from torchmech.de.adjoint import AbstractAdjoint, collect_params
 from torchmech.de.controllers import PIDController
 
 __all__ = ["ReversibleAdjoint"]
@@ -25,8 +25,9 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     Args:
         adjoint_params: tensors to differentiate with respect to. Default: the parameters of
-            every ``nn.Module`` vector field in ``terms``; tensors in ``args`` that require grad
-            are always included.
+            every ``nn.Module`` vector field in ``terms`` (or of the module of a bound method); tensors
+            in ``args`` that require grad are always included. A plain function naming parameters that
+            are not collected raises, as for :class:`~torchmech.de.BacksolveAdjoint`.
 
     Supports fixed steps (``ConstantStep``/``StepTo``), ``SaveAt(t0, ts, t1)``; not events,
     dense/steps saving or higher-order gradients.
@@ -47,19 +48,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         if isinstance(integ.controller, PIDController) or integ.controller.adaptive:
             raise ValueError("ReversibleAdjoint: needs fixed steps (ConstantStep or StepTo), got "
                              f"{type(integ.controller).__name__}")
-        if self.adjoint_params is not None:
-            params = [p for p in self.adjoint_params if isinstance(p, torch.Tensor)]
-        else:
-            params = [p for m in integ.terms.modules() for p in m.parameters() if p.requires_grad]
-        uniq: dict = {}
-        for p in params:  # drift and diffusion may share a module: count each tensor once
-            uniq.setdefault(id(p), p)
-        params = list(uniq.values())
-        seen = set(uniq)
-        for leaf in tree_leaves(integ.args):
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
-                params.append(leaf)
-                seen.add(id(leaf))
+        params = collect_params(integ, self.adjoint_params, "ReversibleAdjoint")
         holder: dict = {}
         ys = _ReversibleFn.apply(integ, holder, integ.y0, *params)
         sol = holder["sol"]

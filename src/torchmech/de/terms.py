@@ -12,6 +12,14 @@ from torchmech.de._tree import bcast
 __all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "DiagonalControlTerm", "MultiTerm"]
 
 
+def _module_of(f) -> torch.nn.Module | None:
+    """The module whose parameters the vector field ``f`` uses: ``f`` itself, or the owner of a bound method."""
+    if isinstance(f, torch.nn.Module):
+        return f
+    owner = getattr(f, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
 class AbstractTerm:
     """One term ``f(t, y, args) dX(t)`` of a differential equation ``dy = sum_terms f dX``.
 
@@ -41,7 +49,12 @@ class AbstractTerm:
         return self.prod(self.vf(t, y, args), control)
 
     def modules(self) -> list[torch.nn.Module]:
-        """``nn.Module`` vector fields held by this term (used to collect adjoint parameters)."""
+        """``nn.Module`` vector fields held by this term (used to collect adjoint parameters); a bound
+        method of a module counts as that module."""
+        return []
+
+    def fields(self) -> list:
+        """The vector-field callables of this term."""
         return []
 
 
@@ -71,7 +84,11 @@ class ODETerm(AbstractTerm):
         return vf * bcast(control, vf)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.f] if isinstance(self.f, torch.nn.Module) else []
+        m = _module_of(self.f)
+        return [] if m is None else [m]
+
+    def fields(self) -> list:
+        return [self.f]
 
 
 class ControlTerm(AbstractTerm):
@@ -122,7 +139,11 @@ class ControlTerm(AbstractTerm):
         return (vf * c).sum(-1)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.f] if isinstance(self.f, torch.nn.Module) else []
+        m = _module_of(self.f)
+        return [] if m is None else [m]
+
+    def fields(self) -> list:
+        return [self.f]
 
 
 class DiagonalControlTerm(ControlTerm):
@@ -176,3 +197,6 @@ class MultiTerm(AbstractTerm):
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for term in self.terms for m in term.modules()]
+
+    def fields(self) -> list:
+        return [f for term in self.terms for f in term.fields()]
