@@ -226,6 +226,8 @@ def test_bad_inputs():
         tdq.odeint(lambda t, y: y[:1], y0, t)
     with pytest.raises(ValueError, match="event_fn must return a scalar"):
         tdq.odeint(decay, y0, t, event_fn=lambda t, y: y)
+    with pytest.raises(ValueError, match=r"with event_fn, t must be \[t0\] or \[t0, t1\].*len\(t\)=3"):
+        tdq.odeint(decay, y0, torch.tensor([0.0, 0.5, 1.0], dtype=D), event_fn=lambda t, y: y[0] - 0.5)
     with pytest.raises(ValueError, match="func must be an nn.Module"):
         tdq.odeint_adjoint(decay, y0, t)
     with pytest.raises(ValueError, match="adjoint_method 'rk4' is fixed-grid"):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,8 +240,17 @@ def test_bad_inputs(probs):
         de.solve(f, de.Tsit5(), 0.0, 1.0, torch.ones(2))
     with pytest.raises(ValueError, match=r"y0 must be finite; samples \[1\]"):
         de.solve(f, de.Tsit5(), 0.0, 1.0, torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="y0 must be a float32 or float64 tensor, got torch.int64"):
         de.solve(f, de.Tsit5(), 0.0, 1.0, torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="y0 must be a float32 or float64 tensor, got torch.float16"):
+        de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 1.0, torch.ones(2, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"y0 has no state entries per sample \(shape \(2, 0\)\)"):
+        de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 1.0, torch.ones(2, 0))
+    with pytest.raises(ValueError, match="ODETerm f\\(t, y, args\\) must return a tensor of y's shape \\(2, 2\\), got tuple"):
+        de.solve(lambda t, y, a: (y, y), de.Tsit5(), 0.0, 1.0, y0)
+    with pytest.raises(ValueError, match=r"sample 0 has \[0.0, ..., 0.30000001192092896\] against t0=0.0, t1=0.3"):
+        de.solve(lambda t, y, a: -y, de.RK4(), 0.0, 0.3, y0, controller=de.StepTo(torch.linspace(0, 0.3, 4)))
+    assert de.solve(lambda t, y, a: -y, de.Tsit5(), np.float32(0.0), np.float64(1.0), y0).status.eq(0).all()
     with pytest.raises(ValueError, match=r"t1 must have shape \(\) or \(B,\)=\(2,\), got \(3,\)"):
         de.solve(f, de.Tsit5(), 0.0, torch.ones(3), y0)
     with pytest.raises(ValueError, match="SaveAt.ts: save times must lie in"):

@@ -660,6 +660,8 @@ def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tens
         raise ValueError(f"odeint: event_fn needs an adaptive method ({list(_ADAPTIVE)}), got {setup.method!r}")
     layout = setup.layout
     t = setup.t
+    if t.shape[0] > 2:  # as torchdiffeq: the later times would be ignored
+        raise ValueError(f"odeint: with event_fn, t must be [t0] or [t0, t1] (the direction), got len(t)={t.shape[0]}")
     direction = -1.0 if t.shape[0] > 1 and t[1] < t[0] else 1.0
 
     def cond(tt, y, args):

@@ -127,7 +127,12 @@ class StepTo(AbstractController):
             raise ValueError(f"StepTo.ts: expected shape (K,) or (B={B}, K), got {tuple(ts.shape)}")
         ts = ts.expand(B, ts.shape[-1])
         if not (torch.equal(ts[:, 0], t0) and torch.equal(ts[:, -1], t1)):
-            raise ValueError("StepTo.ts: first and last entries must equal t0 and t1 for every sample")
+            bad = int(torch.nonzero((ts[:, 0] != t0) | (ts[:, -1] != t1))[0, 0])
+            raise ValueError(
+                "StepTo.ts: first and last entries must equal t0 and t1 for every sample; sample "
+                f"{bad} has [{float(ts[bad, 0])!r}, ..., {float(ts[bad, -1])!r}] against t0={float(t0[bad])!r}, "
+                f"t1={float(t1[bad])!r} in {y0.dtype} (a grid made in another dtype rounds differently: build it "
+                "in y0's dtype, or pass t0=ts[0], t1=ts[-1])")
         direction = torch.sign(t1 - t0)
         if ((direction[:, None] * ts.diff(dim=1) <= 0) & (direction[:, None] != 0)).any():
             raise ValueError("StepTo.ts: times must be strictly monotonic in the direction of integration")

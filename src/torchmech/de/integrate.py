@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,10 +93,13 @@ class _Dense:
         d = self.direction[:, None]
         lo = torch.minimum(self.t0, self.tfinal)[:, None]
         hi = torch.maximum(self.t0, self.tfinal)[:, None]
-        if ((tt < lo) | (tt > hi)).any() or not torch.isfinite(tt).all():
+        out = (tt < lo) | (tt > hi) | ~torch.isfinite(tt)
+        if out.any():
+            b, j = (int(i) for i in torch.nonzero(out)[0])
             raise ValueError(
-                "evaluate: t outside the solved interval of some sample; per-sample ranges are "
-                f"[{lo.squeeze(1).tolist()}, {hi.squeeze(1).tolist()}]"
+                f"evaluate: t outside the solved interval of some sample: sample {b} asks for t={float(tt[b, j])!r} "
+                f"but was solved on [{float(lo[b, 0])!r}, {float(hi[b, 0])!r}] ({int(out.any(1).sum())} of {B} "
+                "samples ask outside their interval)"
             )
         # (N, B, T): step n covers t for sample b
         tp = self.tprev[:, :, None]
@@ -190,7 +194,7 @@ _SOLVER_NAMES = {
 def _per_sample_time(x: Any, name: str, B: int, like: Tensor) -> Tensor:
     if isinstance(x, Tensor):
         t = x.to(dtype=like.dtype, device=like.device)
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+    elif isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)):
         t = torch.tensor(float(x), dtype=like.dtype, device=like.device)
     else:
         raise TypeError(f"solve: {name} must be a float or a tensor of shape () or (B,), got {type(x).__name__}")
@@ -275,6 +279,9 @@ class _Integrator:
         dev = y0.device
         zeros_i = torch.zeros(B, dtype=torch.int64, device=dev)
         vf0 = self.terms.vf(t0, y0, self.args)
+        if isinstance(self.terms, ODETerm) and not isinstance(vf0, Tensor):
+            raise ValueError(f"solve: ODETerm f(t, y, args) must return a tensor of y's shape {tuple(y0.shape)}, "
+                             f"got {type(vf0).__name__} (for a tuple or nested state, stack it into one tensor)")
         inc = self.terms.prod(vf0, self.terms.contr(t0, t0))
         if not isinstance(inc, Tensor) or inc.shape != y0.shape or inc.dtype != y0.dtype:
             got = (tuple(inc.shape), inc.dtype) if isinstance(inc, Tensor) else type(inc).__name__
@@ -599,10 +606,13 @@ def _check_y0(y0: Any) -> Tensor:
             f"solve: y0 must have a leading batch axis, shape (B, ...) with at least 2 dims, got shape "
             f"{tuple(y0.shape)} (use y0[None] for a single sample)"
         )
-    if not y0.is_floating_point():
-        raise TypeError(f"solve: y0 must be a floating-point tensor (float32/float64), got {y0.dtype}")
+    if y0.dtype not in (torch.float32, torch.float64):
+        # (half precision cannot meet the step-size control's tolerances: solves stall or reject for ever)
+        raise TypeError(f"solve: y0 must be a float32 or float64 tensor, got {y0.dtype}")
     if y0.shape[0] == 0:
         raise ValueError("solve: y0 has batch size 0")
+    if y0[0].numel() == 0:
+        raise ValueError(f"solve: y0 has no state entries per sample (shape {tuple(y0.shape)})")
     if not torch.isfinite(y0).all():
         bad = torch.nonzero(~torch.isfinite(y0).reshape(y0.shape[0], -1).all(dim=1))[:, 0].tolist()
         raise ValueError(f"solve: y0 must be finite; samples {bad[:10]} contain NaN/inf")
