@@ -157,3 +157,35 @@ def test_compat_cdeint_steps_the_batch_together_with_a_scalar_time():
         Xb = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x[b:b + 1], t), t)
         alone = torchcde.cdeint(Xb, f, z0[b:b + 1], X.interval, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got[b], alone[0], rtol=0, atol=1e-6)
+
+
+def test_compat_natural_cubic_coeffs_run_through_the_observed_values_only():
+    """torchcde's missing-value treatment: the spline through a channel's observed points (held constant
+    before the first and after the last), a channel with none observed the zero path."""
+    import torchmech.compat.torchcde as torchcde
+    from torchmech.de.interpolation import NaturalCubicSpline
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0, 5, 11, dtype=torch.float64)
+    x = torch.randn(2, 11, 3, generator=g, dtype=torch.float64)
+    x[0, 3, 0] = x[1, 5, 2] = x[1, 6, 2] = x[1, 0, 1] = x[0, 10, 2] = float("nan")
+    x[1, :, 0] = float("nan")
+    X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, t), t)
+    q = torch.linspace(0, 5, 41, dtype=torch.float64)
+    got = torch.stack([X.evaluate(float(s)) for s in q], dim=1)  # (2, 41, 3)
+    for b in range(2):
+        for c in range(3):
+            obs = ~torch.isnan(x[b, :, c])
+            if not obs.any():
+                assert not got[b, :, c].any()
+                continue
+            first, last = int(obs.nonzero()[0]), int(obs.nonzero()[-1])
+            xs = x[b, :, c].clone()
+            xs[:first], xs[last + 1:] = xs[first], xs[last]
+            keep = ~torch.isnan(xs)
+            ref = NaturalCubicSpline(t[keep], xs[keep][:, None])
+            want = torch.stack([ref.evaluate(float(s))[0] for s in q])
+            torch.testing.assert_close(got[b, :, c], want, rtol=0, atol=1e-12)
+    tc = pytest.importorskip("torchcde")
+    Y = tc.CubicSpline(tc.natural_cubic_coeffs(x, t), t)
+    torch.testing.assert_close(got, torch.stack([Y.evaluate(float(s)) for s in q], dim=1), rtol=0, atol=1e-12)

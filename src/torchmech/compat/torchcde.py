@@ -57,9 +57,46 @@ def _pack(X: AbstractInterpolation) -> Tensor:
     return torch.cat([X.a, X.b, X.c, X.d], dim=-1)
 
 
+def _spline_through_observed(ts: Tensor, x: Tensor) -> Tensor:
+    """Coefficients (T-1, 4) on every interval of ``ts`` of the natural spline through the non-NaN entries
+    of one channel ``x`` (T,), each re-expanded about its interval's start (torchcde's treatment)."""
+    obs = ~torch.isnan(x)
+    if not bool(obs.any()):  # nothing observed: torchcde's constant zero path
+        return x.new_zeros(x.shape[0] - 1, 4)
+    first, last = int(obs.nonzero()[0]), int(obs.nonzero()[-1])
+    x = x.clone()
+    x[:first], x[last + 1:] = x[first], x[last]  # constant before the first and after the last observation
+    obs = ~torch.isnan(x)
+    t_obs = ts[obs]
+    S = NaturalCubicSpline(t_obs, x[obs][:, None])
+    a, b, c, d = (v[:, 0] for v in (S.a, S.b, S.c, S.d))
+    # each interval of ts lies inside one observed interval (observed times are a subset of ts)
+    j = (torch.searchsorted(t_obs, ts[:-1], right=True) - 1).clamp_(0, t_obs.shape[0] - 2)
+    u = ts[:-1] - t_obs[j]
+    a, b, c, d = a[j], b[j], c[j], d[j]
+    return torch.stack([a + u * (b + u * (c + u * d)), b + u * (2 * c + 3 * u * d), c + 3 * u * d, d], dim=-1)
+
+
 def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
-    """Natural cubic spline coefficients (..., T-1, 4C) of data (..., T, C) (NaN = missing)."""
-    return _pack(NaturalCubicSpline(_times(t, x), x))
+    """Natural cubic spline coefficients (..., T-1, 4C) of data (..., T, C).
+
+    Missing values (NaN) are handled as torchcde does: per channel, the spline runs through the observed
+    values only (held constant before the first and after the last observation; a channel with no
+    observation is the zero path). :class:`torchmech.de.NaturalCubicSpline` instead fills interior gaps
+    linearly first.
+    """
+    ts, x = _check_data(_times(t, x), x, "natural_cubic_coeffs")
+    nan = torch.isnan(x)
+    if not bool(nan.any()):
+        return _pack(NaturalCubicSpline(ts, x))
+    T, C = x.shape[-2:]
+    flat = x.reshape(-1, T, C)
+    out = torch.empty(flat.shape[0], T - 1, 4, C, dtype=x.dtype, device=x.device)
+    for s_ in range(flat.shape[0]):
+        for c_ in range(C):
+            out[s_, :, :, c_] = _spline_through_observed(ts, flat[s_, :, c_])
+    # packed as torchcde: (..., T-1, 4C) = [a | b | c | d], each C wide
+    return out.reshape(x.shape[:-2] + (T - 1, 4 * C))
 
 
 natural_cubic_spline_coeffs = natural_cubic_coeffs
