@@ -399,6 +399,23 @@ def sde_runs(args, device, dtype, goals):
     print("\nfloor = the networks alone, called as often as Euler-Maruyama with direct backpropagation needs"
           + floor_note(em, "vector fields alone: S forward+backward calls", ["torchsde sdeint euler"]) + ".")
 
+    # Adaptive steps. torchsde (and torchmech.sdeint since the step-doubling change) estimates a step's error
+    # by one full step against two half steps, with one step size for the whole batch.
+    ad = Bench(device, memory=not args.no_memory)
+    tol = args.sde_tol
+    ad.add("ours", "torchmech.sdeint midpoint, adaptive",
+           step(lambda: torchmech.sdeint(strat, y0, ts, method="midpoint", dt=0.05, adaptive=True, rtol=tol,
+                                         atol=tol, dt_min=1e-4)), reset=clear)
+    if torchsde is not None:
+        ad.add("peer", "torchsde sdeint midpoint, adaptive",
+               step(lambda: torchsde.sdeint(strat, y0, ts, method="midpoint", dt=0.05, adaptive=True, rtol=tol,
+                                            atol=tol, dt_min=1e-4)), reset=clear)
+    ad.run(args.repeat)
+    table(f"Neural SDE training step, midpoint with adaptive steps (rtol = atol = {tol:g}, dt0 = 0.05), direct "
+          f"backpropagation: B={B}, d={d}, {args.dtype}", ad,
+          [("SDE midpoint, adaptive", ["torchmech.sdeint midpoint, adaptive"],
+            ["torchsde sdeint midpoint, adaptive"])], goals)
+
 
 # -- 3. Neural CDE training step --------------------------------------------------------------------
 
@@ -569,6 +586,7 @@ def main():
     p.add_argument("--sde-state", type=int, default=32)
     p.add_argument("--sde-width", type=int, default=64)
     p.add_argument("--sde-steps", type=int, default=200)
+    p.add_argument("--sde-tol", type=float, default=1e-3, help="rtol = atol of the adaptive SDE case")
     p.add_argument("--cde-batch", type=int, default=256)
     p.add_argument("--cde-obs", type=int, default=100)
     p.add_argument("--cde-hidden", type=int, default=32)
