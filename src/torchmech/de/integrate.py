@@ -316,7 +316,6 @@ class _Integrator:
             "nonfinite": zeros_i, "ctrl": cstate,
         }
         if self.ts is not None:
-            T = self.ts.shape[1]
             # NaN until filled; save times at t0 hold y0 (one allocation: buffers count in peak memory)
             at0 = torch.cat([self.ts == t0[:, None], torch.zeros_like(self.ts[:, :1], dtype=torch.bool)], dim=1)
             at0 = at0.reshape(at0.shape + (1,) * (y0.dim() - 1))
