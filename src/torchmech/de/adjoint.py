@@ -182,7 +182,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         from torchmech.de.terms import ODETerm
 
         f = integ.terms.f
-        args = integ.args
+        args, params = _detached_args(integ.args, params)
         shape = ys.shape[2:]
         B = ys.shape[0]
         n = int(torch.tensor(shape).prod()) if len(shape) else 1
@@ -298,7 +298,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         """
         from torchmech.de.integrate import SaveAt, _Integrator
 
-        args = integ.args
+        args, params = _detached_args(integ.args, params)
         shape = ys.shape[2:]
         B = ys.shape[0]
         n = int(torch.tensor(shape).prod()) if len(shape) else 1
@@ -537,6 +537,34 @@ class _MarksTo(AbstractController):
     def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
         ones = torch.ones(t.shape, dtype=torch.bool, device=t.device)
         return ones, t_next - t, torch.zeros_like(ones), state
+
+
+def _detached_args(args, params: list) -> tuple:
+    """``args`` with every tensor that requires grad replaced by a detached leaf, and ``params`` with the same
+    replacements (same positions, so the gradients map back).
+
+    The backward pass differentiates the vector field with respect to ``params``; an args tensor computed from
+    other parameters (an encoder's output, say) must end its graph there. Otherwise a module parameter upstream
+    of it would be reached twice (once directly, once through the tensor's own gradient), and that upstream
+    graph would be freed by the first of the many quadrature calls.
+    """
+    swap: dict = {}
+
+    def go(x):
+        if isinstance(x, torch.Tensor):
+            if not x.requires_grad:
+                return x
+            if id(x) not in swap:
+                swap[id(x)] = x.detach().requires_grad_(True)
+            return swap[id(x)]
+        if isinstance(x, (tuple, list)):
+            return type(x)(go(v) for v in x)
+        if isinstance(x, dict):
+            return {k: go(v) for k, v in x.items()}
+        return x
+
+    args_d = go(args)
+    return args_d, [swap.get(id(p), p) for p in params]
 
 
 def _closure_tensors(f) -> list[tuple[str, torch.Tensor]]:

@@ -93,7 +93,9 @@ class LatentSDE(nn.Module):
         solver: SDE solver name ("euler" (default, Ito), "milstein", "heun", "euler_heun") or an
             ``AbstractSDESolver``; the calculus follows the solver.
         dt: largest step between observation times (``None``: one step per observation interval).
-        adjoint: "direct" or "checkpoint" (same gradients, less memory) or an ``AbstractAdjoint``.
+        adjoint: "direct" or "checkpoint" (same gradients, less memory), "backsolve" (the stochastic
+            adjoint: O(1) memory in the steps, gradients within the discretisation error of the direct
+            ones) or an ``AbstractAdjoint``.
 
     Shapes (batch-first): ``ts`` (T,) shared or (B, T) per series, strictly increasing, T >= 2;
     ``xs`` (B, T, data_dim), finite.
