@@ -119,6 +119,23 @@ def test_bad_inputs():
         systems.simulate("lorenz", torch.zeros(3, 2))
     with pytest.raises(ValueError, match="unknown parameter"):
         systems.simulate("lorenz", t, params={"sgima": 1.0})
+    # non-finite parameters used to hang scipy's DOP853 (its step control loops on a NaN error estimate)
+    with pytest.raises(ValueError, match=r"params\['sigma'\]: expected a finite number"):
+        systems.simulate("lorenz", t, params={"sigma": float("nan")})
+    with pytest.raises(ValueError, match=r"params\['sigma'\]: expected finite values, got \[10.0, inf\]"):
+        systems.simulate("lorenz", t, y0=[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]],
+                         params={"sigma": torch.tensor([10.0, float("inf")])})
+    with pytest.raises(RuntimeError, match="integration failed at t=0: the vector field returned NaN or infinite"):
+        systems.simulate("lorenz", t, y0=[1e200, 1e200, 1e200])
+    with pytest.raises(TypeError, match="dtype: expected None, torch.float32 or torch.float64, got 'float32'"):
+        systems.simulate("lorenz", t, dtype="float32")
+    with pytest.raises(TypeError, match="prefix: expected None or a str"):
+        systems.names(3)
+    with pytest.raises(TypeError, match="library"):
+        systems.get("lorenz").true_coefficients("x")
+    sim = systems.simulate("lorenz", t, noise=np.float32(0.1), seed=0,
+                           params={"sigma": np.array([10.0, 11.0])}, y0=[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    assert sim.x.shape == (2, 10, 3)
     with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 3\)"):
         systems.get("lorenz").vector_field(0.0, torch.zeros(4, 2))
     with pytest.raises(ValueError, match="already registered"):

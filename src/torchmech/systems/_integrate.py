@@ -13,6 +13,12 @@ RTOL = 1e-10
 ATOL = 1e-10
 
 
+class _NonFinite(Exception):
+    def __init__(self, t: float):
+        super().__init__(t)
+        self.t = t
+
+
 def integrate(
     f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     t: np.ndarray,
@@ -45,14 +51,24 @@ def integrate(
         return np.repeat(y0[:, None, :], 1, axis=1)
 
     def rhs(s, y):
-        out = f(float(s), y.reshape(B, D))
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are reported below
+            out = f(float(s), y.reshape(B, D))
         if isinstance(out, torch.Tensor):
             out = out.detach().to("cpu", torch.float64).numpy()
-        return np.asarray(out, dtype=np.float64).reshape(-1)
+        out = np.asarray(out, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(out)):
+            # DOP853's step-size control never terminates on a NaN error estimate
+            raise _NonFinite(float(s))
+        return out
 
-    sol = solve_ivp(rhs, (t[0], t[-1]), y0.reshape(-1), method="DOP853", t_eval=t, rtol=rtol, atol=atol)
+    try:
+        sol = solve_ivp(rhs, (t[0], t[-1]), y0.reshape(-1), method="DOP853", t_eval=t, rtol=rtol, atol=atol)
+    except _NonFinite as exc:
+        raise RuntimeError(f"integration failed at t={exc.t:.6g}: the vector field returned NaN or infinite "
+                           "values (check the parameters and initial states)") from None
     if not sol.success or sol.y.shape[1] != len(t):
-        raise RuntimeError(f"integration failed at t={sol.t[-1] if sol.t.size else t[0]:.6g}: {sol.message}")
+        t_fail = np.asarray(sol.t).reshape(-1)
+        raise RuntimeError(f"integration failed at t={t_fail[-1] if t_fail.size else t[0]:.6g}: {sol.message}")
     out = sol.y.T.reshape(len(t), B, D).transpose(1, 0, 2)
     if not np.all(np.isfinite(out)):
         raise RuntimeError("integration produced non-finite values")

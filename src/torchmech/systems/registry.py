@@ -202,6 +202,8 @@ def names(prefix: str | None = None) -> list[str]:
     """Registered system names, optionally only those starting with ``prefix`` (e.g. ``"odebench"``)."""
     _ensure_loaded()
     keys = list(_REGISTRY)
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected None or a str, got {type(prefix).__name__}")
     if prefix is not None:
         keys = [k for k in keys if k.startswith(prefix.lower())]
     return keys

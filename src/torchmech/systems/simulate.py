@@ -92,6 +92,10 @@ def simulate(
     device = tt.device
     if dtype is None:
         dtype = tt.dtype if isinstance(t, torch.Tensor) and tt.is_floating_point() else torch.float64
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype: expected None, torch.float32 or torch.float64, got {dtype!r}")
+    if isinstance(noise, np.floating):
+        noise = float(noise)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite number >= 0 (fraction of each variable's std), got {noise!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
@@ -115,14 +119,21 @@ def simulate(
     merged = system._merged_params(params)
     cpu_params = {}
     for k, v in merged.items():
+        if isinstance(v, (np.ndarray, np.generic)):
+            v = torch.as_tensor(np.asarray(v, dtype=np.float64))
         if isinstance(v, torch.Tensor):
             v = v.detach().to("cpu", torch.float64)
             if v.numel() != 1 and tuple(v.shape) != (y.shape[0],):
                 raise ValueError(
                     f"params[{k!r}]: expected a float or a tensor of shape ({y.shape[0]},), got {tuple(v.shape)}"
                 )
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"params[{k!r}]: expected finite values, got {v.tolist()}")
             cpu_params[k] = v.reshape(-1).numpy() if v.numel() > 1 else float(v)
         else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ValueError(f"params[{k!r}]: expected a finite number or a tensor of shape ({y.shape[0]},), "
+                                 f"got {v!r}")
             cpu_params[k] = float(v)
 
     def f(s, state):

@@ -141,7 +141,7 @@ class System:
         """
         if hasattr(library, "sympy_features"):
             features = list(library.sympy_features(list(self.variables)))
-        elif isinstance(library, Sequence):
+        elif isinstance(library, Sequence) and not isinstance(library, str):
             features = [sympy.sympify(f) for f in library]
         else:
             raise TypeError(
