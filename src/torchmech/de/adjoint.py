@@ -224,6 +224,12 @@ class BacksolveAdjoint(AbstractAdjoint):
 
             solver = Tsit5() if self.solver is None else solver
         max_steps = self.max_steps or integ.max_steps
+        # The forward solve's marks (e.g. a CDE's knots, where dX/dt jumps): the adjoint's integrand has the
+        # same kinks, and the backward solve must step onto them too (with the seminorm the parameter and
+        # data integrands are outside the error norm, so nothing else would make it refine there).
+        fc = integ.controller
+        marks = {k: v for k, v in (("jump_ts", getattr(fc, "jump_ts", None)), ("step_ts", getattr(fc, "step_ts", None)),
+                                   ("norm", self.norm)) if v is not None}
         for j in range(times.shape[1] - 1, 0, -1):
             a = a + cot[:, j]
             pieces = [y.reshape(B, n), a.reshape(B, n)] + ([ap] if augment else [])
@@ -233,8 +239,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 continue
             quad = bool(params) and not augment
             binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
-                                 PIDController(self.rtol, self.atol, **({"norm": self.norm} if self.norm else {})),
-                                 None, max_steps, False)
+                                 PIDController(self.rtol, self.atol, **marks), None, max_steps, False)
             if quad:  # the records feed the quadrature below; no dense Solution: the lean loop can run it
                 from torchmech.de import _fast
 
