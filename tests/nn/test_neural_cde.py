@@ -118,3 +118,12 @@ def test_adjoint_data_gradients_at_a_knot_with_missing_values():
         model(xx).sum().backward()
         grads.append(torch.nan_to_num(xx.grad))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+
+
+def test_prebuilt_rectilinear_path_gives_one_output_per_observation():
+    torch.manual_seed(0)
+    model = NeuralCDE(3, 4, 1, width=8, interpolation="rectilinear", return_sequences=True)
+    x = torch.randn(2, 5, 3)
+    out = model(x)
+    assert out.shape == (2, 5, 1)
+    torch.testing.assert_close(model(model.interpolate(x)), out)

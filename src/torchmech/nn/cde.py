@@ -160,7 +160,7 @@ class NeuralCDE(nn.Module):
                     atol=self.atol, options=options, max_steps=self.max_steps)
         if not self.return_sequences:
             return self.readout(zs[:, -1])
-        if self.interpolation == "rectilinear" and not isinstance(x, AbstractInterpolation):
+        if isinstance(X, RectilinearInterpolation):  # built here or passed in: the same virtual time
             zs = zs[:, ::2]  # virtual time 2k is observation k
         return self.readout(zs)
 
