@@ -90,6 +90,11 @@ def test_steps_land_on_output_times():
 def test_errors():
     with pytest.raises(ValueError, match="noise must be one of"):
         NeuralSDE(2, noise="colored")
+    with pytest.raises(ValueError, match="adjoint='backsolve' with an Ito solver .* needs diagonal noise.*coincide"):
+        NeuralSDE(2, noise="additive", adjoint="backsolve")
+    with pytest.raises(ValueError, match="brownian has dtype torch.float64 on cpu, the model's inputs torch.float32"):
+        NeuralSDE(3)(torch.randn(2, 3), torch.linspace(0, 1, 5),
+                     brownian=de.BrownianInterval(0.0, 1.0, shape=(2, 3), seed=0, dtype=torch.float64))
     with pytest.raises(ValueError, match="sde_type must be 'ito' or 'stratonovich'"):
         NeuralSDE(2, sde_type="ito2")
     with pytest.raises(ValueError, match="solves stratonovich SDEs but sde_type='ito'"):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchmech.de.adjoint import AbstractAdjoint
+from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint
 from torchmech.de.brownian import AbstractBrownian, BrownianInterval
 from torchmech.de.controllers import StepTo
 from torchmech.de.integrate import SaveAt, Solution, solve
@@ -86,6 +86,9 @@ def make_brownian(brownian: Any, seed: Any, t: Tensor, shape: tuple, like: Tenso
                          f"got {tuple(brownian.shape)}")
     if brownian.t0 > lo or brownian.t1 < hi:
         raise ValueError(f"{owner}: brownian covers [{brownian.t0}, {brownian.t1}] but the times span [{lo}, {hi}]")
+    if brownian.dtype != like.dtype or torch.device(brownian.device) != like.device:
+        raise ValueError(f"{owner}: brownian has dtype {brownian.dtype} on {brownian.device}, the model's inputs "
+                         f"{like.dtype} on {like.device}; build it with dtype= and device= to match")
     return brownian
 
 
@@ -221,6 +224,14 @@ class NeuralSDE(nn.Module):
                 solver = "euler" if sde_type == "ito" else "heun"
         self.solver = sde_solver(solver, sde_type, noise, name)
         self.adjoint = sde_adjoint(adjoint, self.solver, name)
+        if isinstance(self.adjoint, BacksolveAdjoint) and self.solver.sde_type == "ito" and noise != "diagonal":
+            # (found here rather than at the first forward call)
+            hint = ("; for additive noise the two calculi coincide, so sde_type='stratonovich' solves the same SDE"
+                    if noise == "additive" else "")
+            raise ValueError(f"{name}: adjoint='backsolve' with an Ito solver ({type(self.solver).__name__}) needs "
+                             f"diagonal noise, got noise={noise!r} (the adjoint SDE is solved in Stratonovich form, "
+                             "and the Ito correction is implemented for diagonal noise only); use a Stratonovich "
+                             f"solver or adjoint='direct'/'checkpoint'{hint}")
         self.dt = positive_float(dt, "dt", name, allow_none=True)
 
     def _terms(self, bm: AbstractBrownian) -> MultiTerm:
