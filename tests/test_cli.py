@@ -35,3 +35,16 @@ def test_every_subcommand_help_renders(capsys):
             main([name, "--help"])
         assert exc.value.code == 0
         assert f"usage: torchmech {name}" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`torchmech discover --list-systems | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from torchmech.cli import main; sys.exit(main(['discover', '--list-systems']))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()  # the reader goes away after one line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and first.strip() and "BrokenPipeError" not in err, err

@@ -110,6 +110,9 @@ def test_errors():
         LatentSDE(2, adjoint="reversible")
     with pytest.raises(ValueError, match="SRA1"):
         LatentSDE(2, solver="srk")
+    for bad in (float("nan"), -0.5):
+        with pytest.raises(ValueError, match="kl_weight must be a finite number >= 0"):
+            model(ts, torch.randn(3, 5, 2), kl_weight=bad)
 
 
 def test_backsolve_adjoint_gradients_reach_every_network():

@@ -206,6 +206,9 @@ class LatentSDE(nn.Module):
             brownian: a Brownian motion of shape (B, latent_dim) covering ``ts`` (instead of ``seed``).
         """
         ts, xs = self._check(ts, xs)
+        if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not math.isfinite(kl_weight) \
+                or kl_weight < 0:
+            raise ValueError(f"LatentSDE: kl_weight must be a finite number >= 0, got {kl_weight!r}")
         B, T, _ = xs.shape
         L = self.latent_dim
         ctx = self.encode(xs)
