@@ -71,6 +71,8 @@ def test_bad_construction_and_call():
         MechanisticBlock(per_step_steps=True)  # a fixed per-step vector needs T too
     with pytest.raises(ValueError, match="method must be one of"):
         MechanisticBlock(method="fast")
+    with pytest.raises(TypeError, match=r"coefficients must be a tensor of shape \(..., T, E, D, 3\), got list"):
+        MechanisticBlock()([[[[[1.0, 0.0, 1.0]]]]], torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 2))
     c, r, i = inputs((2,), K=4)
     with pytest.raises(ValueError, match="K = order \\+ 1 = 3"):
         MechanisticBlock(order=2)(c, r, i)

@@ -94,7 +94,10 @@ class MechanisticBlock(nn.Module):
         ``steps (..., T-1)``, if given (e.g. produced per sample by a network), replaces the block's own steps.
         """
         K = self.order + 1
-        if isinstance(coefficients, Tensor) and coefficients.dim() >= 1 and coefficients.shape[-1] != K:
+        if not isinstance(coefficients, Tensor):
+            raise TypeError(f"coefficients must be a tensor of shape (..., T, E, D, {K}), got "
+                            f"{type(coefficients).__name__}")
+        if coefficients.dim() >= 1 and coefficients.shape[-1] != K:
             raise ValueError(f"coefficients must have K = order + 1 = {K} entries on the last axis, got shape "
                              f"{tuple(coefficients.shape)}")
         if steps is None:
