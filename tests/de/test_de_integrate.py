@@ -345,3 +345,18 @@ def test_pid_coefficients_and_dtmax(probs):
                       controller=de.PIDController(1e-3, 1e-3, dtmax=0.05))
     n = int(capped.stats["num_accepted"].min())
     assert n >= t1 / 0.05 and (capped.ts[:, :n].diff(dim=1) <= 0.05 + 1e-12).all()
+
+
+@pytest.mark.parametrize("t1", [3.0, 20.0])
+def test_a_discontinuity_at_t1_in_float32_ends(t1):
+    """The last step, rejected at the jump, must be allowed to shrink: snapping it back onto t1 (64 ulps of t1
+    is 1.5e-4 at t1 = 20 in float32) repeated the same rejected step until max_steps."""
+    def f(t, y, a):
+        return -y + (torch.floor(t) % 2 * 2 - 1)[:, None]
+
+    sol = de.solve(f, de.Dopri5(), 0.0, t1, torch.zeros(1, 1), controller=de.PIDController(1e-6, 1e-6),
+                   max_steps=5000, throw=False)
+    assert sol.status.tolist() == [0] and int(sol.stats["num_steps"][0]) < 2000
+    ref = de.solve(f, de.Dopri5(), 0.0, t1, torch.zeros(1, 1, dtype=torch.float64),
+                   controller=de.PIDController(1e-9, 1e-9, jump_ts=torch.arange(1.0, t1 + 1, dtype=torch.float64)))
+    assert abs(float(sol.ys[0, -1, 0]) - float(ref.ys[0, -1, 0])) < 1e-4

@@ -130,7 +130,7 @@ def plan(integ) -> Plan | None:
             return None
         # the generic loop: dt = d * |dt0|; t_next = t + dt, snapped to t1 within 64 eps of it
         dt = d * npdt(abs(float(integ.dt0[0])))
-        slack = npdt(64 * np.finfo(npdt).eps) * max(abs(b), abs(dt))
+        slack = min(npdt(64 * np.finfo(npdt).eps) * max(abs(b), abs(dt)), npdt(0.01) * abs(dt))  # as _snap
         floats = [a]
         t = a
         while t != b:

@@ -50,8 +50,13 @@ def _as_times(x: Any, name: str, like: Tensor) -> Tensor:
 
 
 def _snap(t_next: Tensor, dt: Tensor, t1: Tensor, direction: Tensor) -> Tensor:
-    """Clip ``t_next`` to ``t1``, snapping when it falls short by only floating-point round-off."""
-    slack = 64 * torch.finfo(t_next.dtype).eps * torch.maximum(t1.abs(), dt.abs())
+    """Clip ``t_next`` to ``t1``, snapping when it falls short by only floating-point round-off.
+
+    The snap never lengthens the step by more than 1%: otherwise a rejected last step, shrunk by the
+    controller, could snap straight back to the same step (64 ulps of t1 = 20 are 1.5e-4 in float32) and be
+    rejected again for ever, e.g. with a discontinuity at t1.
+    """
+    slack = torch.minimum(64 * torch.finfo(t_next.dtype).eps * torch.maximum(t1.abs(), dt.abs()), 0.01 * dt.abs())
     past = direction * (t1 - t_next) <= slack
     return torch.where(past, t1, t_next)
 
