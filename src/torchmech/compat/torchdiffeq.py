@@ -757,7 +757,8 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
             ``method`` is a fixed-grid method).
         adjoint_options: ``{'norm': 'seminorm'}`` leaves the parameter adjoint out of the error norm
             (Kidger et al. 2021, fewer backward steps); ``{'max_num_steps': n}`` bounds the backward
-            solve. Other keys raise ``ValueError``; the forward ``options`` are not reused backwards.
+            solve. Other keys raise ``ValueError``. Of the forward ``options``, the backward solve reuses
+            ``step_t`` and ``jump_t`` (it steps onto the same marks, as torchdiffeq), no others.
         adjoint_params: tensors to differentiate with respect to; default ``func.parameters()``
             (``func`` must then be an ``nn.Module``; pass ``adjoint_params=()`` for none).
 
