@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint, _MarksTo
 from torchmech.de.controllers import PIDController, StepTo
 from torchmech.de.events import Event
 from torchmech.de.integrate import SaveAt, Status, solve
@@ -753,8 +753,10 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     Args:
         adjoint_rtol, adjoint_atol: scalar tolerances of the backward solve (default ``rtol``/``atol``;
             per-component tolerances are not supported for the backward solve).
-        adjoint_method: adaptive method of the backward solve (default ``method``; ``'tsit5'`` when
-            ``method`` is a fixed-grid method).
+        adjoint_method: method of the backward solve (default ``method``). After a fixed-grid ``method``
+            the backward solve runs a fixed-grid method backwards on the forward grid (as torchdiffeq), or
+            an adaptive one if named; after an Adams method the default is ``'tsit5'``; after an adaptive
+            method it must be adaptive.
         adjoint_options: ``{'norm': 'seminorm'}`` leaves the parameter adjoint out of the error norm
             (Kidger et al. 2021, fewer backward steps); ``{'max_num_steps': n}`` bounds the backward
             solve. Other keys raise ``ValueError``. Of the forward ``options``, the backward solve reuses
@@ -808,13 +810,17 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
 
     a_rtol = scalar_tol("adjoint_rtol", adjoint_rtol, rtol)
     a_atol = scalar_tol("adjoint_atol", adjoint_atol, atol)
-    a_method = adjoint_method if adjoint_method is not None else (setup.method if not setup.fixed else "tsit5")
+    # fixed-grid forward (not Adams): by default the same method backwards on the same grid, as torchdiffeq
+    grid_back = setup.fixed and not setup.adams and (adjoint_method is None or adjoint_method in _FIXED)
+    a_method = adjoint_method if adjoint_method is not None else setup.method
     if not isinstance(a_method, str):
         raise TypeError(f"odeint_adjoint: adjoint_method must be a string, got {type(a_method).__name__}")
-    if a_method in _FIXED or a_method in _ADAMS:
-        raise ValueError(f"odeint_adjoint: adjoint_method {a_method!r} is fixed-grid; the backward solve needs an "
-                         f"adaptive method ({list(_ADAPTIVE)})")
-    if a_method not in _ADAPTIVE:
+    if not grid_back and (a_method in _FIXED or a_method in _ADAMS) and not (setup.adams and adjoint_method is None):
+        raise ValueError(f"odeint_adjoint: adjoint_method {a_method!r} is fixed-grid; the backward solve of an "
+                         f"adaptive forward solve needs an adaptive method ({list(_ADAPTIVE)})")
+    if setup.adams and adjoint_method is None:
+        a_method = "tsit5"
+    if not grid_back and a_method not in _ADAPTIVE:
         raise ValueError(f"odeint_adjoint: invalid adjoint_method {a_method!r}; expected one of {list(_ADAPTIVE)}")
     ao = {} if adjoint_options is None else adjoint_options
     if not isinstance(ao, dict):
@@ -829,9 +835,13 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
             raise ValueError(f"odeint_adjoint: adjoint_options['norm'] must be 'seminorm', got {ao['norm']!r}")
         seminorm = True
     max_steps = ao.get("max_num_steps", setup.max_steps)
+    if grid_back:
+        solver, controller = _FIXED[a_method](), _MarksTo(setup.grid().detach())
+    else:
+        solver, controller = _ADAPTIVE[a_method](), None
     adjoint = BacksolveAdjoint(rtol=max(a_rtol, torch.finfo(setup.layout.dtype).tiny), atol=a_atol,
-                               solver=_ADAPTIVE[a_method](), seminorm=seminorm,
-                               adjoint_params=adjoint_params, max_steps=max_steps)
+                               solver=solver, seminorm=seminorm, adjoint_params=adjoint_params,
+                               max_steps=max_steps, controller=controller)
     return setup.layout.unflatten(_run(setup, adjoint))
 
 

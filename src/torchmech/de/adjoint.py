@@ -113,8 +113,11 @@ class BacksolveAdjoint(AbstractAdjoint):
         norm: ODEs: error norm of the backward solve's ``PIDController`` (default per-sample
             :func:`~torchmech.de.rms_norm`; :func:`~torchmech.de.batch_rms_norm` for one step
             size shared by the batch, as in torchdiffeq).
-        controller: SDEs only: controller of the backward solve (default: as the forward solve:
-            the same ``ConstantStep`` dt0, the ``StepTo`` times, or the forward ``PIDController``).
+        controller: controller of the backward solve. ODEs: default a ``PIDController(rtol, atol)``
+            (on the forward solve's step and jump marks); give one with a fixed-step ``solver`` to solve
+            backwards on a grid, as ``odeint_adjoint`` does for fixed-grid methods. SDEs: default as the
+            forward solve: the same ``ConstantStep`` dt0, the ``StepTo`` times, or the forward
+            ``PIDController``.
 
     After a backward pass, ``backward_stats`` holds the backward solves' per-sample statistics
     (summed over the segments between save times). Samples that did not finish the forward solve
@@ -196,8 +199,11 @@ class BacksolveAdjoint(AbstractAdjoint):
             with torch.enable_grad():
                 y_ = y.detach().requires_grad_(True)
                 fy = f(t, y_, args)
-                (vjp,) = _grad(fy, y_, grad_outputs=a, retain_graph=augment)
-                if augment:
+                if augment and B == 1:  # one sample (odeint_adjoint's flattened state): one plain vjp for all
+                    vjp, *pg = _grad(fy, [y_] + list(params), grad_outputs=a)
+                else:
+                    (vjp,) = _grad(fy, y_, grad_outputs=a, retain_graph=augment)
+                if augment and B > 1:
                     # per-sample a^T df/dtheta: one batched vjp with one-hot-in-batch cotangents
                     eye = torch.eye(B, dtype=a.dtype, device=a.device).reshape((B, B) + (1,) * len(shape))
                     pg = _grad(fy, params, grad_outputs=eye * a.unsqueeze(0), is_grads_batched=True)
@@ -219,7 +225,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         self.backward_stats = stats
         grads = [torch.zeros_like(p) for p in params]
         solver = self.solver if self.solver is not None else integ.solver
-        if not solver.adaptive:  # the backward solve is always adaptive
+        if not solver.adaptive and self.controller is None:  # adaptive, unless a fixed backward grid is given
             from torchmech.de.solvers import Tsit5
 
             solver = Tsit5() if self.solver is None else solver
@@ -230,16 +236,20 @@ class BacksolveAdjoint(AbstractAdjoint):
         fc = integ.controller
         marks = {k: v for k, v in (("jump_ts", getattr(fc, "jump_ts", None)), ("step_ts", getattr(fc, "step_ts", None)),
                                    ("norm", self.norm)) if v is not None}
-        for j in range(times.shape[1] - 1, 0, -1):
+        segments = _backward_segments(cot)
+        if segments:
+            y = ys[:, segments[0][0] - 1]
+        for j, jp in segments:
             a = a + cot[:, j]
             pieces = [y.reshape(B, n), a.reshape(B, n)] + ([ap] if augment else [])
             z0 = torch.cat(pieces, dim=1)
-            tj, tprev = times[:, j], times[:, j - 1]
+            tj, tprev = times[:, j], times[:, jp]
             if bool((tj == tprev).all()):
                 continue
             quad = bool(params) and not augment
+            ctrl = self.controller if self.controller is not None else PIDController(self.rtol, self.atol, **marks)
             binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
-                                 PIDController(self.rtol, self.atol, **marks), None, max_steps, False)
+                                 ctrl, None, max_steps, False)
             if quad:  # the records feed the quadrature below; no dense Solution: the lean loop can run it
                 from torchmech.de import _fast
 
@@ -317,9 +327,12 @@ class BacksolveAdjoint(AbstractAdjoint):
         stats = {k: zeros_i for k in ("num_fevals", "num_steps", "num_accepted", "num_rejected")}
         grads = [torch.zeros_like(p) for p in params]
         max_steps = self.max_steps or integ.max_steps
-        for j in range(times.shape[1] - 1, 0, -1):
+        segments = _backward_segments(cot)
+        if segments:
+            y = ys[:, segments[0][0] - 1]
+        for j, jp in segments:
             a = a + cot[:, j]
-            tj, tprev = times[:, j], times[:, j - 1]
+            tj, tprev = times[:, j], times[:, jp]
             if bool((tj == tprev).all()):
                 continue
             z0 = torch.cat([y.reshape(B, n), a.reshape(B, n)], dim=1)
@@ -542,6 +555,19 @@ class _MarksTo(AbstractController):
     def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
         ones = torch.ones(t.shape, dtype=torch.bool, device=t.device)
         return ones, t_next - t, torch.zeros_like(ones), state
+
+
+def _backward_segments(cot: torch.Tensor) -> list[tuple[int, int]]:
+    """The backward solve's segments as (from, to) indices into the times ``[t0, ts...]``, last first.
+
+    Only save times with a nonzero cotangent (for some sample) start or end a segment: at the others the
+    adjoint does not jump, so one solve runs through them (a loss on a few of many saved points, or the
+    grid points a fixed-grid interpolation does not use). The first segment starts at the last such time,
+    from its saved state. Empty when every cotangent is zero.
+    """
+    nz = (cot != 0).reshape(cot.shape[0], cot.shape[1], -1).any(-1).any(0).tolist()
+    idx = [0] + [j for j in range(1, len(nz)) if nz[j]]
+    return [(idx[i], idx[i - 1]) for i in range(len(idx) - 1, 0, -1)]
 
 
 def _detached_args(args, params: list) -> tuple:
