@@ -427,3 +427,18 @@ def test_odeint_adjoint_fixed_grid_runs_the_same_method_backwards_on_the_grid():
     assert calls[0] - forward <= 1.1 * forward
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_odeint_event_runs_one_solve_to_the_event():
+    """A falling ball: restarting over doubling spans paid an initial-step estimate and a ramp-up per restart."""
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return torch.stack([y[1], torch.full_like(y[1], -9.81)])
+
+    y0 = torch.tensor([100.0, 0.0], dtype=D)
+    t_ev, ys = tdq.odeint_event(f, y0, torch.tensor(0.0, dtype=D), event_fn=lambda t, y: y[0], rtol=1e-7,
+                                atol=1e-7)
+    assert abs(float(t_ev) - math.sqrt(2 * 100.0 / 9.81)) < 1e-6
+    assert calls[0] <= 35  # (26; over the spans [0, 1], [1, 3], [3, 7]: 60)
