@@ -1,6 +1,5 @@
 """Controlled differential equations: cdeint against closed forms, adjoint gradients, ControlTerm."""
 
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """torchsde-compatible sdeint / sdeint_adjoint."""
 
-import math
 
 import pytest
 import torch
