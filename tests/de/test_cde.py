@@ -1,6 +1,5 @@
 """Controlled differential equations: cdeint against closed forms, adjoint gradients, ControlTerm."""
 
-
 import pytest
 import torch
 

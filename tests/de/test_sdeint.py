@@ -1,6 +1,5 @@
 """torchsde-compatible sdeint / sdeint_adjoint."""
 
-
 import pytest
 import torch
 
