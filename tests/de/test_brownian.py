@@ -160,3 +160,17 @@ def test_float32_solve_whose_end_time_rounds_past_the_interval(cls, t1):
     assert torch.equal(bm(0.0, float(torch.tensor(t1, dtype=torch.float32))), bm(0.0, t1))
     with pytest.raises(ValueError, match="outside"):
         bm(0.0, t1 * 1.001)
+
+
+def test_virtual_tree_increments_between_its_nodes_keep_their_variance():
+    """Between the tree's nodes the path is its conditional mean, so an increment over h misses about tol / (3 h)
+    of its variance: with the old default tol (2**-16 of the span) 1.7% at h = 3e-4, an Ito drift. The default
+    now keeps that below 0.01%, and a step within 30 tol warns."""
+    h = 3e-4
+    bm = VirtualBrownianTree(0.0, 1.0, (20000, 1), seed=0, dtype=torch.float64)
+    qv = sum(bm(k * h, (k + 1) * h).square() for k in range(100)).mean() / (100 * h)
+    # standard error of the mean quadratic variation over 20000 paths of 100 steps: sqrt(2 / 100 / 20000) = 0.1%
+    assert abs(float(qv) - 1.0) < 0.005
+    coarse = VirtualBrownianTree(0.0, 1.0, (20000, 1), seed=0, dtype=torch.float64, tol=2.0 ** -16)
+    with pytest.warns(UserWarning, match=r"misses about tol / \(3 h\) = 5.1% of its variance"):
+        coarse(0.3, 0.3 + 1e-4)
