@@ -172,5 +172,6 @@ def test_virtual_tree_increments_between_its_nodes_keep_their_variance():
     # standard error of the mean quadratic variation over 20000 paths of 100 steps: sqrt(2 / 100 / 20000) = 0.1%
     assert abs(float(qv) - 1.0) < 0.005
     coarse = VirtualBrownianTree(0.0, 1.0, (20000, 1), seed=0, dtype=torch.float64, tol=2.0 ** -16)
-    with pytest.warns(UserWarning, match=r"misses about tol / \(3 h\) = 5.1% of its variance"):
+    with pytest.warns(UserWarning, match=r"misses about tol / \(3 h\) = 5.1% of its variance") as record:
         coarse(0.3, 0.3 + 1e-4)
+    assert record[0].filename == __file__  # attributed to the caller, not to torchmech's internals

@@ -481,6 +481,20 @@ class BrownianInterval(AbstractBrownian):
         return W
 
 
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside torchmech and torch (the user's call, also
+    when it went through an ``nn.Module``)."""
+    import sys
+
+    def inside(name: str) -> bool:
+        return name == "torch" or name.startswith(("torchmech", "torch."))
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and inside(frame.f_globals.get("__name__", "")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 _SHORT_STEPS = 30  # VirtualBrownianTree warns below this many tol: the variance shortfall tol / (3 h) > 1%
 
 
@@ -603,7 +617,7 @@ class VirtualBrownianTree(AbstractBrownian):
                 f"VirtualBrownianTree: an increment over h = {u - s:.3g} is within {_SHORT_STEPS} x tol = "
                 f"{self.tol:.3g}; between the tree's nodes the path is its conditional mean, so such an increment "
                 f"misses about tol / (3 h) = {self.tol / (3 * (u - s)):.1%} of its variance (Ito solves drift); "
-                "pass a smaller tol", stacklevel=4)
+                "pass a smaller tol", stacklevel=_caller_level())
         Ws, Is = self._point(s)
         Wu, Iu = self._point(u)
         W = Wu - Ws
