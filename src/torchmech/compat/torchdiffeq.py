@@ -638,7 +638,7 @@ def _run(setup: _Setup, adjoint) -> Tensor:
             return y0.expand(t.shape[0], y0.shape[1])
         if setup.adams:
             if torch.is_grad_enabled() and grid.requires_grad:
-                raise NotImplementedError(
+                raise ValueError(
                     "odeint: gradients with respect to t are not supported by the Adams methods (their "
                     "per-step weights are computed once, outside autograd); pass t.detach(), or use an RK method")
             return _interp_fixed(setup, grid, _adams(setup, grid, isinstance(adjoint, CheckpointAdjoint)))
