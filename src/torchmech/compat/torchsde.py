@@ -102,10 +102,13 @@ def _grid(ts: Tensor, dt: float, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def _scalar_time(t: Tensor) -> Tensor:
-    """The batch's one time as a 0-d tensor: torchsde calls f(t, y) and g(t, y) with a scalar t."""
-    if not bool((t == t[0]).all()):  # cannot happen with shared steps; never pass a (B,) t on silently
-        raise RuntimeError("torchmech.compat.torchsde: the samples' times differ, so the torchsde-style f(t, y) "
-                           "cannot be given one scalar t")
+    """The batch's one time as a 0-d tensor: torchsde calls f(t, y) and g(t, y) with a scalar t.
+
+    Every solve this module starts has one t0 for the batch and shared steps (a shared grid, or
+    ``norm=batch_rms_norm``; the backward solves of ``sdeint_adjoint`` alike), so ``t[0]`` is every
+    sample's time (``test_adaptive_sdeint_calls_f_and_g_with_a_scalar_time``). Not checked per call: that
+    would be a host read-back on every drift and diffusion evaluation.
+    """
     return t[0]
 
 

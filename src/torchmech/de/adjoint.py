@@ -234,8 +234,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         # same kinks, and the backward solve must step onto them too (with the seminorm the parameter and
         # data integrands are outside the error norm, so nothing else would make it refine there).
         fc = integ.controller
-        marks = {k: v for k, v in (("jump_ts", getattr(fc, "jump_ts", None)), ("step_ts", getattr(fc, "step_ts", None)),
-                                   ("norm", self.norm)) if v is not None}
+        pid_kwargs = {k: v for k, v in (("jump_ts", getattr(fc, "jump_ts", None)),
+                                        ("step_ts", getattr(fc, "step_ts", None)), ("norm", self.norm)) if v is not None}
         segments = _backward_segments(cot)
         if segments:
             y = ys[:, segments[0][0] - 1]
@@ -247,7 +247,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             if bool((tj == tprev).all()):
                 continue
             quad = bool(params) and not augment
-            ctrl = self.controller if self.controller is not None else PIDController(self.rtol, self.atol, **marks)
+            ctrl = self.controller if self.controller is not None else PIDController(self.rtol, self.atol, **pid_kwargs)
             binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
                                  ctrl, None, max_steps, False)
             if quad:  # the records feed the quadrature below; no dense Solution: the lean loop can run it
