@@ -814,17 +814,21 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     a_rtol = scalar_tol("adjoint_rtol", adjoint_rtol, rtol)
     a_atol = scalar_tol("adjoint_atol", adjoint_atol, atol)
     # fixed-grid forward (not Adams): by default the same method backwards on the same grid, as torchdiffeq
+    if adjoint_method is not None and not isinstance(adjoint_method, str):
+        raise TypeError(f"odeint_adjoint: adjoint_method must be a string, got {type(adjoint_method).__name__}")
+    # after a fixed-grid (RK) method: by default the same method backwards on the forward grid, as torchdiffeq
     grid_back = setup.fixed and not setup.adams and (adjoint_method is None or adjoint_method in _FIXED)
-    a_method = adjoint_method if adjoint_method is not None else setup.method
-    if not isinstance(a_method, str):
-        raise TypeError(f"odeint_adjoint: adjoint_method must be a string, got {type(a_method).__name__}")
-    if not grid_back and (a_method in _FIXED or a_method in _ADAMS) and not (setup.adams and adjoint_method is None):
-        raise ValueError(f"odeint_adjoint: adjoint_method {a_method!r} is fixed-grid; the backward solve of an "
-                         f"adaptive forward solve needs an adaptive method ({list(_ADAPTIVE)})")
-    if setup.adams and adjoint_method is None:
-        a_method = "tsit5"
-    if not grid_back and a_method not in _ADAPTIVE:
-        raise ValueError(f"odeint_adjoint: invalid adjoint_method {a_method!r}; expected one of {list(_ADAPTIVE)}")
+    if grid_back:
+        a_method = adjoint_method or setup.method
+    else:
+        a_method = adjoint_method or ("tsit5" if setup.fixed else setup.method)
+        if a_method in _FIXED or a_method in _ADAMS:
+            raise ValueError(f"odeint_adjoint: adjoint_method {a_method!r} is fixed-grid; it can only follow a "
+                             f"fixed-grid RK method (on its grid); here the backward solve needs an adaptive "
+                             f"method ({list(_ADAPTIVE)})")
+        if a_method not in _ADAPTIVE:
+            raise ValueError(f"odeint_adjoint: invalid adjoint_method {a_method!r}; expected one of "
+                             f"{list(_ADAPTIVE)}")
     ao = {} if adjoint_options is None else adjoint_options
     if not isinstance(ao, dict):
         raise TypeError(f"odeint_adjoint: adjoint_options must be a dict, got {type(ao).__name__}")
