@@ -16,6 +16,9 @@ Workloads:
       adjoint_method="adjoint_reversible_heun")``;
    b) Euler-Maruyama with direct backpropagation (native ``solve`` + ``DirectAdjoint`` and
       ``torchmech.sdeint``) against ``torchsde.sdeint(method="euler")``.
+   c) SRA1 (``method="srk"``), additive noise: the same drift, a diffusion ``(B, d, d)`` that is a
+      learnable function of t alone; torchsde with the Brownian motion ``sdeint`` builds and with a
+      ``BrownianInterval(dt=dt)``.
    Each side draws its own Brownian motion (a ``BrownianInterval``, built inside the step).
 3. Neural CDE training step on noisy 2-d spirals (half clockwise), batch ``--cde-batch`` (256),
    ``--cde-obs`` (100) observations of (t, x, y), hidden ``--cde-hidden`` (32); func MLP
@@ -288,6 +291,27 @@ class PeerSDE(torch.nn.Module):
         return self.diffusion(y)
 
 
+class AdditiveSDE(torch.nn.Module):
+    """torchsde-style additive-noise SDE: drift ``net(y)``, diffusion ``(B, d, d)`` depending on t only."""
+
+    noise_type = "additive"
+    sde_type = "ito"
+
+    def __init__(self, drift, d):
+        super().__init__()
+        self.drift = drift
+        self.noise = torch.nn.Linear(1, d * d)
+        self.d = d
+
+    def f(self, t, y):
+        return self.drift(y)
+
+    def g(self, t, y):
+        t = torch.as_tensor(t, dtype=y.dtype, device=y.device).reshape(1, 1)
+        sigma = 0.3 * torch.tanh(self.noise(t)).reshape(1, self.d, self.d)
+        return sigma.expand(y.shape[0], self.d, self.d)
+
+
 def floor_fn(plan):
     """A case running only the vector-field calls of a method: ``plan`` = [(count, fn), ...]."""
     def run():
@@ -398,6 +422,39 @@ def sde_runs(args, device, dtype, goals):
                                               "torchmech.sdeint euler"], ["torchsde sdeint euler"])], goals)
     print("\nfloor = the networks alone, called as often as Euler-Maruyama with direct backpropagation needs"
           + floor_note(em, "vector fields alone: S forward+backward calls", ["torchsde sdeint euler"]) + ".")
+
+    # SRA1 (torchsde's "srk" for additive noise): drift MLP, a learnable diffusion of t alone, each
+    # side's Brownian motion with the space-time Levy area, built inside the step
+    additive = AdditiveSDE(drift, d).to(device=device, dtype=dtype)
+    params_add = params + list(additive.noise.parameters())
+
+    def clear_add():
+        for p in params_add:
+            p.grad = None
+
+    def srk_step(solve_fn):
+        def run():
+            clear_add()
+            loss = (solve_fn() - target).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+        return run
+
+    sra = Bench(device, memory=not args.no_memory)
+    sra.add("ours", "torchmech.sdeint srk",
+            srk_step(lambda: torchmech.sdeint(additive, y0, ts, method="srk", dt=dt)), reset=clear_add)
+    if torchsde is not None:
+        sra.add("peer", "torchsde sdeint srk",
+                srk_step(lambda: torchsde.sdeint(additive, y0, ts, method="srk", dt=dt)), reset=clear_add)
+        sra.add("peer", "torchsde sdeint srk, BrownianInterval(dt=dt)",
+                srk_step(lambda: torchsde.sdeint(additive, y0, ts, method="srk", dt=dt, bm=torchsde.BrownianInterval(
+                    0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt, levy_area_approximation="space-time"))),
+                reset=clear_add)
+    sra.run(args.repeat)
+    table(f"Neural SDE training step, SRA1 (srk), additive noise (diffusion a learnable function of t, d x d), "
+          f"direct backpropagation: B={B}, d={d}, {S} steps, {args.dtype}", sra,
+          [("SDE SRA1, direct", ["torchmech.sdeint srk"],
+            ["torchsde sdeint srk", "torchsde sdeint srk, BrownianInterval(dt=dt)"])], goals)
 
     # Adaptive steps. torchsde (and torchmech.sdeint since the step-doubling change) estimates a step's error
     # by one full step against two half steps, with one step size for the whole batch.

@@ -90,6 +90,66 @@ def test_ou_additive_noise_orders():
     assert e_sra < 0.2 * e_heun
 
 
+def test_sra1_evaluates_the_diffusion_once_per_step():
+    """Additive noise: g(t1, .) from the step is the next step's g(t0, .), not evaluated again."""
+    calls = {"f": 0, "g": 0}
+    bm = de.BrownianInterval(0.0, 1.0, (3, 2), dtype=DT, seed=0, levy_area="space-time")
+
+    def f(t, y, a):
+        calls["f"] += 1
+        return -y
+
+    def g(t, y, a):
+        calls["g"] += 1
+        return (1 + t[:, None]) * torch.ones_like(y)
+
+    terms = de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(g, bm))
+    sol = de.solve(terms, SRA1(), 0.0, 1.0, torch.ones(3, 2, dtype=DT), dt0=0.1)
+    assert calls == {"f": 1 + 2 * 10, "g": 1 + 10}
+    assert (sol.stats["num_fevals"] == 1 + 3 * 10).all()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_milstein_evaluates_the_diffusion_once_per_step(grad):
+    """g is evaluated once per step (with its derivative) and the drift once; without grad no graph is kept."""
+    calls = {"f": 0, "g": 0}
+    bm = de.BrownianInterval(0.0, 1.0, (3, 2), dtype=DT, seed=0)
+    a = torch.tensor(0.5, dtype=DT, requires_grad=True)
+
+    def f(t, y, args):
+        calls["f"] += 1
+        return -y
+
+    def g(t, y, args):
+        calls["g"] += 1
+        return a * torch.sin(y)
+
+    terms = de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(g, bm))
+    y0 = torch.ones(3, 2, dtype=DT)
+    with torch.set_grad_enabled(grad):
+        sol = de.solve(terms, Milstein(), 0.0, 1.0, y0, dt0=0.1)
+    assert calls == {"f": 1 + 10, "g": 1 + 10}
+    assert sol.ys.requires_grad == grad
+    # the same solve written out: y1 = y0 + f h + g dW + 1/2 g g' (dW^2 - h)
+    y = y0
+    for k in range(10):
+        t0, t1 = k / 10, (k + 1) / 10 if k < 9 else 1.0
+        dw = bm.evaluate(t0, t1)
+        gy = a.detach() * torch.sin(y)
+        y = y - y * (t1 - t0) + gy * dw + 0.5 * gy * a.detach() * torch.cos(y) * (dw * dw - (t1 - t0))
+    torch.testing.assert_close(sol.ys[:, -1].detach(), y, rtol=1e-9, atol=1e-9)  # grid times round differently
+    if grad:  # d y_T / d a through g and g g' against finite differences
+        (ga,) = torch.autograd.grad(sol.ys[:, -1].sum(), a)
+        eps = 1e-6
+        with torch.no_grad():
+            a += eps
+            up = de.solve(terms, Milstein(), 0.0, 1.0, y0, dt0=0.1).ys[:, -1].sum()
+            a -= 2 * eps
+            dn = de.solve(terms, Milstein(), 0.0, 1.0, y0, dt0=0.1).ys[:, -1].sum()
+            a += eps
+        torch.testing.assert_close(ga, (up - dn) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
 def test_ou_stationary_variance_weak():
     """Weak check on OU statistics: E y_T and Var y_T against the closed form."""
     th, sig, n = 1.0, 0.6, 20000

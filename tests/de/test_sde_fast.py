@@ -5,7 +5,7 @@ import torch
 
 import torchmech.de as de
 from torchmech.de import _fast_sde
-from torchmech.de.solvers.sde import EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
+from torchmech.de.solvers.sde import SRA1, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun
 from torchmech.de.terms import DiagonalControlTerm
 
 
@@ -20,10 +20,23 @@ class Net(torch.nn.Module):
         return 0.3 * torch.sigmoid(out) if self.out_act else out
 
 
-def _problem(dtype, n=5, d=3, seed=0, t1=1.0):
+class TimeNoise(torch.nn.Module):
+    """Additive noise: a learnable function of t alone."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, d)
+
+    def forward(self, t, y, args):
+        return 0.3 * torch.sigmoid(self.lin(t[:, None].to(y.dtype)))
+
+
+def _problem(dtype, n=5, d=3, seed=0, t1=1.0, additive=False):
     torch.manual_seed(seed)
-    f, g = Net(d).to(dtype), Net(d, out_act=True).to(dtype)
-    bm = de.BrownianInterval(0.0, t1, (n, d), dtype=dtype, seed=seed + 1)
+    f = Net(d).to(dtype)
+    g = (TimeNoise(d) if additive else Net(d, out_act=True)).to(dtype)
+    bm = de.BrownianInterval(0.0, t1, (n, d), dtype=dtype, seed=seed + 1,
+                             levy_area="space-time" if additive else None)
     terms = de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(g, bm))
     y0 = torch.randn(n, d, dtype=dtype)
     return terms, y0, list(f.parameters()) + list(g.parameters())
@@ -56,11 +69,12 @@ def fast_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("solver", [EulerMaruyama(), ReversibleHeun(), StochasticHeun(), EulerHeun(), Milstein()])
+@pytest.mark.parametrize("solver", [EulerMaruyama(), ReversibleHeun(), StochasticHeun(), EulerHeun(), Milstein(),
+                                    SRA1()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stepto", [False, True])
 def test_fast_loop_equals_generic_values_and_gradients(solver, dtype, stepto, generic, fast_calls):
-    terms, y0, params = _problem(dtype)
+    terms, y0, params = _problem(dtype, additive=isinstance(solver, SRA1))
     ts = torch.tensor([0.0, 0.13, 0.5, 0.5, 0.77, 1.0], dtype=dtype)
     kw = dict(saveat=de.SaveAt(t0=True, ts=ts, t1=True))
     if stepto:

@@ -75,6 +75,10 @@ class _StepDoubling(AbstractSDESolver):
     def __repr__(self) -> str:
         return f"StepDoubling({self.base!r})"
 
+    def init_vf(self, y0: Tensor, vf0: Any) -> Any:
+        init = getattr(self.base, "init_vf", None)
+        return vf0 if init is None else init(y0, vf0)
+
     def step(self, terms, t0, t1, y0, args, vf0, dense=True):
         tm = t0 + 0.5 * (t1 - t0)
         first = self.base.step(terms, t0, tm, y0, args, vf0, dense)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from torchmech.de._tree import all_finite
-from torchmech.de.brownian import AbstractBrownian
+from torchmech.de.brownian import AbstractBrownian, BrownianIncrement
 from torchmech.de.controllers import ConstantStep, StepTo
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
@@ -28,10 +28,10 @@ __all__ = ["unsupported", "run", "plan"]
 
 
 def _solvers():
-    from torchmech.de.solvers.sde import (EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun,
+    from torchmech.de.solvers.sde import (SRA1, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun,
                                           StochasticMidpoint)
 
-    return (EulerMaruyama, ReversibleHeun, StochasticHeun, StochasticMidpoint, EulerHeun, Milstein)
+    return (EulerMaruyama, ReversibleHeun, StochasticHeun, StochasticMidpoint, EulerHeun, Milstein, SRA1)
 
 
 def unsupported(integ) -> str | None:
@@ -52,11 +52,17 @@ def unsupported(integ) -> str | None:
 
 
 class _FixedControl(MultiTerm):
-    """The solve's terms with the control increments of the current step given in advance."""
+    """The solve's terms with the control increments of the current step given in advance.
+
+    ``brownian_increment``: the step's Brownian increment with its Levy area (a
+    :class:`~torchmech.de.brownian.BrownianIncrement`) when the solver asks for it, else None.
+    """
 
     def __init__(self, terms: MultiTerm, control: tuple):
         self.terms = terms.terms
-        self._control = control
+        dw = control[1]
+        self.brownian_increment = dw if isinstance(dw, BrownianIncrement) else None
+        self._control = (control[0], dw.W) if self.brownian_increment is not None else control
 
     def contr(self, t0, t1):
         return self._control
@@ -84,10 +90,12 @@ class Plan:
         return self.grid[k].expand(self.B), self.grid[k + 1].expand(self.B)
 
     def control(self, integ, k: int, tv: Tensor, tn: Tensor) -> tuple:
-        """Control increments of step ``k``: (dt (B,), Brownian increment)."""
+        """Control increments of step ``k``: (dt (B,), Brownian increment), the increment with its
+        Levy area for a solver that uses it (``solver.uses_levy_area``)."""
         drift, diff = integ.terms.terms
         if self.bm is not None:
-            dw = self.bm.evaluate(self.floats[k], self.floats[k + 1])
+            levy = getattr(integ.solver, "uses_levy_area", False) and self.bm.has_levy_area
+            dw = self.bm.evaluate(self.floats[k], self.floats[k + 1], levy_area=levy)
         else:
             dw = diff.contr(tv, tn)
         return (drift.contr(tv, tn), dw)

@@ -83,7 +83,8 @@ class Milstein(AbstractSDESolver):
     ``y1 = y0 + f h + g dW + 1/2 g (dg/dy) (dW^2 - h)`` (Ito) or ``... + 1/2 g (dg/dy) dW^2``
     (Stratonovich), elementwise, where ``g (dg/dy)`` is a vector-Jacobian product of ``g`` with
     itself (exact for diagonal noise, in which ``g_i`` depends on ``y_i`` only). Needs a
-    :class:`~torchmech.de.terms.DiagonalControlTerm` diffusion differentiable in ``y``.
+    :class:`~torchmech.de.terms.DiagonalControlTerm` diffusion differentiable in ``y``. One drift
+    and one diffusion evaluation (with its vector-Jacobian product) per step.
 
     Args:
         sde_type: "ito" (default) or "stratonovich".
@@ -100,27 +101,42 @@ class Milstein(AbstractSDESolver):
     def __repr__(self) -> str:
         return f"Milstein(sde_type={self.sde_type!r})"
 
+    @staticmethod
+    def init_vf(y0: Tensor, vf0: Any) -> _DriftOnly:
+        """The cached vector field keeps the drift only: each step evaluates ``g`` itself, with its
+        derivative (called by the solve loop)."""
+        return _DriftOnly((vf0[0],))
+
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "Milstein")
         if not isinstance(diff, DiagonalControlTerm):
             raise TypeError("Milstein: only diagonal noise is supported; use DiagonalControlTerm(g, bm) with g and "
                             f"bm of the state's shape (got {type(diff).__name__})")
         h, dW = terms.contr(t0, t1)
-        f0, g0 = vf0
+        f0 = vf0[0]
+        grad = torch.is_grad_enabled()
         with torch.enable_grad():
             yy = y0 if y0.requires_grad else y0.detach().requires_grad_(True)
             g = diff.vf(t0, yy, args)
             # g built without y (a constant, additive noise) has no graph at all: its derivative is zero
-            gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=torch.is_grad_enabled(),
+            gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=grad,
                                       allow_unused=True)[0] if g.requires_grad else None
+        if not grad:
+            g = g.detach()  # the graph was only for gdg
         if gdg is None:  # g independent of y
             gdg = torch.zeros_like(y0)
         corr = dW * dW
         if self.sde_type == "ito":
             corr = corr - h.reshape(h.shape + (1,) * (dW.dim() - 1))
-        y1 = y0 + drift.prod(f0, h) + diff.prod(g0, dW) + 0.5 * gdg * corr
-        vf1 = terms.vf(t1, y1, args)
+        y1 = y0 + drift.prod(f0, h) + diff.prod(g, dW) + 0.5 * gdg * corr
+        vf1 = _DriftOnly((drift.vf(t1, y1, args),))
         return StepResult(y1, None, vf1, (y1 - y0,), 2)
+
+
+class _DriftOnly(tuple):
+    """``(f(t, y),)``: Milstein's cached vector field (it evaluates the diffusion inside each step)."""
+
+    __slots__ = ()
 
 
 def _check_adaptive(adaptive: Any, name: str) -> float | None:
@@ -250,12 +266,14 @@ class SRA1(AbstractSDESolver):
     ``y1 = y0 + (f(t0, y0)/3 + 2 f(t0 + 3h/4, H2)/3) h + g(t1) (dW - I10/h) + g(t0) I10/h``.
 
     The diffusion must not depend on ``y`` (additive noise); it may depend on ``t``.
-    Ito and Stratonovich coincide for additive noise (``sde_type = "any"``).
+    Ito and Stratonovich coincide for additive noise (``sde_type = "any"``). Two drift and one
+    diffusion evaluation per step.
     """
 
     sde_type = "any"
     strong_order = 1.5
     weak_order = 2.0
+    uses_levy_area = True  # the fixed-step loop hands the step its increment with the Levy area
 
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "SRA1")
@@ -264,14 +282,16 @@ class SRA1(AbstractSDESolver):
             raise ValueError("SRA1: the Brownian motion must provide the space-time Levy area; build it with "
                              "levy_area='space-time'")
         h = t1 - t0
-        W, H = bm.evaluate(t0, t1, levy_area=True)
+        inc = getattr(terms, "brownian_increment", None)
+        W, H = inc if inc is not None else bm.evaluate(t0, t1, levy_area=True)
         i10 = 0.5 * W + H  # I10 / h
         f0, g0 = vf0
+        # additive noise: g(t1, .) is the same at y0 and y1, so it is also the next step's g0
         g1 = diff.vf(t1, y0, args)
         H2 = y0 + drift.prod(f0, 0.75 * h) + 1.5 * diff.prod(g1, i10)
         f2 = drift.vf(t0 + 0.75 * h, H2, args)
         y1 = (y0 + drift.prod(f0 / 3.0 + (2.0 / 3.0) * f2, h) + diff.prod(g1, W - i10) + diff.prod(g0, i10))
-        vf1 = terms.vf(t1, y1, args)
+        vf1 = (drift.vf(t1, y1, args), g1)
         return StepResult(y1, None, vf1, (y1 - y0,), 3)
 
 
