@@ -118,6 +118,29 @@ def test_backsolve_sde_args_gradient_and_stats():
     assert bool(((adj.backward_stats["num_steps"] - 400).abs() <= 1).all())
 
 
+def test_backsolve_sde_parameter_quadrature_evaluates_each_point_once():
+    """Fixed-step Heun backwards: 2 diffusion calls per step for the adjoint state, and the parameter
+    quadrature's trapezoid evaluates each backward grid point once (shared by the two steps meeting there)."""
+    bm = de.BrownianInterval(0.0, 1.0, (B, 2), dtype=DT, seed=1)
+    calls = []
+
+    class Counted(DiagDiff):
+        def forward(self, t, y, args):
+            calls.append(1)
+            return super().forward(t, y, args)
+
+    f, g = Drift(), Counted()
+    terms = de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(g, bm))
+    y0 = torch.ones(B, 2, dtype=DT)
+    ts = torch.tensor([0.5, 1.0], dtype=DT)  # two backward segments of 10 steps each
+    sol = de.solve(terms, de.StochasticHeun(), 0.0, 1.0, y0, dt0=0.05, saveat=de.SaveAt(ts=ts),
+                   adjoint=de.BacksolveAdjoint())
+    calls.clear()
+    torch.autograd.grad(sol.ys.sum(), [f.w, g.v])
+    # per segment: init 1 + 10 steps x 2 (solver) + 10 + 1 points (quadrature)
+    assert len(calls) == 2 * (1 + 20 + 11)
+
+
 def test_backsolve_sde_errors():
     bm = de.BrownianInterval(0.0, 1.0, (B, 3), dtype=DT, seed=0)
     f, g = Drift(), GeneralDiff()

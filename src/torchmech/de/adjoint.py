@@ -7,6 +7,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from torchmech.de._tree import bcast
 from torchmech.de.controllers import AbstractController, _next_mark
 from torchmech.de.terms import ControlTerm, MultiTerm, ODETerm
 
@@ -338,44 +339,15 @@ class BacksolveAdjoint(AbstractAdjoint):
             z0 = torch.cat([y.reshape(B, n), a.reshape(B, n)], dim=1)
             binteg = _Integrator(terms, solver, tj, tprev, z0, dt0, None, SaveAt(t1=True, dense=bool(params)),
                                  ctrl, None, max_steps, False)
-            quadrature = ((lambda records: self._sde_quadrature(sde, args, params, grads, records, n, shape))
-                          if params else None)
+            quadrature = _SDEQuadrature(sde, args, params, grads, n, shape) if params else None
             zT = self._segment(binteg, quadrature, stats, "backward SDE solve",
                                "raise max_steps or change the controller")
+            if quadrature is not None:
+                quadrature.finish(tprev, zT)
             y = zT[:, :n].reshape(y.shape)
             a = zT[:, n:].reshape(a.shape)
         self.backward_stats = stats
         return a + cot[:, 0], grads
-
-    @staticmethod
-    def _sde_quadrature(sde, args, params, grads, records, n, shape):
-        """grads += sum over recorded accepted backward steps of the trapezoidal
-        ``-(h/2) sum_ends a^T df/dtheta - 1/2 sum_ends a^T d(g dW)/dtheta`` (h, dW of the backward step)."""
-        drift, diff, ito = sde["drift"], sde["diff"], sde["ito"]
-        for rec in records:
-            valid = rec["valid"]
-            if not bool(valid.any()):
-                continue
-            B = valid.shape[0]
-            shp = (B,) + tuple(shape)
-            t0 = rec["tprev"]
-            t1 = torch.where(valid, rec["tnext"], t0)
-            h = t1 - t0
-            dW = diff.contr(t0, t1)
-            z0 = rec["y0"]
-            z1 = z0 + rec["qs"][0]
-            total = 0.0
-            with torch.enable_grad():
-                for t, z in ((t0, z0), (t1, z1)):
-                    y = z[:, :n].reshape(shp).detach().requires_grad_(ito)
-                    a = z[:, n:].reshape(shp).detach()
-                    inc = drift.prod(_strat_drift(drift, diff, ito, t, y, args), h)
-                    inc = inc + diff.prod(diff.vf(t, y, args), dW)
-                    total = total + (inc * a).sum()
-                gs = _grad(-0.5 * total, params)
-            for i, g in enumerate(gs):
-                if g is not None:
-                    grads[i] += g
 
     _CHUNK = 4  # backward steps between parameter quadratures
 
@@ -434,6 +406,58 @@ class BacksolveAdjoint(AbstractAdjoint):
             for i, g in enumerate(gs):
                 if g is not None:
                     grads[i] += g
+
+
+class _SDEQuadrature:
+    """The parameter gradient of one backward SDE segment, fed its accepted steps in order.
+
+    ``grads -= sum over points p of a_p^T (df/dtheta w_p + d(g dW_p)/dtheta)`` where, by the
+    trapezoidal rule (a consistent Stratonovich quadrature), a point's weights are the halves of
+    the steps meeting there: ``w_p = (h_in + h_out) / 2``, ``dW_p = (dW_in + dW_out) / 2``. So each
+    point is evaluated once, not once per step end. Call it with each chunk of records (each
+    record's start point is weighted with the step it starts and the sample's previous accepted
+    step), then ``finish`` with the segment's end point.
+    """
+
+    def __init__(self, sde: dict, args, params: list, grads: list, n: int, shape):
+        self.drift, self.diff, self.ito = sde["drift"], sde["diff"], sde["ito"]
+        self.args, self.params, self.grads, self.n, self.shape = args, params, grads, n, tuple(shape)
+        self.h_in = self.dw_in = None  # per sample: the last accepted step's h and dW (zero at the start)
+
+    def __call__(self, records: list) -> None:
+        for rec in records:
+            valid = rec["valid"]
+            if not bool(valid.any()):
+                continue
+            t0 = rec["tprev"]
+            t1 = torch.where(valid, rec["tnext"], t0)
+            h = t1 - t0
+            dW = self.diff.contr(t0, t1)
+            if self.h_in is None:
+                self.h_in, self.dw_in = torch.zeros_like(h), torch.zeros_like(dW)
+            vb = bcast(valid, dW)
+            zero = torch.zeros_like(dW)
+            self._point(t0, rec["y0"], torch.where(valid, 0.5 * (self.h_in + h), torch.zeros_like(h)),
+                        torch.where(vb, 0.5 * (self.dw_in + dW), zero))
+            self.h_in = torch.where(valid, h, self.h_in)
+            self.dw_in = torch.where(vb, dW, self.dw_in)
+
+    def finish(self, t: torch.Tensor, z: torch.Tensor) -> None:
+        """The segment's end point (t (B,), z (B, 2n...)): the second half of each sample's last step."""
+        if self.h_in is not None:
+            self._point(t, z, 0.5 * self.h_in, 0.5 * self.dw_in)
+
+    def _point(self, t, z, wh, wdw) -> None:
+        shp = (z.shape[0],) + self.shape
+        with torch.enable_grad():
+            y = z[:, :self.n].reshape(shp).detach().requires_grad_(self.ito)
+            a = z[:, self.n:2 * self.n].reshape(shp).detach()
+            inc = self.drift.prod(_strat_drift(self.drift, self.diff, self.ito, t, y, self.args), wh)
+            inc = inc + self.diff.prod(self.diff.vf(t, y, self.args), wdw)
+            gs = _grad(-(inc * a).sum(), self.params)
+        for i, g in enumerate(gs):
+            if g is not None:
+                self.grads[i] += g
 
 
 def _adaptive_sde_solvers() -> tuple:
