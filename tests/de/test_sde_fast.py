@@ -141,6 +141,33 @@ def test_reversible_adjoint_matches_direct(per_sample, fast_calls):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("stepto", [False, True])
+def test_backsolve_backward_solve_takes_the_fixed_grid_loop(stepto, generic, fast_calls):
+    """The stochastic adjoint's backward segments on the forward grid (ConstantStep, or StepTo: one grid
+    for all samples) run the lean loop, with records for the parameter quadrature: gradients as generic."""
+    terms, y0, params = _problem(torch.float64)
+    y0 = y0.requires_grad_(True)
+    kw = dict(saveat=de.SaveAt(ts=torch.tensor([0.3, 0.6, 1.0], dtype=torch.float64)),
+              adjoint=de.BacksolveAdjoint())
+    if stepto:
+        kw["controller"] = de.StepTo(torch.linspace(0, 1, 21, dtype=torch.float64) ** 1.5)
+    else:
+        kw["dt0"] = 0.05
+    grads = []
+    for use_generic in (False, True):
+        fast_calls.clear()
+        if use_generic:
+            with generic:
+                sol = de.solve(terms, StochasticHeun(), 0.0, 1.0, y0, **kw)
+                grads.append(torch.autograd.grad((sol.ys ** 2).sum(), [y0] + params))
+        else:
+            sol = de.solve(terms, StochasticHeun(), 0.0, 1.0, y0, **kw)
+            grads.append(torch.autograd.grad((sol.ys ** 2).sum(), [y0] + params))
+            assert len(fast_calls) > 3 and all(fast_calls)  # the forward solve and the backward segments
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_reversible_adjoint_vector_field_without_parameters():
     bm = de.BrownianInterval(0.0, 1.0, (3, 2), dtype=torch.float64, seed=0)
     terms = de.MultiTerm(de.ODETerm(lambda t, y, a: torch.ones_like(y)),

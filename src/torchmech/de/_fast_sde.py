@@ -40,11 +40,13 @@ def unsupported(integ) -> str | None:
         return f"solver {type(integ.solver).__name__}"
     terms = integ.terms
     if not (type(terms) is MultiTerm and len(terms.terms) == 2 and type(terms.terms[0]) is ODETerm
-            and type(terms.terms[1]) in (ControlTerm, DiagonalControlTerm)):
+            and (type(terms.terms[1]) in (ControlTerm, DiagonalControlTerm)
+                 or getattr(terms.terms[1], "plain_control", False))):
         return "terms other than MultiTerm(ODETerm, ControlTerm/DiagonalControlTerm)"
     if type(integ.controller) not in (ConstantStep, StepTo):
         return f"controller {type(integ.controller).__name__}"
-    if integ.event is not None or integ.saveat.dense or integ.saveat.steps or integ.progress:
+    dense = integ.saveat.dense and not getattr(integ, "records_only", False)
+    if integ.event is not None or dense or integ.saveat.steps or integ.progress:
         return "events, dense/steps saving or a progress bar"
     if integ.y0.dtype not in (torch.float32, torch.float64):
         return f"dtype {integ.y0.dtype}"
@@ -189,8 +191,10 @@ def _interp(y0: Tensor, q: Tensor, theta: float) -> Tensor:
 def run(integ, state: dict, n: int | None):
     """``_Integrator.run_steps`` on the shared grid: up to ``n`` steps (all if None).
 
-    Returns (state, [], all_done), or None to have the generic loop run instead (no shared grid,
-    or a non-finite value appeared).
+    Returns (state, records, all_done), or None to have the generic loop run instead (no shared
+    grid, or a non-finite value appeared). ``records`` holds the generic loop's per-step records
+    (start and end times, start state, interpolant) when ``integ`` records dense output (the
+    backward solve of BacksolveAdjoint, ``records_only``), else it is empty.
     """
     P = plan(integ)
     if P is None:
@@ -206,6 +210,8 @@ def run(integ, state: dict, n: int | None):
     solver, args = integ.solver, integ.args
     y, vf = state["y"], state["vf"]
     saved: dict = {}
+    records: list = []
+    valid = torch.ones(P.B, dtype=torch.bool, device=y.device) if integ.record_dense else None
     nfev = 0
     for k in range(k0, k1):
         tv, tn = P.times(k)
@@ -213,6 +219,8 @@ def run(integ, state: dict, n: int | None):
         nfev = res.nfev
         for col, theta in P.saves[k]:
             saved[col] = _interp(y, res.interp[0], theta)
+        if valid is not None:
+            records.append({"tprev": tv, "tnext": tn, "h": tn - tv, "valid": valid, "y0": y, "qs": res.interp})
         y, vf = res.y1, res.vf1
     if not bool(all_finite((y, vf)).all()):
         return None
@@ -229,4 +237,4 @@ def run(integ, state: dict, n: int | None):
         cols = sorted(saved)
         idx = torch.tensor(cols, device=y.device)
         new["ys_ts"] = state["ys_ts"].index_copy(1, idx, torch.stack([saved[c] for c in cols], dim=1))
-    return new, [], k1 == K
+    return new, records, k1 == K

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torchmech.de._tree import bcast
 from torchmech.de.controllers import AbstractController, _next_mark
-from torchmech.de.terms import ControlTerm, MultiTerm, ODETerm
+from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
 
@@ -338,7 +338,12 @@ class BacksolveAdjoint(AbstractAdjoint):
                 continue
             z0 = torch.cat([y.reshape(B, n), a.reshape(B, n)], dim=1)
             binteg = _Integrator(terms, solver, tj, tprev, z0, dt0, None, SaveAt(t1=True, dense=bool(params)),
-                                 ctrl, None, max_steps, False)
+                                 _segment_grid(ctrl, tj, tprev, z0.dtype), None, max_steps, False)
+            if params:  # the records feed the quadrature; no dense Solution: the fixed-grid loop can run it
+                from torchmech.de import _fast_sde
+
+                binteg.records_only = True
+                binteg.fast_sde = not binteg.fast and _fast_sde.unsupported(binteg) is None
             quadrature = _SDEQuadrature(sde, args, params, grads, n, shape) if params else None
             zT = self._segment(binteg, quadrature, stats, "backward SDE solve",
                                "raise max_steps or change the controller")
@@ -470,7 +475,6 @@ def _adaptive_sde_solvers() -> tuple:
 def _sde_parts(integ) -> dict:
     """(drift, diffusion, ito) of an SDE solve that BacksolveAdjoint supports, or a ValueError saying why not."""
     from torchmech.de.solvers.sde import AbstractSDESolver
-    from torchmech.de.terms import DiagonalControlTerm
 
     terms = integ.terms
     if not (isinstance(terms, MultiTerm) and len(terms.terms) == 2 and isinstance(terms.terms[0], ODETerm)
@@ -522,6 +526,11 @@ class _AdjointDiffusion(ControlTerm):
 
     def contr(self, t0, t1):
         return self.diff.contr(t0, t1)
+
+    @property
+    def plain_control(self) -> bool:
+        """Whether ``contr`` is the increment of ``control`` (the fixed-grid SDE loop then queries it directly)."""
+        return type(self.diff) in (ControlTerm, DiagonalControlTerm)
 
     def prod(self, vf, control):
         t, z = vf
@@ -579,6 +588,22 @@ class _MarksTo(AbstractController):
     def adapt(self, t, t_next, dt, y0, y1, err, state, error_order):
         ones = torch.ones(t.shape, dtype=torch.bool, device=t.device)
         return ones, t_next - t, torch.zeros_like(ones), state
+
+
+def _segment_grid(ctrl: AbstractController, t0: torch.Tensor, t1: torch.Tensor, dtype) -> AbstractController:
+    """``ctrl`` for one backward segment from ``t0`` to ``t1``; a ``_MarksTo`` over one grid shared by
+    all samples becomes the ``StepTo`` over the same steps (which the fixed-grid SDE loop runs)."""
+    from torchmech.de.controllers import StepTo
+
+    if not isinstance(ctrl, _MarksTo) or ctrl.marks.dim() != 1:
+        return ctrl
+    a, b = t0.reshape(-1)[0], t1.reshape(-1)[0]
+    if not (bool((t0 == a).all()) and bool((t1 == b).all())):
+        return ctrl
+    m = ctrl.marks.to(dtype=dtype, device=t0.device)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    inner = m[(m > lo) & (m < hi)].sort(descending=bool(b < a)).values
+    return StepTo(torch.cat([a.reshape(1).to(dtype), inner, b.reshape(1).to(dtype)]))
 
 
 def _backward_segments(cot: torch.Tensor) -> list[tuple[int, int]]:
