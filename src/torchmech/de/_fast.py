@@ -14,7 +14,8 @@ the same arithmetic with far fewer operations:
 
 ``step`` is a pure function of tensors (no data-dependent Python branching), so
 ``solve(compile=True)`` hands it to ``torch.compile`` unchanged, as ``steps``: a block of
-``_BLOCK`` steps per compiled call, so the call's own cost and the read-back are paid once per block.
+``_BLOCK`` steps per compiled call, so the call's own cost and the read-back are paid once per block
+(one step per call while autograd records, where a block's surplus steps would cost backward work).
 """
 
 from __future__ import annotations
@@ -478,7 +479,10 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
         buf = buf.contiguous()  # the blocks scatter into a flat view of it
     k = 0
     all_done = False
-    block_steps = _BLOCK if n is None else 1  # a bounded run (checkpoint segments) stops exactly at n
+    # a bounded run (checkpoint segments) stops exactly at n; with autograd recording, one step per call:
+    # a block's masked no-op steps after the last sample finishes would cost forward and backward work
+    # (a 2-step training solve did 4 steps), more than the per-call cost a block saves
+    block_steps = 1 if (n is not None or torch.is_grad_enabled()) else _BLOCK
     while n is None or k < n:
         if compiled:
             tensors, recs, block, nxt, flags = fn(P, integ, W, block_steps, nxt, *tensors)
