@@ -1,5 +1,7 @@
 """torchsde-compatible sdeint / sdeint_adjoint."""
 
+import math
+
 import pytest
 import torch
 
@@ -150,3 +152,76 @@ def test_adaptive_sdeint_steps_by_step_doubling(method, sde_type, max_calls):
         errs.append(float((ys - fine).detach().abs().max()))  # (Milstein builds a graph for its g dg/dy)
     assert errs[1] < 0.5 * errs[0]  # (the fixed-step reference has its own error, ~3e-2 for Euler-Maruyama)
     assert calls[0] < max_calls
+
+
+def test_torchsde_brownian_signatures_and_queries():
+    """torchsde's constructor keywords and call: bm(ta, tb), bm(t), return_U / return_A."""
+    DT = torch.float64
+    bm = torchsde.BrownianInterval(t0=0.0, t1=2.0, size=(3, 2), dtype=DT, entropy=7,
+                                   levy_area_approximation="space-time", dt=0.01, tol=1e-5, pool_size=16,
+                                   halfway_tree=True)
+    ref = de.BrownianInterval(0.0, 2.0, (3, 2), dtype=DT, seed=7, levy_area="space-time")
+    assert isinstance(bm, de.BrownianInterval) and bm.shape == (3, 2) and bm.levy_area == "space-time"
+    torch.testing.assert_close(bm(0.5, 1.25), ref.evaluate(0.5, 1.25), rtol=0, atol=0)  # same seed, same path
+    torch.testing.assert_close(bm(1.25), bm(0.0, 1.25), rtol=0, atol=0)  # a point: W(t) - W(t0)
+    # U = int_s^u (W_r - W_s) dr; for s < v < u: U_su = U_sv + U_vu + (u - v) W_sv (exact on this path)
+    W_su, U_su = bm(0.25, 1.5, return_U=True)
+    W_sv, U_sv = bm(0.25, 0.75, return_U=True)
+    W_vu, U_vu = bm(0.75, 1.5, return_U=True)
+    torch.testing.assert_close(W_su, W_sv + W_vu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(U_su, U_sv + U_vu + 0.75 * W_sv, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="return_A needs levy_area_approximation 'davie' or 'foster'"):
+        bm(0.0, 1.0, return_A=True)
+    davie = torchsde.BrownianInterval(0.0, 1.0, (3, 2), dtype=DT, levy_area_approximation="davie")
+    W, U, A = davie(0.0, 0.5, return_U=True, return_A=True)
+    assert U.shape == (3, 2) and A.shape == (3, 2, 2)
+    torch.testing.assert_close(A, -A.transpose(-1, -2))
+    # torchmech's own keywords still work; mixing both spellings is an error
+    assert torchsde.BrownianInterval(0.0, 1.0, shape=(2, 1), seed=3).seed == 3
+    with pytest.raises(ValueError, match="size or shape, not both"):
+        torchsde.BrownianInterval(0.0, 1.0, size=(2, 1), shape=(2, 1))
+    with pytest.raises(ValueError, match="size .* is required"):
+        torchsde.BrownianInterval(0.0, 1.0)
+    with pytest.raises(ValueError, match="levy_area_approximation must be one of"):
+        torchsde.BrownianInterval(0.0, 1.0, (2, 1), levy_area_approximation="spacetime")
+    with pytest.raises(ValueError, match="W/H"):
+        torchsde.BrownianInterval(0.0, 1.0, (2, 1), W=torch.zeros(2, 1))
+
+
+def test_torchsde_brownian_tree_and_path_start_at_w0_and_drive_sdeint():
+    DT = torch.float64
+    w0 = torch.full((4, 1), 3.0, dtype=DT)
+    tree = torchsde.BrownianTree(t0=0.0, w0=w0, t1=1.0, tol=1e-7, entropy=1)
+    assert isinstance(tree, de.VirtualBrownianTree) and tree.tol == 1e-7
+    torch.testing.assert_close(tree(0.6), w0 + tree(0.0, 0.6), rtol=0, atol=1e-12)
+    path = torchsde.BrownianPath(t0=0.0, w0=w0)
+    assert path.t1 == 1.0  # as torchsde's: [t0, t0 + 1]
+    torch.testing.assert_close(path(0.4), w0 + path(0.0, 0.4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="w1"):
+        torchsde.BrownianTree(0.0, w0, 1.0, w1=w0)
+    with pytest.raises(TypeError, match="w0 must be a tensor"):
+        torchsde.BrownianPath(0.0, (4, 1))
+
+    class OU(torchsde.SDEIto):
+        def __init__(self):
+            super().__init__(noise_type="diagonal")
+
+        def f(self, t, y):
+            return -y
+
+        def g(self, t, y):
+            return 0.5 * torch.ones_like(y)
+
+    y0 = torch.ones(4, 1, dtype=DT)
+    ts = torch.linspace(0, 1, 3, dtype=DT)
+    for bm in (tree, path):
+        # y_1 = e^{-1} y0 + 0.5 int_0^1 e^{-(1-s)} dW_s, the integral summed over 4000 pieces of the same path
+        ys = torchsde.sdeint(OU(), y0, ts, bm=bm, dt=1e-3)
+        assert ys.shape == (3, 4, 1)
+        grid = torch.linspace(0, 1, 4001, dtype=DT).tolist()
+        integral = sum(math.exp(-(1 - 0.5 * (a + b))) * bm(a, b) for a, b in zip(grid[:-1], grid[1:]))
+        exact = math.exp(-1.0) * y0 + 0.5 * integral
+        torch.testing.assert_close(ys[-1], exact, rtol=0, atol=5e-3)
+    assert OU().sde_type == "ito" and torchsde.SDEStratonovich("general").sde_type == "stratonovich"
+    with pytest.raises(ValueError, match="noise_type must be one of"):
+        torchsde.SDEIto("diag")

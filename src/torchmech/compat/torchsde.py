@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
-from torchmech.de.brownian import AbstractBrownian, BrownianInterval, VirtualBrownianTree
+from torchmech.de import brownian as _bm
+from torchmech.de.brownian import AbstractBrownian
 from torchmech.de.controllers import PIDController, StepTo, batch_rms_norm
 from torchmech.de.integrate import SaveAt, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
@@ -25,11 +26,157 @@ from torchmech.de.solvers.sde import (
 )
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
-__all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "VirtualBrownianTree"]
+__all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "BrownianTree", "BrownianPath", "VirtualBrownianTree",
+           "BaseSDE", "SDEIto", "SDEStratonovich"]
 
 _NOISE = ("diagonal", "scalar", "additive", "general")
 _METHODS = tuple(SDE_METHODS)
 _ADAPTIVE = ("heun", "midpoint", "euler_heun")  # methods with an embedded error estimate (adaptive=True)
+
+
+class BaseSDE(torch.nn.Module):
+    """torchsde's base class of SDE modules: checks and sets ``noise_type`` and ``sde_type``."""
+
+    def __init__(self, noise_type: str, sde_type: str):
+        super().__init__()
+        if noise_type not in _NOISE:
+            raise ValueError(f"BaseSDE: noise_type must be one of {_NOISE}, got {noise_type!r}")
+        if sde_type not in ("ito", "stratonovich"):
+            raise ValueError(f"BaseSDE: sde_type must be 'ito' or 'stratonovich', got {sde_type!r}")
+        self.noise_type, self.sde_type = noise_type, sde_type
+
+
+class SDEIto(BaseSDE):
+    """torchsde's base class of Ito SDE modules."""
+
+    def __init__(self, noise_type: str):
+        super().__init__(noise_type, "ito")
+
+
+class SDEStratonovich(BaseSDE):
+    """torchsde's base class of Stratonovich SDE modules."""
+
+    def __init__(self, noise_type: str):
+        super().__init__(noise_type, "stratonovich")
+
+
+_LEVY_NAMES = {"none": None, "space-time": "space-time", "davie": "davie", "foster": "foster"}
+
+
+def _levy_name(levy_area_approximation: Any, levy_area: Any, owner: str) -> str | None:
+    """torchmech's ``levy_area`` from torchsde's ``levy_area_approximation`` (or torchmech's own keyword)."""
+    if levy_area is not None:
+        if levy_area_approximation not in (None, "none"):
+            raise ValueError(f"{owner}: pass levy_area_approximation (torchsde) or levy_area (torchmech), not both")
+        return levy_area
+    if levy_area_approximation is None:
+        return None
+    if levy_area_approximation not in _LEVY_NAMES:
+        raise ValueError(f"{owner}: levy_area_approximation must be one of {sorted(_LEVY_NAMES)}, "
+                         f"got {levy_area_approximation!r}")
+    return _LEVY_NAMES[levy_area_approximation]
+
+
+def _alias(a: Any, b: Any, names: str, owner: str) -> Any:
+    """The one of two synonymous keyword arguments that was given (torchsde's name first in ``names``)."""
+    if a is not None and b is not None:
+        raise ValueError(f"{owner}: pass {names.replace('/', ' or ')}, not both")
+    return a if a is not None else b
+
+
+class _TorchsdeQueries:
+    """torchsde's query ``bm(ta, tb=None, return_U=False, return_A=False)`` on a torchmech Brownian motion.
+
+    ``bm(ta, tb)`` is the increment ``W(tb) - W(ta)``; ``bm(t)`` the value ``w0 + W(t) - W(t0)``.
+    ``return_U``: also the time integral ``U = int_ta^tb (W_s - W_ta) ds = h (W / 2 + H)`` (needs
+    ``levy_area_approximation`` "space-time", "davie" or "foster"); ``return_A``: also the space-space
+    Levy area (needs "davie" or "foster"). Order of the results: ``W, U, A``.
+    """
+
+    _w0: Tensor | None = None
+
+    def __call__(self, ta: Any, tb: Any = None, return_U: bool = False, return_A: bool = False):
+        point = tb is None
+        if point:
+            ta, tb = self.t0, ta
+        if not (return_U or return_A):
+            W = self.evaluate(ta, tb)
+            return W + self._w0 if point and self._w0 is not None else W
+        if return_A and not self.has_space_space_levy_area:
+            raise ValueError(f"{type(self).__name__}: return_A needs levy_area_approximation 'davie' or 'foster', "
+                             f"got {self.levy_area!r}")
+        inc = self.evaluate(ta, tb, levy_area=True)
+        out = [inc.W]
+        if return_U:
+            h = torch.as_tensor(tb, dtype=inc.W.dtype) - torch.as_tensor(ta, dtype=inc.W.dtype)
+            out.append(_bcast_time(h.to(inc.W.device), inc.W) * (0.5 * inc.W + inc.H))
+        if return_A:
+            out.append(inc.A)
+        return tuple(out)
+
+
+def _bcast_time(h: Tensor, like: Tensor) -> Tensor:
+    """A 0-d or per-sample (B,) time difference shaped to multiply ``like`` (B, ...)."""
+    return h.reshape(h.shape + (1,) * (like.dim() - h.dim())) if h.dim() else h
+
+
+class BrownianInterval(_TorchsdeQueries, _bm.BrownianInterval):
+    """torchsde's ``BrownianInterval`` signature over torchmech's exact, lazily sampled Brownian motion.
+
+    ``size``, ``entropy`` and ``levy_area_approximation`` are torchsde's names for ``shape``, ``seed`` and
+    ``levy_area`` (either spelling works). ``dt``, ``tol``, ``pool_size`` and ``halfway_tree`` tune
+    torchsde's own cache and tree and leave the law of the path unchanged; torchmech's interval needs no
+    such hints, so they are accepted and have no effect. ``W``/``H`` (the path's total increment given
+    in advance) are not supported. Queries: see :class:`_TorchsdeQueries`; ``evaluate`` is torchmech's.
+    """
+
+    def __init__(self, t0: float = 0.0, t1: float = 1.0, size: Any = None, dtype: torch.dtype | None = None,
+                 device: Any = None, entropy: int | None = None, dt: float | None = None, tol: float = 0.0,
+                 pool_size: int = 8, cache_size: int | None = 45, halfway_tree: bool = False,
+                 levy_area_approximation: str | None = "none", W: Tensor | None = None, H: Tensor | None = None,
+                 *, shape: Any = None, seed: int | None = None, levy_area: str | None = None):
+        if W is not None or H is not None:
+            raise ValueError("BrownianInterval: W/H (conditioning on the total increment) are not supported")
+        shape = _alias(size, shape, "size/shape", "BrownianInterval")
+        if shape is None:
+            raise ValueError("BrownianInterval: size (the shape of W, e.g. (batch, brownian channels)) is required")
+        super().__init__(t0, t1, shape, dtype=dtype, device=device,
+                         seed=_alias(entropy, seed, "entropy/seed", "BrownianInterval"),
+                         levy_area=_levy_name(levy_area_approximation, levy_area, "BrownianInterval"),
+                         cache_size=cache_size)
+
+
+class BrownianPath(_TorchsdeQueries, _bm.BrownianInterval):
+    """torchsde's ``BrownianPath(t0, w0)``: an exact path from ``w0`` at ``t0``, kept in full, on
+    ``[t0, t0 + 1]`` as torchsde's (``window_size`` is unused there too)."""
+
+    def __init__(self, t0: float, w0: Tensor, window_size: int = 8):
+        if not isinstance(w0, Tensor):
+            raise TypeError(f"BrownianPath: w0 must be a tensor (the initial value), got {type(w0).__name__}")
+        super().__init__(t0, float(t0) + 1.0, w0.shape, dtype=w0.dtype, device=w0.device, cache_size=None)
+        self._w0 = w0
+
+
+class BrownianTree(_TorchsdeQueries, _bm.VirtualBrownianTree):
+    """torchsde's ``BrownianTree(t0, w0, t1=None, w1=None, entropy=None, tol=1e-6)`` as torchmech's
+    :class:`~torchmech.de.brownian.VirtualBrownianTree` (constant memory, resolution ``tol``) on
+    ``[t0, t1]`` (``t1`` defaults to ``t0 + 1``, as torchsde's), starting from ``w0``. ``pool_size``,
+    ``cache_depth`` and ``safety`` tune torchsde's implementation and have no effect here; ``w1`` (a
+    given end value) is not supported."""
+
+    def __init__(self, t0: float, w0: Tensor, t1: float | None = None, w1: Tensor | None = None,
+                 entropy: int | None = None, tol: float = 1e-6, pool_size: int = 24, cache_depth: int = 9,
+                 safety: float | None = None):
+        if not isinstance(w0, Tensor):
+            raise TypeError(f"BrownianTree: w0 must be a tensor (the initial value), got {type(w0).__name__}")
+        if w1 is not None:
+            raise ValueError("BrownianTree: w1 (conditioning on the end value) is not supported")
+        t1 = float(t0) + 1.0 if t1 is None else t1
+        super().__init__(t0, t1, w0.shape, tol=tol, dtype=w0.dtype, device=w0.device, seed=entropy)
+        self._w0 = w0
+
+
+VirtualBrownianTree = _bm.VirtualBrownianTree
 
 
 def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = False):
@@ -186,8 +333,8 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
         if noise_type == "scalar" and m != 1:
             raise ValueError(f"sdeint: scalar noise needs g(t, y) of shape ({B}, {d}, 1), got {tuple(g0.shape)}")
     if bm is None:
-        bm = BrownianInterval(float(ts[0]), float(ts[-1]), (B, m), dtype=y0.dtype, device=y0.device,
-                              levy_area="space-time" if method == "srk" else None)
+        bm = _bm.BrownianInterval(float(ts[0]), float(ts[-1]), (B, m), dtype=y0.dtype, device=y0.device,
+                                  levy_area="space-time" if method == "srk" else None)
     if not isinstance(bm, AbstractBrownian):
         raise TypeError(f"sdeint: bm must be a torchmech BrownianInterval/VirtualBrownianTree, got {type(bm).__name__}")
     if bm.shape != (B, m):
@@ -269,8 +416,9 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
             for ``logqp``. ``t`` is a 0-d tensor.
         y0: (B, d) initial state.
         ts: (T,) increasing output times; the solve starts at ``ts[0]``.
-        bm: a :class:`~torchmech.de.brownian.BrownianInterval` or ``VirtualBrownianTree`` of shape
-            (B, m) on ``[ts[0], ts[-1]]`` (default: a new ``BrownianInterval``).
+        bm: a torchmech Brownian motion (this module's torchsde-style ``BrownianInterval``,
+            ``BrownianTree``, ``BrownianPath``, or :mod:`torchmech.de.brownian`'s) of shape (B, m)
+            covering ``[ts[0], ts[-1]]`` (default: a new ``BrownianInterval``).
         method: "euler" (Ito), "milstein" (diagonal), "srk" (additive; SRA1), "euler_heun", "heun",
             "midpoint", "reversible_heun" (Stratonovich). Default: "srk" for additive noise, else "euler"
             (Ito) / "heun" (Stratonovich).
