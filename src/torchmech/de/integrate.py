@@ -656,10 +656,11 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
             dispatch dominates: about 4x faster per step on the Van der Pol benchmark) and for
             repeated training steps of a small MLP vector field (Inductor fuses its elementwise
             work and the solver's: ~1.4x the eager training step of the ODE benchmark); not for
-            one-off solves, nor when the vector field's own cost dominates (a large MLP). A dict instead of ``True`` compiles with those Inductor
-            options (``torch.compile(..., options=compile)``): ``{"cpp_wrapper": True}`` on CPU
-            runs the compiled graph from generated C++ instead of Python, another ~15% per step on
-            Van der Pol for about twice the first call's compile time. See benchmarks/RESULTS.md.
+            one-off solves, nor when the vector field's own cost dominates (a large MLP). A dict
+            instead of ``True`` compiles with those Inductor options (``torch.compile(...,
+            options=compile)``): ``{"cpp_wrapper": True}`` on CPU runs the compiled graph from
+            generated C++ instead of Python, another ~15% per step on Van der Pol for about twice
+            the first call's compile time. See benchmarks/RESULTS.md.
 
     Returns:
         :class:`Solution` with ``ts`` (B, T), ``ys`` (B, T, ...), ``stats``, ``status``.
