@@ -60,6 +60,34 @@ def test_fast_equals_generic(monkeypatch, solver_cls, kw):
     assert bool((fast.status == de.Status.SUCCESS).all())
 
 
+@pytest.mark.parametrize("solver_cls,kw", CASES[:2] + CASES[5:6], ids=["Tsit5", "Dopri5", "RK4"])
+def test_fast_dense_output_equals_generic(monkeypatch, solver_cls, kw):
+    """SaveAt(dense=True) (with ts) runs the lean loop: the same values, statistics, and dense output
+    (evaluate and derivative) as the generic loop, forwards, backwards and over a zero-length interval."""
+    torch.manual_seed(1)
+    y0 = torch.randn(5, 2, dtype=torch.float64)
+    t0 = torch.tensor([0.0, 0.5, 0.0, 1.0, 2.0], dtype=torch.float64)
+    t1 = torch.tensor([2.0, 2.5, -1.5, 1.0, 0.2], dtype=torch.float64)
+    ts = t0[:, None] + (t1 - t0)[:, None] * torch.linspace(0, 1, 9, dtype=torch.float64)
+    ts[:, -1] = t1
+    saveat = de.SaveAt(ts=ts, t1=True, dense=True)
+    runs = []
+    real = _fast.run
+    monkeypatch.setattr(_fast, "run", lambda *a, **k: runs.append(1) or real(*a, **k))
+    fast = de.solve(forced, solver_cls(), t0, t1, y0, saveat=saveat, **kw)
+    assert runs
+    slow = generic(monkeypatch, forced, solver_cls(), t0, t1, y0, saveat=saveat, **kw)
+    assert_same(fast, slow)
+    tq = t0[:, None] + (t1 - t0)[:, None] * torch.rand(5, 40, dtype=torch.float64)
+    tq[:, 0], tq[:, 1] = t0, t1  # the ends of the interval
+    torch.testing.assert_close(fast.evaluate(tq), slow.evaluate(tq), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.derivative(tq), slow.derivative(tq), rtol=1e-12, atol=1e-12)
+    # the dense output at the save times is what was saved there
+    torch.testing.assert_close(fast.evaluate(ts), fast.ys[:, :-1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="compile=True does not support SaveAt"):
+        de.solve(forced, solver_cls(), t0, t1, y0, saveat=saveat, compile=True, **kw)
+
+
 def test_fast_statuses_equal_generic(monkeypatch):
     def blowup(t, y, args):  # y' = y^2 blows up at t = 1/y0; sample 1 is finite on [0, 1]
         return y * y

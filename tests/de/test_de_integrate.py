@@ -315,6 +315,30 @@ def test_dense_per_sample_query_times():
         sol.evaluate(torch.tensor([[0.5], [3.5]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backwards", [False, True])
+def test_dense_output_across_jump_gaps_and_rejected_steps(backwards):
+    """dy/dt = -y before t = 0.5, +y after: steps end one ulp before the jump and restart one ulp after it,
+    and the dense output covers that gap; rejected steps (a tight tolerance from a large dt0) do not count."""
+    def f(t, y, args):
+        return torch.where((t < 0.5)[:, None], -y, y)
+
+    t0, t1 = (1.0, 0.0) if backwards else (0.0, 1.0)
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    sol = de.solve(de.ODETerm(f), de.Tsit5(), t0, t1, y0, dt0=0.9 if not backwards else -0.9,
+                   saveat=de.SaveAt(dense=True), controller=de.PIDController(1e-10, 1e-10, jump_ts=torch.tensor([0.5])))
+    assert bool((sol.stats["num_rejected"] > 0).all())
+    half = torch.tensor(0.5, dtype=torch.float64)
+    tq = torch.stack([half, torch.nextafter(half, half + 1), torch.nextafter(half, half - 1),
+                      torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.75, dtype=torch.float64),
+                      torch.tensor(t0, dtype=torch.float64), torch.tensor(t1, dtype=torch.float64)])
+
+    def exact(t):  # y(t) / y(t0)
+        g = lambda s: torch.where(s < 0.5, -s, s - 1.0)  # a potential: y = y(t0) exp(g(t) - g(t0))
+        return torch.exp(g(t) - g(torch.tensor(t0, dtype=torch.float64)))
+
+    torch.testing.assert_close(sol.evaluate(tq)[..., 0], y0 * exact(tq)[None], rtol=1e-8, atol=0)
+
+
 def test_control_term_shape_error():
     class Bad:
         def evaluate(self, t0, t1):

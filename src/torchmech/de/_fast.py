@@ -63,8 +63,8 @@ def unsupported(integ) -> str | None:
         return f"controller {type(ctrl).__name__} (only PIDController, ConstantStep and StepTo)"
     if integ.event is not None:
         return "events"
-    if integ.saveat.steps or (integ.saveat.dense and not getattr(integ, "records_only", False)):
-        return "SaveAt(dense=True) / SaveAt(steps=True)"
+    if integ.saveat.steps:
+        return "SaveAt(steps=True)"
     if integ.progress:
         return "progress=True"
     return None
@@ -102,8 +102,9 @@ class Plan:
         self.custom_err = tab.b_error is not None and type(solver).error_estimate is not ExplicitRK.error_estimate
         self.err = _nonzero(tab.b_error) if tab.b_error is not None else ()
         self.save = integ.ts is not None
-        # records-only dense output (BacksolveAdjoint's backward solve): each step returns the
-        # generic loop's record dict (tprev, tnext, h, valid, y0, qs) for the caller's quadrature
+        # dense output (SaveAt(dense=True), and BacksolveAdjoint's backward solve): each step returns the
+        # generic loop's record dict (tprev, tnext, h, valid, y0, qs) for the Solution's interpolant or
+        # the caller's quadrature
         self.records = bool(integ.record_dense)
         self.dense_stages = tuple((float(c), _nonzero(row)) for c, row in (tab.dense_stages or ())) \
             if (self.save or self.records) and tab.dense is not None else ()
@@ -380,21 +381,32 @@ def _run_grid(P: Plan, integ, state: dict, n) -> tuple[dict, list, bool] | None:
 
 
 def _run_records(P: Plan, integ, state: dict, n, tensors: tuple, cst: dict) -> tuple[dict, list, bool]:
-    """``run`` for records-only dense output: up to ``n`` eager steps, each step's record returned."""
+    """``run`` for dense output: up to ``n`` eager steps, each step's record (the generic loop's dense
+    record) returned; values at ``SaveAt.ts`` are written from each step's interpolant as it is taken."""
     out: list = []
     k = 0
     all_done = False
+    buf = state.get("ys_ts")
     while n is None or k < n:
         tensors, rec = step(P, integ, False, *tensors)
         out.append(rec)
         k += 1
-        if bool(tensors[4].all()):
+        done = tensors[4].all()
+        if buf is not None:
+            before, count = integ.save_counts(rec["tprev"], rec["tnext"], rec["valid"])
+            done, K = torch.stack([done.to(count.dtype), count.max()]).tolist()
+            if K > 0:
+                buf = integ.write_saves(buf, K, before, count, rec["tprev"], rec["tnext"] - rec["tprev"], rec["y0"],
+                                        rec["qs"])
+        if done:
             all_done = True
             break
     new = dict(state)
     new.update(zip(_KEYS, tensors[:11]))
     if "e1" in cst:
         new["ctrl"] = dict(cst, e1=tensors[11], e2=tensors[12])
+    if buf is not None:
+        new["ys_ts"] = buf
     return new, out, all_done
 
 
@@ -458,7 +470,7 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
     max_rec = max(1, min(_MAX_RECORDS, _RECORD_BUDGET // max(per_step, 1)))
     # compiled: each block of steps interpolates up to W save times in-graph (scattered into the
     # buffer after the call); a block passing more also goes through the eager save pass
-    if P.records:  # records-only dense output: eager steps, the records go back to the caller
+    if P.records:  # dense output: eager steps, the records go back to the caller
         return _run_records(P, integ, state, n, tensors, cst)
     if not P.adaptive and not compiled:
         out = _run_grid(P, integ, state, n)

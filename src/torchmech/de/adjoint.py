@@ -251,11 +251,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             ctrl = self.controller if self.controller is not None else PIDController(self.rtol, self.atol, **pid_kwargs)
             binteg = _Integrator(ODETerm(aug), solver, tj, tprev, z0, None, None, SaveAt(t1=True, dense=quad),
                                  ctrl, None, max_steps, False)
-            if quad:  # the records feed the quadrature below; no dense Solution: the lean loop can run it
-                from torchmech.de import _fast
-
-                binteg.records_only = True
-                binteg.fast = _fast.unsupported(binteg) is None
+            # with quad, the step records (dense output) feed the quadrature below; the lean loop records them
             quadrature = (lambda records: self._quadrature(f, args, params, grads, records, n, shape)) if quad else None
             zT = self._segment(binteg, quadrature, stats, "backward solve", "loosen rtol/atol or raise max_steps")
             y = zT[:, :n].reshape(y.shape)

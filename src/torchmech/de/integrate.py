@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -101,19 +103,22 @@ class _Dense:
                 f"but was solved on [{float(lo[b, 0])!r}, {float(hi[b, 0])!r}] ({int(out.any(1).sum())} of {B} "
                 "samples ask outside their interval)"
             )
-        # (N, B, T): step n covers t for sample b
-        tp = self.tprev[:, :, None]
-        tn = tp + self.h[:, :, None]
-        # a few ulps of slack: steps at jump_ts leave a two-ulp gap around the jump time
-        slack = 8 * torch.finfo(tt.dtype).eps * tt.abs().clamp(min=1.0)[None]
-        cover = self.valid[:, :, None] & (d * (tt[None] - tp) >= -slack) & (d * (tt[None] - tn) <= slack)
-        n = cover.to(torch.int8).argmax(dim=0)  # (B, T), first covering step
-        found = cover.any(dim=0) | (self.tfinal[:, None] == self.t0[:, None])
-        if not bool(found.all()):
-            raise ValueError("evaluate: no accepted step covers some of the requested times")
+        # the first accepted step covering t, per sample and time, with a few ulps of slack (steps at
+        # jump_ts leave a two-ulp gap around the jump time): accepted steps follow each other, so it is
+        # the first whose end, counted along the direction of integration, reaches t - slack. A binary
+        # search over the running maximum of the accepted ends (rejected steps repeat the previous one).
+        slack = 8 * torch.finfo(tt.dtype).eps * tt.abs().clamp(min=1.0)
+        ends = torch.where(self.valid, self.direction[None] * (self.tprev + self.h),
+                           torch.full_like(self.tprev, -math.inf))
+        ends = ends.cummax(dim=0).values.T.contiguous()  # (B, N), non-decreasing
+        n = torch.searchsorted(ends, (d * tt - slack).contiguous()).clamp(max=ends.shape[1] - 1)  # (B, T)
         bidx = torch.arange(B, device=tt.device)[:, None].expand_as(n)
         h = self.h[n, bidx]
         tp = self.tprev[n, bidx]
+        found = (self.valid[n, bidx] & (d * (tt - tp) >= -slack) & (d * (tt - tp - h) <= slack)) \
+            | (self.tfinal[:, None] == self.t0[:, None])
+        if not bool(found.all()):
+            raise ValueError("evaluate: no accepted step covers some of the requested times")
         safe_h = torch.where(h != 0, h, torch.ones_like(h))
         theta = torch.where(found & (h != 0), (tt - tp) / safe_h, torch.zeros_like(tt))
         return tt, n, bidx, theta, safe_h
@@ -344,6 +349,30 @@ class _Integrator:
             p = p * th
         return out / bcast(torch.where(h != 0, h, torch.ones_like(h)), th)
 
+    def save_counts(self, t: Tensor, t_end: Tensor, accept: Tensor) -> tuple[Tensor, Tensor]:
+        """Per sample: the number of save times before ``t``, and how many the accepted step to
+        ``t_end`` passes (O(B log T))."""
+        d = self.direction
+        before = torch.searchsorted(self._dts, (d * t.detach())[:, None], right=True)[:, 0]
+        after = torch.searchsorted(self._dts, (d * t_end.detach())[:, None], right=True)[:, 0]
+        return before, torch.where(accept, after - before, torch.zeros_like(before))
+
+    def write_saves(self, buf: Tensor, K: int, before: Tensor, count: Tensor, t: Tensor, h: Tensor, y: Tensor,
+                    qs: tuple) -> Tensor:
+        """Write the values at the (at most ``K`` per sample) save times a step from ``(t, y)`` over ``h``
+        passed into ``buf`` (in place), from its interpolant ``qs``: each sample's ``count`` save times
+        after its first ``before``; unused slots write to the spare last column."""
+        T = self.ts.shape[1]
+        ar = torch.arange(K, device=t.device)
+        used = ar[None] < count[:, None]
+        idx = torch.where(used, before[:, None] + ar[None], torch.full_like(used, T, dtype=before.dtype))
+        tw = self._ts_pad.gather(1, idx)
+        safe_h = torch.where(h != 0, h, torch.ones_like(h))
+        theta = torch.where(used, (tw - t[:, None]) / safe_h[:, None], torch.zeros_like(tw))
+        vals = self._interp(y.unsqueeze(1), tuple(q.unsqueeze(1) for q in qs), theta)
+        buf.scatter_(1, bcast(idx, vals).expand_as(vals), vals)
+        return buf
+
     def step(self, s: dict) -> tuple[dict, dict]:
         """One attempted step for every unfinished sample. Returns (new state, record)."""
         ctrl = self.controller
@@ -424,10 +453,7 @@ class _Integrator:
         # saving at ts: fill every save time in (t, t_save_end] from this step's interpolant -------
         sync = [new_done.all().to(torch.int64)]
         if self.ts is not None:
-            # per sample: save times already passed, and those passed after this step (O(B log T))
-            before = torch.searchsorted(self._dts, (d * t.detach())[:, None], right=True)[:, 0]
-            after = torch.searchsorted(self._dts, (d * t_save_end.detach())[:, None], right=True)[:, 0]
-            count = torch.where(accept, after - before, torch.zeros_like(before))
+            before, count = self.save_counts(t, t_save_end, accept)
             sync.append(count.max())
         num_steps = s["num_steps"] + active.to(torch.int64)
         hit_max = active & ~new_done & (num_steps >= self.max_steps) & ~underflow & ~fail_nonfinite
@@ -441,20 +467,7 @@ class _Integrator:
             sync.append((frac.detach().min() * 1e6).to(torch.int64))
         flags = torch.stack(sync).tolist()
         if self.ts is not None and flags[1] > 0:
-            # gather the (at most K) new save times of each sample, interpolate, scatter into the
-            # buffer; unused slots write to the spare last column T
-            K = flags[1]
-            T = self.ts.shape[1]
-            ar = torch.arange(K, device=t.device)
-            used = ar[None] < count[:, None]
-            idx = torch.where(used, before[:, None] + ar[None], torch.full_like(used, T, dtype=before.dtype))
-            tw = self._ts_pad.gather(1, idx)
-            safe_h = torch.where(h != 0, h, torch.ones_like(h))
-            theta = torch.where(used, (tw - t[:, None]) / safe_h[:, None], torch.zeros_like(tw))
-            vals = self._interp(y.unsqueeze(1), tuple(q.unsqueeze(1) for q in res.interp), theta)
-            buf = s["ys_ts"]
-            buf.scatter_(1, bcast(idx, vals).expand_as(vals), vals)
-            new["ys_ts"] = buf
+            new["ys_ts"] = self.write_saves(s["ys_ts"], flags[1], before, count, t, h, y, res.interp)
         if self.pbar is not None:
             self.pbar.update(flags[-1] / 1e6 - self.pbar.n)
 
@@ -718,6 +731,8 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         why = _fast.unsupported(integ)
         if why is None and isinstance(controller, StepTo):
             why = "controller StepTo (its shared-grid loop runs eagerly)"
+        if why is None and saveat.dense:
+            why = "SaveAt(dense=True) (dense output is recorded by eager steps)"
         if why is not None:
             raise ValueError(f"solve: compile=True does not support {why}; use compile=False")
         integ.compiled = True
