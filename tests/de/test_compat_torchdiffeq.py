@@ -299,6 +299,20 @@ def test_odeint_event_falling_ball_and_gradient():
         assert abs(dt_dh.item() - 1 / math.sqrt(2 * g * 2.0)) < 1e-5
 
 
+def test_odeint_event_gradient_with_respect_to_t0():
+    """Autonomous system: the event moves 1:1 with t0 and the state at the event does not depend on t0."""
+    y0 = torch.tensor([1.0, 2.0], dtype=D)
+    for interface in (tdq.odeint, tdq.odeint_adjoint):
+        t0 = torch.tensor(0.25, dtype=D, requires_grad=True)
+        kw = {} if interface is tdq.odeint else {"adjoint_params": ()}
+        t_ev, ys = tdq.odeint_event(lambda t, y: -y - 0.2, y0, t0, event_fn=lambda t, y: y[0] - 0.5,
+                                    odeint_interface=interface, rtol=1e-10, atol=1e-12, **kw)
+        assert abs(t_ev.item() - (0.25 + math.log(1.2 / 0.7))) < 1e-8
+        g_t, = torch.autograd.grad(t_ev, t0, retain_graph=True)
+        g_y, = torch.autograd.grad(ys[-1, 1], t0)
+        assert abs(g_t.item() - 1.0) < 1e-9 and abs(g_y.item()) < 1e-9
+
+
 def test_odeint_event_reverse_time_and_event_at_start():
     # y' = 1 from y(0) = 0 backwards: y = t, event y = -0.75 at t = -0.75
     f = lambda t, y: torch.ones_like(y)  # noqa: E731

@@ -92,6 +92,27 @@ def test_event_with_args_parameter_gradient():
     assert torch.allclose(g, math.log(c) / k.detach() ** 2, rtol=1e-5)
 
 
+def test_event_time_gradient_with_respect_to_start_times():
+    """Autonomous decay to a threshold: the event is t0 + log(y0 / c) / k, so d t_e / d t0 = 1 and the state at
+    the event does not depend on t0; a time-dependent threshold c(t) = c + a t moves it by 1 / (1 + a / (k c(t_e)))."""
+    k, c = 1.5, 0.4
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    t0 = torch.tensor([0.0, 0.7], dtype=torch.float64, requires_grad=True)
+    sol = de.solve(lambda t, y, a: -k * y, de.Dopri5(), t0, 20.0, y0, event=de.Event(lambda t, y, a: y[:, 0] - c),
+                   controller=de.PIDController(1e-10, 1e-10))
+    torch.testing.assert_close(sol.event_t, t0.detach() + torch.log(y0[:, 0] / c) / k, rtol=1e-8, atol=0)
+    (g,) = torch.autograd.grad(sol.event_t.sum(), t0, retain_graph=True)
+    torch.testing.assert_close(g, torch.ones_like(g), rtol=1e-9, atol=0)
+    (gy,) = torch.autograd.grad(sol.ys[:, -1].sum(), t0)
+    torch.testing.assert_close(gy, torch.zeros_like(gy), rtol=0, atol=1e-9)
+    a = 0.1
+    sol = de.solve(lambda t, y, args: -k * y, de.Dopri5(), t0, 20.0, y0,
+                   event=de.Event(lambda t, y, args: y[:, 0] - c - a * t), controller=de.PIDController(1e-10, 1e-10))
+    (g,) = torch.autograd.grad(sol.event_t.sum(), t0)
+    ce = c + a * sol.event_t.detach()
+    torch.testing.assert_close(g, 1 / (1 + a / (k * ce)), rtol=1e-7, atol=0)
+
+
 def test_event_bad_inputs():
     with pytest.raises(ValueError, match="direction must be None, \\+1 or -1"):
         de.Event(height, direction=2)

@@ -680,7 +680,7 @@ def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tens
     # An open-ended solve needs some t1; a far one lets a single solve run to the event (each restart pays
     # an initial-step estimate and the controller's ramp-up: the falling ball took 58 calls, not 38). It is
     # doubled if it is reached without an event.
-    span = 1e6 * (1.0 + abs(float(t[0])))
+    span = 1e6 * (1.0 + abs(float(t[0].detach())))
     steps_left = setup.max_steps
     tc = t0
     while True:

@@ -501,7 +501,9 @@ class _Integrator:
 
             u = illinois(G, g0.detach(), g1.detach(), trig)
             theta = torch.where(trig, theta_a + u * width, torch.ones_like(u))
-        t_star = td + theta * hd
+        # t* keeps the step's own dependence on the solve's times (t0, earlier step ends): an event of an
+        # autonomous system moves 1:1 with t0; the implicit-function correction below adds that through y
+        t_star = t + theta * h
         y_star = self._interp(y, qs, theta)
         needs_grad = torch.is_grad_enabled() and (
             y_star.requires_grad or any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves(args))
