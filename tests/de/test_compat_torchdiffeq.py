@@ -224,6 +224,13 @@ def test_bad_inputs():
         tdq.odeint(decay, torch.tensor([1.0, float("nan")], dtype=D), t)
     with pytest.raises(ValueError, match="func must return a tensor shaped like y0"):
         tdq.odeint(lambda t, y: y[:1], y0, t)
+    # the right number of elements in another layout is not silently reshaped
+    with pytest.raises(ValueError, match=r"func must return a tensor shaped like y0 \(2, 3\), got \(3, 2\)"):
+        tdq.odeint(lambda t, y: -y.T, torch.ones(2, 3, dtype=D), t, method="rk4")
+    with pytest.raises(ValueError, match=r"func must return a tensor shaped like y0 \(2,\), got \(2, 1\)"):
+        tdq.odeint(lambda t, y: -y[:, None], y0, t)
+    with pytest.raises(ValueError, match=r"func output \[1\] must have shape \(2, 3\), got \(3, 2\)"):
+        tdq.odeint(lambda t, y: (-y[0], -y[1].T), (torch.ones(2, 3, dtype=D), torch.ones(2, 3, dtype=D)), t)
     with pytest.raises(ValueError, match="event_fn must return a scalar"):
         tdq.odeint(decay, y0, t, event_fn=lambda t, y: y)
     with pytest.raises(ValueError, match=r"with event_fn, t must be \[t0\] or \[t0, t1\].*len\(t\)=3"):

@@ -127,9 +127,10 @@ class _Layout:
         return self.shapes is not None
 
     def flatten(self, y: Any, what: str = "func") -> Tensor:
-        """State-like value -> (N,)."""
+        """State-like value -> (N,). Each tensor must have exactly its part's shape: an output with the
+        right number of elements in another layout (e.g. transposed) would otherwise be silently reshaped."""
         if self.shapes is None:
-            if not isinstance(y, Tensor) or y.numel() != self.sizes[0]:
+            if not (isinstance(y, Tensor) and y.shape == self.shape):
                 got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"odeint: {what} must return a tensor shaped like y0 {tuple(self.shape)}, got {got}")
             return y.reshape(-1)
@@ -137,7 +138,7 @@ class _Layout:
             raise ValueError(f"odeint: {what} must return a tuple of {len(self.shapes)} tensors (like y0), "
                              f"got {type(y).__name__}")
         for i, (p, s) in enumerate(zip(y, self.shapes)):
-            if not isinstance(p, Tensor) or p.numel() != s.numel():
+            if not (isinstance(p, Tensor) and p.shape == s):
                 got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"odeint: {what} output [{i}] must have shape {tuple(s)}, got {got}")
         return torch.cat([p.reshape(-1) for p in y])
