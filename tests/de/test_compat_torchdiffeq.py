@@ -195,6 +195,22 @@ def test_max_num_steps_raises():
                    options={"max_num_steps": 50})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_rtol_is_pure_absolute_control(dtype):
+    y0 = torch.tensor([1.0], dtype=dtype, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=dtype)
+    atol = 1e-6 if dtype == torch.float32 else 1e-10
+    out = tdq.odeint(decay, y0, t, rtol=0.0, atol=atol)
+    assert abs(out[-1].item() - math.exp(-1.0)) < 100 * atol
+    lin = torch.nn.Linear(1, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        lin.weight.fill_(-1.0)
+    out = tdq.odeint_adjoint(lambda t, y: lin(y), y0, t, rtol=0.0, atol=atol, adjoint_rtol=0.0, adjoint_atol=atol,
+                             adjoint_params=tuple(lin.parameters()))
+    (g,) = torch.autograd.grad(out[-1].sum(), y0)
+    assert abs(g.item() - math.exp(-1.0)) < 1e3 * atol
+
+
 def test_bad_inputs():
     y0 = torch.ones(2, dtype=D)
     t = torch.tensor([0.0, 1.0], dtype=D)

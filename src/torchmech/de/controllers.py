@@ -188,7 +188,8 @@ class PIDController(AbstractController):
                  safety: float = 0.9, norm: Callable[[Tensor], Tensor] = rms_norm,
                  step_ts: Tensor | None = None, jump_ts: Tensor | None = None, force_dtmin: bool = False):
         for name, val, strict in (("rtol", rtol, True), ("atol", atol, False)):
-            v = torch.as_tensor(val)
+            # a Python float checked in float64: in the default float32 a tiny positive value would read as 0
+            v = val if isinstance(val, Tensor) else torch.as_tensor(val, dtype=torch.float64)
             bad = (v <= 0).any() if strict else (v < 0).any()
             if bad or not torch.isfinite(v).all():
                 raise ValueError(f"PIDController: {name} must be {'> 0' if strict else '>= 0'} and finite, got {val}")
