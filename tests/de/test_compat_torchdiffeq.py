@@ -247,8 +247,10 @@ def test_bad_inputs():
         tdq.odeint(lambda t, y: -y[:, None], y0, t)
     with pytest.raises(ValueError, match=r"func output \[1\] must have shape \(2, 3\), got \(3, 2\)"):
         tdq.odeint(lambda t, y: (-y[0], -y[1].T), (torch.ones(2, 3, dtype=D), torch.ones(2, 3, dtype=D)), t)
-    with pytest.raises(ValueError, match="event_fn must return a scalar"):
-        tdq.odeint(decay, y0, t, event_fn=lambda t, y: y)
+    with pytest.raises(ValueError, match=r"event_fn with a fixed-grid method needs options\['step_size'\]"):
+        tdq.odeint(decay, y0, t, method="rk4", event_fn=lambda t, y: y[0] - 0.5)
+    with pytest.raises(ValueError, match="event_fn is not supported with the multistep method 'explicit_adams'"):
+        tdq.odeint(decay, y0, t, method="explicit_adams", options={"step_size": 0.1}, event_fn=lambda t, y: y[0])
     with pytest.raises(ValueError, match=r"with event_fn, t must be \[t0\] or \[t0, t1\].*len\(t\)=3"):
         tdq.odeint(decay, y0, torch.tensor([0.0, 0.5, 1.0], dtype=D), event_fn=lambda t, y: y[0] - 0.5)
     with pytest.raises(ValueError, match="func must be an nn.Module"):
@@ -334,6 +336,27 @@ def test_odeint_event_gradient_with_respect_to_t0():
         g_t, = torch.autograd.grad(t_ev, t0, retain_graph=True)
         g_y, = torch.autograd.grad(ys[-1, 1], t0)
         assert abs(g_t.item() - 1.0) < 1e-9 and abs(g_y.item()) < 1e-9
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+def test_odeint_event_fixed_step_method_and_several_event_functions(interface):
+    """A falling ball with rk4 steps of 0.01 (the event between steps, found on the step's interpolant) and
+    event functions [height, 5 - height, t - c]: the first of them to change sign ends the solve."""
+    odeint = getattr(tdq, interface)
+    kw = {} if interface == "odeint" else {"adjoint_params": ()}
+    f, g = _ball()
+    h0 = torch.tensor([2.0], dtype=D, requires_grad=True)
+    y0 = (h0, torch.zeros(1, dtype=D))
+    t_exact = math.sqrt(2 * 2.0 / g)
+    t_ev, (h, v) = tdq.odeint_event(f, y0, torch.tensor(0.0, dtype=D), event_fn=lambda t, y: y[0][0],
+                                    method="rk4", options={"step_size": 0.01}, odeint_interface=odeint, **kw)
+    assert abs(t_ev.item() - t_exact) < 1e-9 and abs(h[1].item()) < 1e-9
+    (dt_dh,) = torch.autograd.grad(t_ev, h0)
+    assert abs(dt_dh.item() - 1 / math.sqrt(2 * g * 2.0)) < 1e-7
+    for c, expected in ((0.3, 0.3), (5.0, t_exact)):
+        t_ev, _ = tdq.odeint_event(f, y0, torch.tensor(0.0, dtype=D), odeint_interface=odeint, rtol=1e-10,
+                                   atol=1e-12, event_fn=lambda t, y: torch.stack([y[0][0], 5 - y[0][0], t - c]), **kw)
+        assert abs(t_ev.item() - expected) < 1e-8
 
 
 def test_odeint_event_reverse_time_and_event_at_start():

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint, _MarksTo
-from torchmech.de.controllers import PIDController, StepTo
+from torchmech.de.controllers import ConstantStep, PIDController, StepTo
 from torchmech.de.events import Event
 from torchmech.de.integrate import SaveAt, Status, solve
 from torchmech.de.solvers import explicit as _ex
@@ -657,20 +657,32 @@ def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tens
     """Integrate from t[0] until ``event_fn(t, y)`` changes sign; returns (event_t (), [y0, y_event] (2, N))."""
     if not callable(event_fn):
         raise TypeError(f"odeint: event_fn must be callable event_fn(t, y), got {type(event_fn).__name__}")
+    dt0, controller = setup.first_step if not setup.fixed else None, setup.controller
     if setup.fixed:
-        raise ValueError(f"odeint: event_fn needs an adaptive method ({list(_ADAPTIVE)}), got {setup.method!r}")
+        if setup.adams:
+            raise ValueError(f"odeint: event_fn is not supported with the multistep method {setup.method!r}; use a "
+                             f"one-step fixed-grid method (e.g. 'rk4') or an adaptive one ({list(_ADAPTIVE)})")
+        if "step_size" not in setup.options:
+            raise ValueError("odeint: event_fn with a fixed-grid method needs options['step_size'] (the solve has "
+                             "no end time to build a grid for)")
+        # steps of step_size until the event; it is located on the method's dense interpolant (cubic
+        # Hermite for these methods), whatever options['interp'] says about the values at t
+        dt0, controller = _positive(setup.options["step_size"], "step_size"), ConstantStep()
     layout = setup.layout
     t = setup.t
     if t.shape[0] > 2:  # as torchdiffeq: the later times would be ignored
         raise ValueError(f"odeint: with event_fn, t must be [t0] or [t0, t1] (the direction), got len(t)={t.shape[0]}")
     direction = -1.0 if t.shape[0] > 1 and t[1] < t[0] else 1.0
+    signs = []  # several event functions: as torchdiffeq, the event is the first of them to cross zero
 
     def cond(tt, y, args):
         g = event_fn(tt[0], layout.unflatten(y[0]))
         g = torch.as_tensor(g, dtype=y.dtype, device=y.device)
-        if g.numel() != 1:
-            raise ValueError(f"odeint: event_fn must return a scalar, got shape {tuple(g.shape)}")
-        return g.reshape(1)
+        if g.numel() == 1:
+            return g.reshape(1)
+        if not signs:
+            signs.append(torch.sign(g.detach()))
+        return torch.min(g * signs[0]).reshape(1)
 
     t0 = t[0]
     y = setup.y0_flat
@@ -686,8 +698,8 @@ def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tens
     tc = t0
     while True:
         t1 = tc + direction * span
-        sol = solve(setup.f, setup.solver, tc, t1, y, dt0=setup.first_step, saveat=SaveAt(t1=True),
-                    controller=setup.controller, adjoint=adjoint, event=event,
+        sol = solve(setup.f, setup.solver, tc, t1, y, dt0=dt0, saveat=SaveAt(t1=True),
+                    controller=controller, adjoint=adjoint, event=event,
                     max_steps=max(1, min(steps_left, 2 ** 62)), throw=False)
         status = int(sol.status[0])
         steps_left -= int(sol.stats["num_steps"][0])
@@ -732,7 +744,10 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-
             iterations per step, default 4), and reject ``perturb=True``. Any other key raises
             ``ValueError``.
         event_fn: optional ``event_fn(t, y) -> scalar``; integration then runs from ``t[0]`` (in the
-            direction of ``t[1]`` if given) until its sign changes.
+            direction of ``t[1]`` if given) until its sign changes. A tensor of several event
+            functions stops at the first of them to change sign (as torchdiffeq). Fixed-grid
+            one-step methods need ``options['step_size']`` and locate the event on their cubic
+            Hermite interpolant (torchdiffeq's ``interp='linear'`` default would use the chord).
 
     Returns:
         ``(T, *S)`` solution at ``t`` (tuple of those for a tuple ``y0``); with ``event_fn``,
@@ -860,7 +875,8 @@ def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, revers
     Args:
         func, y0: as :func:`odeint`.
         t0: scalar start time.
-        event_fn: ``event_fn(t, y) -> scalar``; the event is its first sign change.
+        event_fn: ``event_fn(t, y) -> scalar`` (or a tensor of several: the first to change sign);
+            the event is its first sign change.
         reverse_time: integrate towards decreasing time.
         odeint_interface: :func:`odeint` or :func:`odeint_adjoint`.
         **kwargs: passed to ``odeint_interface`` (rtol, atol, method, options, ...).
