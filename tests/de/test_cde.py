@@ -127,6 +127,57 @@ def test_torchcde_compat_roundtrip():
         torchcde.CubicSpline(torch.zeros(2, 5, 3))
 
 
+def test_torchcde_compat_conventions_extrapolation_knots_and_batch_shapes():
+    """As torchcde: extrapolation past the ends, the left piece at a knot, and z0/X of any batch shape."""
+    import torchmech.compat.torchcde as torchcde
+
+    ts = torch.linspace(0, 3, 4, dtype=DT)
+    x = torch.tensor([[0.0], [1.0], [3.0], [3.5]], dtype=DT)
+    Xl = torchcde.LinearInterpolation(torchcde.linear_interpolation_coeffs(x, ts), ts)
+    derivs = [float(Xl.derivative(torch.tensor(k, dtype=DT))[0]) for k in (0.0, 1.0, 2.0, 3.0)]
+    assert derivs == [1.0, 1.0, 2.0, 0.5]  # at knots 1, 2, 3 the piece that ends there
+    assert float(Xl.evaluate(torch.tensor(-1.0, dtype=DT))[0]) == -1.0  # the first piece continued
+    assert float(Xl.evaluate(torch.tensor(4.0, dtype=DT))[0]) == 4.0  # the last piece continued
+    Xc = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, ts), ts)
+    a, b, c, d = (v[-1, 0] for v in (Xc.a, Xc.b, Xc.c, Xc.d))
+    u = 4.0 - 2.0
+    assert abs(float(Xc.evaluate(torch.tensor(4.0, dtype=DT))[0]) - float(a + u * (b + u * (c + u * d)))) < 1e-12
+    with pytest.raises(ValueError, match="outside the interval"):  # torchmech's own classes stay strict
+        de.LinearInterpolation(ts, x).evaluate(4.0)
+
+    class Func(torch.nn.Module):  # any batch shape: (..., hidden 2) -> (..., 2, channels 2)
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=DT))
+
+        def forward(self, t, z):
+            return torch.tanh(z)[..., :, None] * self.A + 0.1 * self.A
+
+    torch.manual_seed(0)
+    t = torch.linspace(0, 1, 6, dtype=DT)
+    func = Func()
+    data = torch.randn(6, 3, 6, 2, dtype=DT).cumsum(-2)
+    z0 = torch.randn(6, 3, 2, dtype=DT)
+    ref = torchcde.cdeint(torchcde.CubicSpline(torchcde.natural_cubic_coeffs(data.reshape(18, 6, 2), t), t), func,
+                          z0.reshape(18, 2), t[[0, 3, 5]], rtol=1e-9, atol=1e-11)
+    for shape in ((6, 3), (18,), ()):
+        X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(data.reshape(shape + (6, 2)) if shape else data[0, 0],
+                                                               t), t)
+        zz = z0.reshape(shape + (2,)) if shape else z0[0, 0]
+        out = torchcde.cdeint(X, func, zz, t[[0, 3, 5]], rtol=1e-9, atol=1e-11)
+        assert out.shape == shape + (3, 2)
+        expect = ref.reshape(shape + (3, 2)) if shape else None
+        if shape:  # the whole batch steps together: the same steps as the flat solve
+            torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+        else:
+            single = torchcde.cdeint(torchcde.CubicSpline(torchcde.natural_cubic_coeffs(data[:1, 0], t), t), func,
+                                     z0[:1, 0], t[[0, 3, 5]], rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(out, single[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"batch shape \(6, 3\) but X's data has batch shape \(18,\)"):
+        torchcde.cdeint(torchcde.CubicSpline(torchcde.natural_cubic_coeffs(data.reshape(18, 6, 2), t), t), func, z0,
+                        t[[0, 5]])
+
+
 def test_compat_cdeint_steps_the_batch_together_with_a_scalar_time():
     """torchcde passes func a scalar t; with B == hidden * channels a (B,) t would silently broadcast."""
     import torchmech.compat.torchcde as torchcde

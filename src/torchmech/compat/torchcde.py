@@ -35,11 +35,47 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
 
     torchcde (through torchdiffeq) steps a batch together and calls ``func(t, z)`` with a scalar ``t``; so
     does this function, by default (``norm=batch_rms_norm``). Pass ``norm=None`` for torchmech's per-sample
-    steps, under which ``func`` receives a (B,) ``t`` whenever the samples' times differ. The other
-    arguments are those of :func:`torchmech.de.cdeint`.
+    steps, under which ``func`` receives a (B,) ``t`` whenever the samples' times differ. As in torchcde,
+    ``z0`` may have any batch shape ``(..., hidden)`` (none included) equal to the path's (``X``'s data
+    ``(..., T, C)``); ``func`` gets ``z`` in that shape and returns ``(..., hidden, C)``; the result is
+    ``(..., len(t), hidden)``. The other arguments are those of :func:`torchmech.de.cdeint`.
     """
+    if isinstance(z0, Tensor) and isinstance(X, AbstractInterpolation) and z0.dim() != 2 and z0.dim() >= 1:
+        batch = tuple(z0.shape[:-1])
+        if tuple(X.a.shape[:-2]) != batch:
+            raise ValueError(f"cdeint: z0 of shape {tuple(z0.shape)} has batch shape {batch} but X's data has batch "
+                             f"shape {tuple(X.a.shape[:-2])} (coefficients {tuple(X.a.shape)}); they must be equal")
+        n = 1
+        for b in batch:
+            n *= b
+        flat = _FlatBatch(func, batch)
+        out = _cdeint(_batch_flattened(X, n), flat, z0.reshape(n, z0.shape[-1]), t, adjoint=adjoint, method=method,
+                      rtol=rtol, atol=atol, options=options, norm=norm, **kwargs)
+        return out.reshape(batch + tuple(out.shape[1:]))
     return _cdeint(X, func, z0, t, adjoint=adjoint, method=method, rtol=rtol, atol=atol, options=options,
                    norm=norm, **kwargs)
+
+
+class _FlatBatch(torch.nn.Module):
+    """``func`` on a flattened batch: ``z`` (N, hidden) reshaped to the caller's batch shape and back."""
+
+    def __init__(self, func, batch: tuple):
+        super().__init__()
+        self.func, self.batch = func, batch
+
+    def forward(self, t, z):
+        out = self.func(t, z.reshape(self.batch + (z.shape[-1],)))
+        return out.reshape((z.shape[0],) + tuple(out.shape[len(self.batch):]))
+
+
+def _batch_flattened(X: AbstractInterpolation, n: int) -> AbstractInterpolation:
+    """The same path with its batch axes flattened into one of length ``n``."""
+    Y = type(X).__new__(type(X))
+    Y.__dict__.update(X.__dict__)
+    for name in ("a", "b", "c", "d"):
+        v = getattr(X, name)
+        setattr(Y, name, v.reshape((n,) + tuple(v.shape[-2:])))
+    return Y
 
 
 def _times(t, x):
@@ -109,7 +145,14 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
 
 
 class LinearInterpolation(_Linear):
-    """torchcde's ``LinearInterpolation(coeffs, t=None)`` from :func:`linear_interpolation_coeffs`."""
+    """torchcde's ``LinearInterpolation(coeffs, t=None)`` from :func:`linear_interpolation_coeffs`.
+
+    As torchcde's: times outside the interval use the first or last piece, and the derivative at a
+    knot is the left-hand piece's slope.
+    """
+
+    _extrapolate = True
+    _left_at_knots = True
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None, **kwargs):
         if kwargs:
@@ -118,7 +161,14 @@ class LinearInterpolation(_Linear):
 
 
 class CubicSpline(AbstractInterpolation):
-    """torchcde's ``CubicSpline(coeffs, t=None)`` from packed cubic coefficients (..., T-1, 4C)."""
+    """torchcde's ``CubicSpline(coeffs, t=None)`` from packed cubic coefficients (..., T-1, 4C).
+
+    As torchcde's: times outside the interval extrapolate the first or last piece's polynomial, and at a
+    knot the left-hand piece is used.
+    """
+
+    _extrapolate = True
+    _left_at_knots = True
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None, **kwargs):
         if kwargs:

@@ -98,6 +98,10 @@ class AbstractInterpolation:
     b: Tensor
     c: Tensor
     d: Tensor
+    # torchcde's conventions (its compatibility classes set these): times outside [ts[0], ts[-1]] use the
+    # first/last piece instead of raising; at a knot the left-hand piece is used instead of the right-hand one
+    _extrapolate = False
+    _left_at_knots = False
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -130,12 +134,13 @@ class AbstractInterpolation:
         lo, hi = ts[0], ts[-1]
         span = (hi - lo).abs()
         slack = 16 * torch.finfo(ts.dtype).eps * torch.maximum(span, torch.maximum(lo.abs(), hi.abs()))
-        if bool(((t < lo - slack) | (t > hi + slack)).any()):
+        if not self._extrapolate and bool(((t < lo - slack) | (t > hi + slack)).any()):
             raise ValueError(
                 f"{type(self).__name__}: query time outside the interval [{float(lo)}, {float(hi)}]: "
                 f"{t.min().item()}..{t.max().item()}"
             )
-        k = (torch.searchsorted(ts, t.reshape(-1).contiguous(), right=True) - 1).clamp(0, ts.shape[0] - 2)
+        right = not self._left_at_knots
+        k = (torch.searchsorted(ts, t.reshape(-1).contiguous(), right=right) - 1).clamp(0, ts.shape[0] - 2)
         k = k.reshape(t.shape)
         return t, k, per_sample
 
