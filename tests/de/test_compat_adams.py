@@ -206,7 +206,7 @@ def test_unsupported_options_raise():
         tdq.odeint(forced_decay, y0, t, method="explicit_adams", options={"step_size": 0.1, "grid_constructor": None})
     with pytest.raises(ValueError, match="rtol must be finite and >= 0"):
         tdq.odeint(forced_decay, y0, t, method="implicit_adams", rtol=-1.0)
-    with pytest.raises(ValueError, match="event_fn needs an adaptive method"):
+    with pytest.raises(ValueError, match="event_fn is not supported with the multistep method"):
         tdq.odeint(forced_decay, y0, t, method="explicit_adams", event_fn=lambda t, y: y[0])
     with pytest.raises(ValueError, match="adjoint_rtol, adjoint_method do not apply to 'explicit_adams'"):
         tdq.odeint_adjoint(forced_decay, y0, t, method="explicit_adams", adjoint_params=(), adjoint_rtol=1e-6,

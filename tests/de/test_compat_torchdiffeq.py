@@ -211,6 +211,19 @@ def test_zero_rtol_is_pure_absolute_control(dtype):
     assert abs(g.item() - math.exp(-1.0)) < 1e3 * atol
 
 
+def test_fixed_grid_cubic_interp_time_gradient_at_grid_points():
+    """interp='cubic': the output's derivative in t is the Hermite interpolant's (f at a grid point), also
+    where t coincides with a (detached) grid point, as torchdiffeq's cubic interpolation gives."""
+    f = lambda t, y: -y + torch.sin(t)  # noqa: E731
+    y0 = torch.tensor([1.0], dtype=D)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=D, requires_grad=True)
+    gc = lambda func, y0, t: torch.linspace(0.0, 1.0, 5, dtype=D)  # noqa: E731
+    out = tdq.odeint(f, y0, t, method="rk4", options=dict(grid_constructor=gc, interp="cubic"))
+    (g,) = torch.autograd.grad(out[-1].sum(), t)
+    assert g[0] == 0 and g[1] == 0
+    torch.testing.assert_close(g[2], f(t[2], out[-1]).detach()[0], rtol=1e-12, atol=0)
+
+
 def test_bad_inputs():
     y0 = torch.ones(2, dtype=D)
     t = torch.tensor([0.0, 1.0], dtype=D)

@@ -474,7 +474,9 @@ def _interp_fixed(setup: _Setup, grid: Tensor, Y: Tensor) -> Tensor:
         h10 = s * (1 - s) ** 2
         h01 = s ** 2 * (3 - 2 * s)
         h11 = s ** 2 * (s - 1)
-        val = h00 * ya + h10 * h * fa + h01 * yb + h11 * h * fb
+        # at s = 0 or 1 the polynomial is ya or yb exactly; not substituting them keeps its derivative in
+        # t (f there) for a t that requires grad, as torchdiffeq's cubic interpolation does
+        return h00 * ya + h10 * h * fa + h01 * yb + h11 * h * fb
     val = torch.where(exact_start[:, None], ya, val)
     return torch.where(exact_end[:, None], yb, val)
 
