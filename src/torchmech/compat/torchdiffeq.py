@@ -785,7 +785,8 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
         adjoint_params: tensors to differentiate with respect to; default ``func.parameters()``
             (``func`` must then be an ``nn.Module``; pass ``adjoint_params=()`` for none).
 
-    Gradients flow to ``y0`` and ``adjoint_params`` (not to ``t``). With ``event_fn`` the solve is
+    Gradients flow to ``y0``, ``adjoint_params`` and ``t`` (as torchdiffeq: from the adjoint identities
+    ``dL/dt_i = <f(t_i, y_i), dL/dy_i>`` and ``dL/dt_0 = -<f(t_0, y_0), a(t_0)>``). With ``event_fn`` the solve is
     differentiated by checkpointed recomputation instead (memory O(sqrt(steps))), which gives the
     exact gradient of the event time and state.
 
@@ -867,7 +868,63 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     adjoint = BacksolveAdjoint(rtol=max(a_rtol, torch.finfo(setup.layout.dtype).tiny), atol=a_atol,
                                solver=solver, seminorm=seminorm, adjoint_params=adjoint_params,
                                max_steps=max_steps, controller=controller)
-    return setup.layout.unflatten(_run(setup, adjoint))
+    if not (torch.is_grad_enabled() and setup.t.requires_grad):
+        return setup.layout.unflatten(_run(setup, adjoint))
+    # gradients with respect to t from the adjoint identities (as torchdiffeq): dL/dt_i = <f(t_i, y_i), dL/dy_i>
+    # for the outputs, dL/dt_0 = -<f(t_0, y_0), a(t_0)> with a(t_0) the adjoint state the backward solve
+    # brings back to t_0; the solve itself runs on the detached times
+    t = setup.t
+    setup.t = t.detach()
+    holder = _OutputCotangent()
+    setup.y0_flat = _StartTimeGrad.apply(t, setup.y0_flat, setup.f, holder)
+    ys = _OutputTimesGrad.apply(t, _run(setup, adjoint), setup.f, holder)
+    return setup.layout.unflatten(ys)
+
+
+class _OutputCotangent:
+    """The cotangent of the output at t[0] (= y0), handed from the outputs' backward to y0's."""
+
+    g0: Tensor | None = None
+
+
+class _OutputTimesGrad(torch.autograd.Function):
+    """Identity on the outputs ``ys`` (T, N); backward adds ``dL/dt_i = <f(t_i, y_i), g_i>`` for i >= 1."""
+
+    @staticmethod
+    def forward(ctx, t, ys, f, holder):
+        ctx.f, ctx.holder = f, holder
+        ctx.save_for_backward(t, ys)
+        return ys.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        t, ys = ctx.saved_tensors
+        gt = torch.zeros_like(t)
+        with torch.no_grad():
+            for i in range(1, t.shape[0]):
+                gt[i] = (ctx.f(t[i].reshape(1), ys[i:i + 1], None)[0] * g[i]).sum()
+        ctx.holder.g0 = g[0]
+        return gt, g, None, None
+
+
+class _StartTimeGrad(torch.autograd.Function):
+    """Identity on y0 (1, N); backward adds ``dL/dt_0 = -<f(t_0, y_0), a(t_0)>``, ``a(t_0)`` being y0's
+    cotangent from the solve less the direct one of the output at t[0] (which is y0 itself)."""
+
+    @staticmethod
+    def forward(ctx, t, y0, f, holder):
+        ctx.f, ctx.holder = f, holder
+        ctx.save_for_backward(t, y0)
+        return y0.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        t, y0 = ctx.saved_tensors
+        a = g[0] if ctx.holder.g0 is None else g[0] - ctx.holder.g0
+        gt = torch.zeros_like(t)
+        with torch.no_grad():
+            gt[0] = -(ctx.f(t[:1], y0, None)[0] * a).sum()
+        return gt, g, None, None
 
 
 def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, reverse_time: bool = False,
