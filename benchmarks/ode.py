@@ -4,7 +4,8 @@ Workloads (issue 3):
 
 1. Van der Pol (mu = 2), batch 256 of random initial states in [-2, 2]^2, rtol = atol = 1e-5,
    t in [0, 7.6], 200 save points, Dopri5 and Tsit5. torchmech and torchode step every sample on its
-   own; torchdiffeq steps the whole batch with one shared step (its only mode).
+   own; torchdiffeq steps the whole batch with one shared step (its only mode). torchmech also with
+   dense output (``SaveAt(dense=True)``, then ``Solution.evaluate`` at the 200 times).
 2. Neural ODE training step: MLP 2-64-64-2 tanh, batch 512, t in [0, 1], 10 save points,
    rtol = atol = 1e-4, Dopri5, loss = mean squared error against a fixed target; forward + backward
    with each torchmech adjoint and with torchdiffeq's odeint / odeint_adjoint.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import torch
 
@@ -148,6 +150,17 @@ def vdp_runs(args, device, dtype):
             return de.solve(lambda t, y, a: vdp(y, c), solver, 0.0, 7.6, y0, saveat=de.SaveAt(ts=ts),
                             controller=de.PIDController(tol, tol), compile=compile)
 
+        def ours_dense(solver=solver, cnt=cnt):
+            # dense output instead of save times: the whole solution, evaluated afterwards at ts
+            sol = de.solve(lambda t, y, a: vdp(y, cnt), solver, 0.0, 7.6, y0, saveat=de.SaveAt(dense=True),
+                           controller=de.PIDController(tol, tol))
+            return types.SimpleNamespace(ys=sol.evaluate(ts), stats=sol.stats)
+
+        cnt.grad = cnt.nograd = 0
+        case = bench.add(ours_dense, no_grad=True)
+        rows.append((f"torchmech {name} (eager, SaveAt(dense=True) + evaluate(ts))", case, None, cnt.total,
+                     case["out"].stats["num_accepted"].double().mean().item(),
+                     (case["out"].ys.double() - ref).abs().max().item(), ""))
         modes = [("eager", False)]
         if args.compile:  # the default compile, and Inductor's C++ wrapper (no Python between the kernels)
             modes += [("compiled", True), ("compiled, cpp_wrapper", {"cpp_wrapper": True})]

@@ -16,7 +16,9 @@ Workloads:
       adjoint_method="adjoint_reversible_heun")``;
    b) Euler-Maruyama with direct backpropagation (native ``solve`` + ``DirectAdjoint`` and
       ``torchmech.sdeint``) against ``torchsde.sdeint(method="euler")``.
-   c) SRA1 (``method="srk"``), additive noise: the same drift, a diffusion ``(B, d, d)`` that is a
+   c) Stratonovich midpoint with the stochastic adjoint (``sdeint_adjoint(method="midpoint")``, the
+      adjoint SDE solved backwards on the same Brownian path) on both sides.
+   d) SRA1 (``method="srk"``), additive noise: the same drift, a diffusion ``(B, d, d)`` that is a
       learnable function of t alone; torchsde with the Brownian motion ``sdeint`` builds and with a
       ``BrownianInterval(dt=dt)``.
    Each side draws its own Brownian motion (a ``BrownianInterval``, built inside the step).
@@ -332,6 +334,13 @@ def floor_note(bench, floor_name, peer_names):
     return f"; the largest speed-up over the peer this floor leaves room for is {best / fl['med']:.2f}x"
 
 
+def add_peer_with_dt_hint(bench, name, step, reset, solve, make_bm):
+    """Two torchsde cases: ``solve(None)`` (with the Brownian motion sdeint builds) and ``solve(make_bm())``
+    (a ``BrownianInterval`` with the ``dt`` hint, built inside the step)."""
+    bench.add("peer", name, step(lambda: solve(None)), reset=reset)
+    bench.add("peer", f"{name}, BrownianInterval(dt=dt)", step(lambda: solve(make_bm())), reset=reset)
+
+
 def sde_runs(args, device, dtype, goals):
     torch.manual_seed(0)
     B, d, W, S = args.sde_batch, args.sde_state, args.sde_width, args.sde_steps
@@ -423,6 +432,22 @@ def sde_runs(args, device, dtype, goals):
     print("\nfloor = the networks alone, called as often as Euler-Maruyama with direct backpropagation needs"
           + floor_note(em, "vector fields alone: S forward+backward calls", ["torchsde sdeint euler"]) + ".")
 
+    # torchsde's stochastic adjoint (the adjoint SDE solved backwards on the same path), Stratonovich
+    # midpoint both ways, against torchmech.sdeint_adjoint's BacksolveAdjoint
+    bs = Bench(device, memory=not args.no_memory)
+    bs.add("ours", "torchmech.sdeint_adjoint midpoint",
+           step(lambda: torchmech.sdeint_adjoint(strat, y0, ts, method="midpoint", dt=dt)), reset=clear)
+    if torchsde is not None:
+        add_peer_with_dt_hint(bs, "torchsde sdeint_adjoint midpoint", step, clear,
+                              lambda bm: torchsde.sdeint_adjoint(strat, y0, ts, method="midpoint", dt=dt, bm=bm),
+                              lambda: torchsde.BrownianInterval(0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt))
+    bs.run(args.repeat)
+    table(f"Neural SDE training step, midpoint + stochastic (backsolve) adjoint: B={B}, d={d}, diagonal noise, "
+          f"{S} steps, {args.dtype}", bs,
+          [("SDE midpoint, backsolve adjoint", ["torchmech.sdeint_adjoint midpoint"],
+            ["torchsde sdeint_adjoint midpoint", "torchsde sdeint_adjoint midpoint, BrownianInterval(dt=dt)"])],
+          goals)
+
     # SRA1 (torchsde's "srk" for additive noise): drift MLP, a learnable diffusion of t alone, each
     # side's Brownian motion with the space-time Levy area, built inside the step
     additive = AdditiveSDE(drift, d).to(device=device, dtype=dtype)
@@ -444,12 +469,10 @@ def sde_runs(args, device, dtype, goals):
     sra.add("ours", "torchmech.sdeint srk",
             srk_step(lambda: torchmech.sdeint(additive, y0, ts, method="srk", dt=dt)), reset=clear_add)
     if torchsde is not None:
-        sra.add("peer", "torchsde sdeint srk",
-                srk_step(lambda: torchsde.sdeint(additive, y0, ts, method="srk", dt=dt)), reset=clear_add)
-        sra.add("peer", "torchsde sdeint srk, BrownianInterval(dt=dt)",
-                srk_step(lambda: torchsde.sdeint(additive, y0, ts, method="srk", dt=dt, bm=torchsde.BrownianInterval(
-                    0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt, levy_area_approximation="space-time"))),
-                reset=clear_add)
+        add_peer_with_dt_hint(sra, "torchsde sdeint srk", srk_step, clear_add,
+                              lambda bm: torchsde.sdeint(additive, y0, ts, method="srk", dt=dt, bm=bm),
+                              lambda: torchsde.BrownianInterval(0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt,
+                                                                levy_area_approximation="space-time"))
     sra.run(args.repeat)
     table(f"Neural SDE training step, SRA1 (srk), additive noise (diffusion a learnable function of t, d x d), "
           f"direct backpropagation: B={B}, d={d}, {S} steps, {args.dtype}", sra,

@@ -876,8 +876,8 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     t = setup.t
     setup.t = t.detach()
     holder = _OutputCotangent()
-    setup.y0_flat = _StartTimeGrad.apply(t, setup.y0_flat, setup.f, holder)
-    ys = _OutputTimesGrad.apply(t, _run(setup, adjoint), setup.f, holder)
+    setup.y0_flat = _TimeGrad.apply(t, setup.y0_flat, setup.f, holder, False)
+    ys = _TimeGrad.apply(t, _run(setup, adjoint), setup.f, holder, True)
     return setup.layout.unflatten(ys)
 
 
@@ -887,44 +887,35 @@ class _OutputCotangent:
     g0: Tensor | None = None
 
 
-class _OutputTimesGrad(torch.autograd.Function):
-    """Identity on the outputs ``ys`` (T, N); backward adds ``dL/dt_i = <f(t_i, y_i), g_i>`` for i >= 1."""
+class _TimeGrad(torch.autograd.Function):
+    """Identity on ``x``; its backward adds the adjoint identities' gradient with respect to ``t``.
+
+    ``outputs=True``: ``x`` are the outputs ``ys`` (T, N), and ``dL/dt_i = <f(t_i, y_i), g_i>`` for i >= 1
+    (the cotangent ``g_0`` of the output at t[0] is handed to the other one through ``holder``).
+    ``outputs=False``: ``x`` is y0 (1, N) before the solve, and ``dL/dt_0 = -<f(t_0, y_0), a(t_0)>``, ``a(t_0)``
+    being y0's cotangent from the solve less ``g_0`` (the output at t[0] is y0 itself). The outputs' backward
+    runs first: their graph ends in y0's.
+    """
 
     @staticmethod
-    def forward(ctx, t, ys, f, holder):
-        ctx.f, ctx.holder = f, holder
-        ctx.save_for_backward(t, ys)
-        return ys.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        t, ys = ctx.saved_tensors
-        gt = torch.zeros_like(t)
-        with torch.no_grad():
-            for i in range(1, t.shape[0]):
-                gt[i] = (ctx.f(t[i].reshape(1), ys[i:i + 1], None)[0] * g[i]).sum()
-        ctx.holder.g0 = g[0]
-        return gt, g, None, None
-
-
-class _StartTimeGrad(torch.autograd.Function):
-    """Identity on y0 (1, N); backward adds ``dL/dt_0 = -<f(t_0, y_0), a(t_0)>``, ``a(t_0)`` being y0's
-    cotangent from the solve less the direct one of the output at t[0] (which is y0 itself)."""
-
-    @staticmethod
-    def forward(ctx, t, y0, f, holder):
-        ctx.f, ctx.holder = f, holder
-        ctx.save_for_backward(t, y0)
-        return y0.clone()
+    def forward(ctx, t, x, f, holder, outputs):
+        ctx.f, ctx.holder, ctx.outputs = f, holder, outputs
+        ctx.save_for_backward(t, x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        t, y0 = ctx.saved_tensors
-        a = g[0] if ctx.holder.g0 is None else g[0] - ctx.holder.g0
+        t, x = ctx.saved_tensors
         gt = torch.zeros_like(t)
         with torch.no_grad():
-            gt[0] = -(ctx.f(t[:1], y0, None)[0] * a).sum()
-        return gt, g, None, None
+            if ctx.outputs:
+                for i in range(1, t.shape[0]):
+                    gt[i] = (ctx.f(t[i].reshape(1), x[i:i + 1], None)[0] * g[i]).sum()
+                ctx.holder.g0 = g[0]
+            else:
+                a = g[0] if ctx.holder.g0 is None else g[0] - ctx.holder.g0
+                gt[0] = -(ctx.f(t[:1], x, None)[0] * a).sum()
+        return gt, g, None, None, None
 
 
 def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, reverse_time: bool = False,
