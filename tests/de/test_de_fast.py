@@ -128,6 +128,39 @@ def test_fast_gradients_equal_generic(monkeypatch):
         torch.testing.assert_close(g, grads[0], rtol=1e-9, atol=1e-9)
 
 
+def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
+    """While autograd records, the compiled mode's calls take one step each (a block's surplus masked steps would
+    enter the backward pass); without it, blocks of _BLOCK. Values and gradients equal the generic loop's."""
+    torch.manual_seed(3)
+    y0 = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y, args):
+        return torch.stack([y[:, 1], -args * y[:, 0] + torch.sin(t)], dim=-1)
+
+    ks = []
+
+    def steps(P, integ, window, k, nxt, *state):
+        ks.append(k)
+        return _fast.steps(P, integ, window, k, nxt, *state)
+
+    monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: steps)
+    kw = dict(args=w, saveat=de.SaveAt(ts=torch.linspace(0, 2, 9, dtype=torch.float64)),
+              controller=de.PIDController(1e-7, 1e-7))
+    comp = de.solve(f, de.Dopri5(), 0.0, 2.0, y0, compile=True, **kw)
+    assert ks and set(ks) == {1}
+    slow = generic(monkeypatch, f, de.Dopri5(), 0.0, 2.0, y0, **kw)
+    assert_same(comp, slow, tol=1e-11)
+    g_comp = torch.autograd.grad(comp.ys.pow(2).sum(), [y0, w])
+    g_slow = torch.autograd.grad(slow.ys.pow(2).sum(), [y0, w])
+    for a, b in zip(g_comp, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ks.clear()
+    with torch.no_grad():
+        de.solve(f, de.Dopri5(), 0.0, 2.0, y0, compile=True, **kw)
+    assert set(ks) == {_fast._BLOCK}
+
+
 def test_compiled_window_logic_without_compiling(monkeypatch):
     # the compiled step's in-graph save window (and its overflow fallback), run eagerly
     monkeypatch.setattr(_fast, "_WINDOW", 2)  # most blocks pass more than 2 save times
