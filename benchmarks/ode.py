@@ -162,8 +162,8 @@ def vdp_runs(args, device, dtype):
                      case["out"].stats["num_accepted"].double().mean().item(),
                      (case["out"].ys.double() - ref).abs().max().item(), ""))
         modes = [("eager", False)]
-        if args.compile:  # the default compile, and Inductor's C++ wrapper (no Python between the kernels)
-            modes += [("compiled", True), ("compiled, cpp_wrapper", {"cpp_wrapper": True})]
+        if args.compile:  # the default compile (on CPU with Inductor's C++ wrapper), and with the Python wrapper
+            modes += [("compiled", True), ("compiled, Python wrapper", {"cpp_wrapper": False})]
         for mode, comp in modes:
             cnt.grad = cnt.nograd = 0
             try:

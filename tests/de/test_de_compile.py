@@ -69,7 +69,8 @@ def test_compile_options_reach_torch_compile(monkeypatch):
     y0 = torch.rand(3, 2, dtype=torch.float64)
     kw = dict(saveat=de.SaveAt(ts=torch.linspace(0, 1, 5, dtype=torch.float64)), controller=de.PIDController(1e-6, 1e-6))
     eager = de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, **kw)
-    for opts in ({"cpp_wrapper": True}, {"cpp_wrapper": True}, True):
+    # on CPU: cpp_wrapper by default, a dict's keys override or add to it
+    for opts in ({"cpp_wrapper": True}, True, {"cpp_wrapper": False}, {"max_autotune": False}):
         sol = de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, compile=opts, **kw)
         torch.testing.assert_close(sol.ys, eager.ys, rtol=1e-12, atol=1e-12)
-    assert seen == [{"cpp_wrapper": True}, None]
+    assert seen == [{"cpp_wrapper": True}, {"cpp_wrapper": False}, {"cpp_wrapper": True, "max_autotune": False}]

@@ -671,11 +671,11 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
             dispatch dominates: about 4x faster per step on the Van der Pol benchmark) and for
             repeated training steps of a small MLP vector field (Inductor fuses its elementwise
             work and the solver's: ~1.4x the eager training step of the ODE benchmark); not for
-            one-off solves, nor when the vector field's own cost dominates (a large MLP). A dict
-            instead of ``True`` compiles with those Inductor options (``torch.compile(...,
-            options=compile)``): ``{"cpp_wrapper": True}`` on CPU runs the compiled graph from
-            generated C++ instead of Python, another ~15% per step on Van der Pol for about twice
-            the first call's compile time. See benchmarks/RESULTS.md.
+            one-off solves, nor when the vector field's own cost dominates (a large MLP). On CPU
+            the graph runs from Inductor's generated C++ wrapper (``cpp_wrapper``) instead of
+            Python: ~20% faster per step on Van der Pol for ~10% more compile time. A dict instead
+            of ``True`` adds or overrides Inductor options (``torch.compile(..., options=...)``),
+            e.g. ``{"cpp_wrapper": False}``. See benchmarks/RESULTS.md.
 
     Returns:
         :class:`Solution` with ``ts`` (B, T), ``ys`` (B, T, ...), ``stats``, ``status``.
@@ -738,7 +738,10 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         if why is not None:
             raise ValueError(f"solve: compile=True does not support {why}; use compile=False")
         integ.compiled = True
-        integ.compile_options = dict(compile) if isinstance(compile, dict) else {}
+        # on CPU Inductor's C++ wrapper by default: the graph's ~200 buffer allocations and kernel calls leave
+        # Python (~20% per step on Van der Pol, ~10% more compile time); a dict's keys override it
+        default = {"cpp_wrapper": True} if integ.y0.device.type == "cpu" else {}
+        integ.compile_options = {**default, **(compile if isinstance(compile, dict) else {})}
     if progress:
         from tqdm.auto import tqdm
 
