@@ -182,3 +182,86 @@ def test_bad_device_samples_and_out(tmp_path, capsys):
     f.write_text("")
     code = main(["discover", "--quick", "--no-progress", "--out", str(f)])
     assert code == 2 and "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_system_ground_truth_follows_column_names(tmp_path, capsys):
+    """--system with DATA whose columns are the system's variables in another order: compared by name."""
+    t, x = lorenz_arrays()
+    p = write_csv(tmp_path / "zyx.csv", ["t", "z", "y", "x"], [(ti, c, b, a) for ti, (a, b, c) in zip(t, x)])
+    assert main(["discover", p, "--system", "lorenz", "--method", "sindy", "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "reordered" in out and "exact recovery" in out
+    q = write_csv(tmp_path / "mixed.csv", ["t", "x", "b", "c"], [(ti, *xi) for ti, xi in zip(t, x)])
+    _bad(tmp_path, capsys, [q, "--system", "lorenz"], "name the data's columns as the system's")
+
+
+def test_time_unit_does_not_change_sindy(tmp_path, capsys):
+    """The same Lotka-Volterra data with time in units 1000x longer: rates 1000x larger, found as well (the ridge
+    prior follows the threshold's units, or the data's rates for 'cv')."""
+    from scipy.integrate import solve_ivp
+
+    def f(_t, s):
+        return [s[0] - 0.5 * s[0] * s[1], -0.8 * s[1] + 0.4 * s[0] * s[1]]
+
+    t = np.linspace(0, 20, 800)
+    x = solve_ivp(f, (0, 20), [2, 1], t_eval=t, rtol=1e-10, atol=1e-10).y.T
+    np.savez(tmp_path / "lv.npz", t=t * 1e-3, x=x, names=np.array([b"prey", b"pred"]))  # bytes names too
+    for threshold in ("50", "cv"):
+        assert main(["discover", str(tmp_path / "lv.npz"), "--method", "sindy", "--threshold", threshold,
+                     "--no-progress", "--out", str(tmp_path / "o")]) == 0
+        report = json.loads((tmp_path / "o" / "report.json").read_text())
+        assert report["variables"] == ["prey", "pred"]
+        c = np.array(report["methods"]["sindy"]["coefficients"])
+        names = report["features"]
+        expect = np.zeros_like(c)
+        expect[0, names.index("prey")], expect[0, names.index("prey*pred")] = 1000, -500
+        expect[1, names.index("pred")], expect[1, names.index("prey*pred")] = -800, 400
+        assert np.abs(c - expect).max() < 5, (threshold, c)
+    capsys.readouterr()
+
+
+def test_more_malformed_inputs(tmp_path, capsys):
+    t, x = lorenz_arrays(n=100)
+    # 'T' (a temperature, say) next to a 'time' column: the column written 'time' is the time
+    p = write_csv(tmp_path / "temp.csv", ["P", "T", "time"], [(a, b, ti) for ti, (a, b, _) in zip(t, x)])
+    assert main(["discover", p, "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    assert "T' = " in capsys.readouterr().out
+    p = write_csv(tmp_path / "two.csv", ["t", "time", "x"], [(ti, ti, a) for ti, (a, _, _) in zip(t, x)])
+    _bad(tmp_path, capsys, [p], "several columns could be the time column ('t', 'time'); pass --time-column")
+    p = write_csv(tmp_path / "ok.csv", ["t", "x", "y", "z"], [(ti, *xi) for ti, xi in zip(t, x)])
+    _bad(tmp_path, capsys, [p, "--time-column", "t", "--id-column", "t"], "must differ")
+    stacked = write_csv(tmp_path / "stacked.csv", ["t", "x", "y", "z"],
+                        [(ti, *xi) for ti, xi in zip(t, x)] * 2)
+    _bad(tmp_path, capsys, [stacked], "give them an id column")
+    np.save(tmp_path / "a.npy", x)
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    _bad(tmp_path, capsys, [str(tmp_path / "a.npz")], "not an NPZ archive")
+    np.savez(tmp_path / "s.npz", t=t, x=np.array([["a"] * 3] * len(t)))
+    _bad(tmp_path, capsys, [str(tmp_path / "s.npz")], "'x' must hold real numbers")
+    (tmp_path / "latin1.csv").write_bytes("t,x\n".encode() + "".join(f"{i},{i}\n" for i in range(40)).encode()
+                                          + b"1,\xe9\n")
+    _bad(tmp_path, capsys, [str(tmp_path / "latin1.csv")], "not UTF-8 text")
+    f = tmp_path / "afile"
+    f.write_text("")
+    code = main(["discover", p, "--method", "sindy", "--no-progress", "--out", str(f / "sub")])
+    assert code == 2 and "afile exists and is not a directory" in capsys.readouterr().err
+    # --samples sizes simulated data only
+    assert main(["discover", p, "--samples", "5", "--method", "sindy", "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+
+
+def test_constant_data_report_is_strict_json_and_small_coefficients_print(tmp_path, capsys):
+    from torchmech.discovery.command import _equation_lines
+    import torch
+
+    t = np.linspace(0, 1, 50)
+    p = write_csv(tmp_path / "const.csv", ["t", "x"], [(ti, 1.0) for ti in t])
+    assert main(["discover", p, "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    assert "undefined (the held-out data are constant)" in capsys.readouterr().out
+    text = (tmp_path / "o" / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert report["methods"]["sindy"]["trajectory_r2"] is None
+    lines = _equation_lines(torch.tensor([[0.8, -0.0004, 0.0], [123456.0, 0.05, 2.0]]), ["N", "N^2", "1"], ["a", "b"])
+    assert lines == ["a' = 0.800 N - 4.000e-04 N^2", "b' = 1.235e+05 N + 0.050 N^2 + 2.000"]

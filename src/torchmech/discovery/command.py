@@ -53,8 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--library", choices=LIBRARIES, default="poly2")
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="coefficient magnitude below which terms are removed (default 0.5 for MNN, 0.2 for SINDy), "
-                        "or 'cv': SINDy chooses each equation's terms by blocked cross-validation (candidate "
-                        "supports, one-standard-error rule; no threshold to guess), MNN keeps 0.5")
+                        "in the data's units (coefficients are rates per time unit: with time in units 1000x "
+                        "longer, scale it 1000x), or 'cv': SINDy chooses each equation's terms by blocked "
+                        "cross-validation (candidate supports, one-standard-error rule; no threshold to guess), "
+                        "MNN keeps 0.5")
     p.add_argument("--samples", type=int, default=1000, help="samples of simulated data (default 1000)")
     p.add_argument("--out", default="discover-output", help="folder for report.json and the plot")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -97,11 +99,17 @@ def _equation_lines(coefficients: torch.Tensor, names: list[str], variables: lis
             parts = []
             for i, (c, n) in enumerate(terms):
                 sign = "-" if c < 0 else ("+" if i else "")
-                body = f"{abs(c):.{precision}f}" + ("" if n == "1" else f" {n}")
+                body = _number(abs(c), precision) + ("" if n == "1" else f" {n}")
                 parts.append(f"{sign} {body}" if i else f"{sign}{body}")
             rhs = " ".join(parts)
         lines.append(f"{v}' = {rhs}")
     return lines
+
+
+def _number(x: float, precision: int) -> str:
+    """``precision`` decimals for magnitudes in [1e-2, 1e5), else ``precision + 1`` significant digits in
+    scientific notation (0.0004 prints as 4.000e-04, not 0.000)."""
+    return f"{x:.{precision}f}" if 1e-2 <= x < 1e5 else f"{x:.{precision}e}"
 
 
 def _support_metrics(found: torch.Tensor, true: torch.Tensor) -> dict:
@@ -125,15 +133,30 @@ def _fit(method: str, library, ts, xs, threshold, quick: bool, progress: bool) -
         weak = WeakForm.fitting(min(x.shape[0] for x in xs),
                                 min_rows=2 * library.n_features(xs[0].shape[-1]) // len(xs))
         if threshold == "cv":
-            return fit_sindy_cv(list(xs), list(ts), library, weak, STLSQ(alpha="auto"),
+            return fit_sindy_cv(list(xs), list(ts), library, weak, STLSQ(alpha="auto", prior_scale=_prior_scale(xs, ts)),
                                 search="support").coefficients[0].detach()
-        model = SINDy(library=library, differentiation=weak, optimizer=STLSQ(threshold=threshold, alpha="auto"))
+        # the ridge prior in the threshold's units: a threshold of 50 (say, time in ms) means coefficients of
+        # hundreds, which a prior of standard deviation 1 would shrink (it is 1 up to the default 0.2)
+        optimizer = STLSQ(threshold=threshold, alpha="auto", prior_scale=max(1.0, 5.0 * threshold))
+        model = SINDy(library=library, differentiation=weak, optimizer=optimizer)
         model.fit(xs if len(xs) > 1 else xs[0], ts if len(ts) > 1 else ts[0])
         return model.coefficients_.detach()
     from torchmech.discovery.mechanistic import MechanisticDiscovery
 
     model = MechanisticDiscovery(library, threshold=threshold, cycles=3 if quick else 5, progress=progress)
     return model.fit(xs, ts).coefficients_.detach()
+
+
+def _prior_scale(xs, ts) -> float:
+    """The ridge prior's standard deviation for a fit with no threshold to take units from: 1 (as for the
+    default threshold), or a tenth of the data's fastest rate, max over variables of RMS(dx/dt) / RMS(x)
+    (finite differences), when that is larger: the prior must not shrink the coefficients of data whose time
+    unit makes the rates large (rates of ~1e3, time in ms). Standard benchmark systems stay at 1 (Lorenz: 0.7)."""
+    rate = 0.0
+    for x, t in zip(xs, ts):
+        dx = (x[1:] - x[:-1]) / (t[1:] - t[:-1])[:, None]
+        rate = max(rate, float((dx.square().mean(0).sqrt() / x.square().mean(0).sqrt().clamp_min(1e-300)).max()))
+    return max(1.0, 0.1 * rate)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,9 +168,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bad input reported by the library, with its own message
         print(f"torchmech discover: error: {exc}", file=sys.stderr)
         return 2
-    except FactorizationError as exc:  # the fit's linear algebra broke down on this data: its own message
-        print(f"torchmech discover: error: {exc}", file=sys.stderr)
-        return 1
+    except (FactorizationError, torch.linalg.LinAlgError) as exc:  # the fit's linear algebra broke down
+        print(f"torchmech discover: error: the fit's linear algebra failed on this data ({exc}); values or times "
+              "of extreme magnitude (e.g. 1e60, or times in units of 1e-12) need rescaling", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -168,10 +192,13 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= args.noise < 10:
         raise _Fail(f"--noise must be a fraction in [0, 10), got {args.noise}")
     window = 32  # the MNN fit's window, and so the shortest series either method is given
-    if args.samples < window:
+    if args.samples < window and not args.data:  # (it only sizes simulated data)
         raise _Fail(f"--samples must be at least {window}, got {args.samples}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the fits, not after them
-        raise _Fail(f"--out {args.out}: exists and is not a directory")
+    parent = args.out  # before the fits, not after them: the folder or its nearest existing parent
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise _Fail(f"--out {args.out}: {parent} exists and is not a directory")
     progress = not args.no_progress
     dtype = torch.float64
     library = make_library(args.library)
@@ -190,8 +217,21 @@ def _run(args: argparse.Namespace) -> int:
             raise _Fail(f"{data.source}: {rows} samples in all, too few for the {F} features of --library "
                         f"{args.library}")
         source = data.source
-        if system is not None and list(system.variables) != variables and len(system.variables) != len(variables):
-            raise _Fail(f"--system {system.name} has {len(system.variables)} variables, the data has {len(variables)}")
+        if system is not None and list(system.variables) != variables:
+            sv = list(system.variables)
+            if sorted(sv) == sorted(variables):  # the same variables in another column order: use the system's
+                perm = [variables.index(v) for v in sv]
+                xs = [x[:, perm] for x in xs]
+                variables = sv
+                print(f"note: data columns reordered to the variables of --system {system.name}: {', '.join(sv)}")
+            elif len(sv) != len(variables):
+                raise _Fail(f"--system {system.name} has {len(sv)} variables, the data has {len(variables)}")
+            elif set(sv) & set(variables):
+                raise _Fail(f"--system {system.name} has the variables {sv}, the data {variables}: name the data's "
+                            "columns as the system's (or all differently, to compare by position)")
+            else:
+                print(f"note: comparing with --system {system.name} by position: "
+                      + ", ".join(f"{a} = {b}" for a, b in zip(variables, sv)))
         # Held out: the last trajectory when there are several.
         if len(xs) > 1:
             held_t, held_x = ts[-1], xs[-1]
@@ -256,16 +296,30 @@ def _run(args: argparse.Namespace) -> int:
         sim, ok = _simulate_model(coef, library, held_x[0], held_t)
         sims[method] = sim if ok else None
         entry["trajectory_r2"] = _r2(sim, held_x) if ok else None
+        r2 = entry["trajectory_r2"]
         print(f"  trajectory R2 ({held_note}): "
-              + (f"{entry['trajectory_r2']:.4f}" if ok else "simulation failed (the model diverges)"))
+              + ("simulation failed (the model diverges)" if not ok else
+                 f"{r2:.4f}" if r2 == r2 and abs(r2) != float("inf") else "undefined (the held-out data are constant)"))
         report["methods"][method] = entry
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
+        json.dump(_finite(report), fh, indent=2, allow_nan=False)
     _plot(os.path.join(args.out, "discover.png"), held_t, held_x, sims, variables)
     print(f"\nwrote {os.path.join(args.out, 'report.json')} and {os.path.join(args.out, 'discover.png')}")
     return 0
+
+
+def _finite(obj):
+    """The report with NaN/inf numbers as None (null): JSON has no NaN (an R2 is NaN when the held-out data are
+    constant)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _plot(path: str, t, x, sims: dict, variables: list[str]) -> None:

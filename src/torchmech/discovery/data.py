@@ -38,19 +38,26 @@ def _check_trajectory(t: np.ndarray, x: np.ndarray, where: str, min_samples: int
         raise DataError(f"{where}: {len(bad)} NaN or infinite value(s) in the variables, first at sample "
                         f"{bad[0][0]} (fill or drop missing values first)")
     dt = np.diff(t)
+    restart = ("; if the file stacks several trajectories, give them an id column ('trajectory') or pass "
+               "--id-column")
     if np.any(dt == 0):
         i = int(np.argmax(dt == 0))
-        raise DataError(f"{where}: duplicated time {t[i]!r} at samples {i} and {i + 1}; times must be "
-                        f"strictly increasing")
+        raise DataError(f"{where}: duplicated time {float(t[i]):g} at samples {i} and {i + 1}; times must be "
+                        f"strictly increasing{restart}")
     if np.any(dt < 0):
         i = int(np.argmax(dt < 0))
-        raise DataError(f"{where}: times are not increasing ({t[i]!r} then {t[i + 1]!r} at samples {i} and "
-                        f"{i + 1}); sort the rows by time")
+        raise DataError(f"{where}: times are not increasing ({float(t[i]):g} then {float(t[i + 1]):g} at samples "
+                        f"{i} and {i + 1}); sort the rows by time{restart}")
 
 
 def _read_csv(path: str, time_column: str | None, id_column: str | None, min_samples: int):
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: drop a byte-order mark (Excel's CSV UTF-8)
-        rows = list(csv.reader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: drop a byte-order mark (Excel's CSV UTF-8)
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if len(rows) < 2:
         raise DataError(f"{path}: expected a header row and data rows, found {len(rows)} row(s)")
@@ -65,12 +72,21 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
         if not found:
             raise DataError(f"{path}: no time column: name one of the columns 't' or 'time' (columns are "
                             f"{header}) or pass --time-column")
+        if len(found) > 1:
+            exact = [i for i in found if header[i] in TIME_COLUMNS]  # 't'/'time' as written beats 'T'/'Time'
+            if len(exact) != 1:
+                raise DataError(f"{path}: several columns could be the time column "
+                                f"({', '.join(repr(header[i]) for i in found)}); pass --time-column")
+            found = exact
         ti = found[0]
     ii = None
     if id_column is not None:
         if id_column not in header:
             raise DataError(f"{path}: no trajectory-id column {id_column!r}; columns are {header}")
         ii = header.index(id_column)
+        if ii == ti:
+            raise DataError(f"{path}: the time column and the trajectory-id column must differ, both are "
+                            f"{id_column!r}")
     else:
         found = [i for i, h in enumerate(lower) if h in ID_COLUMNS]
         ii = found[0] if found else None
@@ -108,6 +124,11 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
 
 
 def _read_npz(path: str, min_samples: int):
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an NPZ archive (save with numpy.savez; a single array saved with numpy.save "
+                        "is a .npy file)")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # a corrupt archive: say so instead of a traceback
@@ -115,7 +136,17 @@ def _read_npz(path: str, min_samples: int):
     missing = [k for k in ("t", "x") if k not in data.files]
     if missing:
         raise DataError(f"{path}: missing array(s) {missing}; an NPZ needs 't' (T,) and 'x' (T, D) or (B, T, D)")
-    t, x = np.asarray(data["t"], dtype=float), np.asarray(data["x"], dtype=float)
+
+    def numbers(key):
+        try:
+            a = data[key]
+        except ValueError as exc:  # object arrays need pickle, which is not loaded from data files
+            raise DataError(f"{path}: {key!r} is an object array ({exc}); store numbers") from None
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"{path}: {key!r} must hold real numbers, got dtype {a.dtype}")
+        return np.asarray(a, dtype=float)
+
+    t, x = numbers("t"), numbers("x")
     if t.ndim != 1:
         raise DataError(f"{path}: 't' must have shape (T,), got {t.shape}")
     if x.ndim == 2:
@@ -127,11 +158,15 @@ def _read_npz(path: str, min_samples: int):
                         f"(shape {data['x'].shape})")
     names = None
     if "names" in data.files:
-        raw = data["names"]
+        try:
+            raw = data["names"]
+        except ValueError:
+            raise DataError(f"{path}: 'names' is an object array; store it as strings, e.g. "
+                            "np.array(['x', 'y'])") from None
         if raw.ndim != 1 or raw.shape[0] != x.shape[2]:
             raise DataError(f"{path}: 'names' must list one name per variable, i.e. have shape ({x.shape[2]},) "
                             f"for 'x' of shape {data['x'].shape}; got shape {raw.shape}")
-        names = [str(n) for n in raw]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw.tolist()]
         if not all(n.strip() for n in names):
             raise DataError(f"{path}: 'names' contains an empty name: {names}")
     out = []
