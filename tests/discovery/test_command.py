@@ -253,7 +253,7 @@ def test_more_malformed_inputs(tmp_path, capsys):
 
 
 def test_constant_data_report_is_strict_json_and_small_coefficients_print(tmp_path, capsys):
-    from torchmech.discovery.command import _equation_lines
+    from torchmech.discovery.base import format_equations
     import torch
 
     t = np.linspace(0, 1, 50)
@@ -263,5 +263,5 @@ def test_constant_data_report_is_strict_json_and_small_coefficients_print(tmp_pa
     text = (tmp_path / "o" / "report.json").read_text()
     report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report["methods"]["sindy"]["trajectory_r2"] is None
-    lines = _equation_lines(torch.tensor([[0.8, -0.0004, 0.0], [123456.0, 0.05, 2.0]]), ["N", "N^2", "1"], ["a", "b"])
+    lines = format_equations(torch.tensor([[0.8, -0.0004, 0.0], [123456.0, 0.05, 2.0]]), ["N", "N^2", "1"], ["a", "b"])
     assert lines == ["a' = 0.800 N - 4.000e-04 N^2", "b' = 1.235e+05 N + 0.050 N^2 + 2.000"]

@@ -128,16 +128,23 @@ def as_trajectories(
 
 
 # ---------------------------------------------------------------------------------------------- text
+def format_number(x: float, precision: int = 3) -> str:
+    """``precision`` decimals for magnitudes in [1e-2, 1e5), else ``precision + 1`` significant digits in
+    scientific notation (0.0004 prints as 4.000e-04, not 0.000)."""
+    return f"{x:.{precision}f}" if 1e-2 <= abs(x) < 1e5 else f"{x:.{precision}e}"
+
+
 def format_equations(coefficients: torch.Tensor, feature_names: Sequence[str], variable_names: Sequence[str],
                      precision: int = 3) -> list[str]:
-    """Readable equations ``"x' = -10.000 x + 10.000 y"``, one per row of ``coefficients`` (D, F)."""
+    """Readable equations ``"x' = -10.000 x + 10.000 y"``, one per row of ``coefficients`` (D, F);
+    coefficients below 1e-2 or from 1e5 in magnitude in scientific notation."""
     lines = []
     for d, v in enumerate(variable_names):
         parts = []
         for c, n in zip(coefficients[d].tolist(), feature_names):
             if c == 0:
                 continue
-            body = f"{abs(c):.{precision}f}" + ("" if n == "1" else f" {n}")
+            body = format_number(abs(c), precision) + ("" if n == "1" else f" {n}")
             if parts:
                 parts.append(f"{'-' if c < 0 else '+'} {body}")
             else:

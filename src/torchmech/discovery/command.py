@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from torchmech.discovery.base import format_equations
 from torchmech.mnn.linalg.blocktri import FactorizationError
 
 LIBRARIES = ("poly2", "poly3", "poly3+fourier")
@@ -87,29 +88,6 @@ def _simulate_model(coefficients: torch.Tensor, library, y0: torch.Tensor, t: to
     sol = de.solve(de.ODETerm(f), de.Dopri5(), t[0], t[-1], y0[None], saveat=de.SaveAt(ts=t),
                    controller=de.PIDController(rtol=1e-8, atol=1e-8), max_steps=100_000, throw=False)
     return sol.ys[0], bool(sol.success.all()) and bool(torch.isfinite(sol.ys).all())
-
-
-def _equation_lines(coefficients: torch.Tensor, names: list[str], variables: list[str], precision: int = 3) -> list[str]:
-    lines = []
-    for d, v in enumerate(variables):
-        terms = [(float(c), n) for c, n in zip(coefficients[d].tolist(), names) if c != 0]
-        if not terms:
-            rhs = "0"
-        else:
-            parts = []
-            for i, (c, n) in enumerate(terms):
-                sign = "-" if c < 0 else ("+" if i else "")
-                body = _number(abs(c), precision) + ("" if n == "1" else f" {n}")
-                parts.append(f"{sign} {body}" if i else f"{sign}{body}")
-            rhs = " ".join(parts)
-        lines.append(f"{v}' = {rhs}")
-    return lines
-
-
-def _number(x: float, precision: int) -> str:
-    """``precision`` decimals for magnitudes in [1e-2, 1e5), else ``precision + 1`` significant digits in
-    scientific notation (0.0004 prints as 4.000e-04, not 0.000)."""
-    return f"{x:.{precision}f}" if 1e-2 <= x < 1e5 else f"{x:.{precision}e}"
 
 
 def _support_metrics(found: torch.Tensor, true: torch.Tensor) -> dict:
@@ -268,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     report = dict(source=source, variables=variables, library=args.library, features=names, methods={},
                   held_out=held_note)
     if true is not None:
-        report["true_equations"] = _equation_lines(true, names, variables)
+        report["true_equations"] = format_equations(true, names, variables)
         report["true_coefficients"] = true.tolist()
         print("\ntrue equations:")
         for line in report["true_equations"]:
@@ -281,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         coef = _fit(method, library, ts, xs, threshold, args.quick, progress)
         seconds = time.perf_counter() - start
-        lines = _equation_lines(coef, names, variables)
+        lines = format_equations(coef, names, variables)
         entry = dict(threshold=threshold, seconds=round(seconds, 2), equations=lines, coefficients=coef.tolist())
         chosen = "terms chosen by cross-validation" if threshold == "cv" else f"threshold {threshold:g}"
         print(f"\n{method}: discovered in {seconds:.1f} s ({chosen})")
