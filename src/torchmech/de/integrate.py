@@ -506,7 +506,8 @@ class _Integrator:
         t_star = t + theta * h
         y_star = self._interp(y, qs, theta)
         needs_grad = torch.is_grad_enabled() and (
-            y_star.requires_grad or any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves(args))
+            y_star.requires_grad or t_star.requires_grad
+            or any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves(args))
         )
         if not needs_grad:
             return t_star, y_star
