@@ -63,6 +63,8 @@ def test_explicit_steps_override_and_float32():
 def test_bad_construction_and_call():
     with pytest.raises(ValueError, match="order must be an int >= 1"):
         MechanisticBlock(order=0)
+    with pytest.raises(ValueError, match="step must be at least float32's smallest normal number"):
+        MechanisticBlock(step=1e-50)
     with pytest.raises(ValueError, match="step must be a positive"):
         MechanisticBlock(step=-1.0)
     with pytest.raises(ValueError, match="needs num_points"):

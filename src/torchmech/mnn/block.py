@@ -65,6 +65,9 @@ class MechanisticBlock(nn.Module):
             raise ValueError(f"order must be an int >= 1, got {order!r}")
         if not (isinstance(step, (int, float)) and math.isfinite(step) and step > 0):
             raise ValueError(f"step must be a positive finite number, got {step!r}")
+        if step < torch.finfo(torch.float32).tiny:  # the block's tensors start in float32, where it would be 0
+            raise ValueError(f"step must be at least float32's smallest normal number "
+                             f"({torch.finfo(torch.float32).tiny:.1e}), got {step!r}: the block starts in float32")
         if num_points is not None and (not isinstance(num_points, int) or num_points < 2):
             raise ValueError(f"num_points must be an int >= 2 or None, got {num_points!r}")
         if per_step_steps and num_points is None:

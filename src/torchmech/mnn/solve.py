@@ -8,8 +8,8 @@ from torch import Tensor
 from torchmech.mnn.linalg.blocktri import (_SMALL_MAX, _SMALL_MIN_BLOCKS, CyclicReduction, FactorizationError,
                                           SequentialCholesky)
 from torchmech.mnn.linalg.dense import solve_dense
-from torchmech.mnn.system import (BandedSystem, Problem, assemble, check_solution, objective_cross, pivot_floor,
-                                  prepare)
+from torchmech.mnn.system import (SUSPECT_PIVOT, BandedSystem, Problem, assemble, check_solution, eigen_floor,
+                                  objective_cross, pivot_floor, prepare)
 
 METHODS = ("auto", "dense", "banded", "parallel")
 
@@ -167,6 +167,8 @@ class _Factorised:
             # Positive definite, but not in the low precision: factorise in the working precision.
             self.low = self.hi
             self._refactor()
+        if self.low == self.hi == torch.float64 and self.factor.min_pivot < SUSPECT_PIVOT:
+            self._check_not_singular()
         self.x2 = self.schur = None
         self.m = sys.m
         if sys.m is not None:
@@ -199,6 +201,29 @@ class _Factorised:
         self.pad = self.paired and self.T % 2 == 1
         factor = CyclicReduction if self.method == "parallel" else SequentialCholesky
         self.factor = factor(D2, U2, min_pivot=pivot_floor(low, self.T))
+
+    def _check_not_singular(self) -> None:
+        """Raise if the unit-diagonal normal matrix S M S is numerically singular.
+
+        Its smallest eigenvalue, per problem of the batch, by three steps of inverse iteration through the
+        factorisation (each one solve). The factor is that of a matrix within rounding of S M S, so a singular
+        one shows an eigenvalue at the rounding level (<= 1e-15) although its smallest pivot may be 1e-8.
+        Only run when some pivot is below SUSPECT_PIVOT.
+        """
+        s = self.s.unsqueeze(-1)  # (..., T, n, 1)
+        g = torch.Generator(device=s.device).manual_seed(0)
+        v = torch.randn(s.shape, generator=g, dtype=self.hi, device=s.device)
+        v = v / v.square().sum((-3, -2, -1), keepdim=True).sqrt()
+        for _ in range(3):
+            w = self._solve_once(v / s) / s  # (S M S)^-1 v
+            grow = w.square().sum((-3, -2, -1), keepdim=True).sqrt()
+            v = w / grow
+        lam = (1 / grow).amin().item()
+        if not lam >= eigen_floor(self.T):
+            raise FactorizationError(
+                f"the NeuRLP normal matrix is numerically singular (smallest eigenvalue about {lam:.1e} of its "
+                "diagonal): the rows do not determine the solution; pin more of it (initial conditions, more "
+                "equations) or check the coefficients, steps and weights")
 
     def release(self) -> None:
         """Drop the assembled blocks once they are no longer needed (they are only read again by the

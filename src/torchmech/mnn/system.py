@@ -115,6 +115,12 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
     # counts intervals (T-1) and decides only when both of them broadcast. Then a steps tensor with one entry
     # per point instead of per interval is reported as a steps error, not blamed on coefficients.
     points = [v for v in (Tc, rhs.shape[-2]) if v > 1]
+    if num_points is None and len(set(points)) > 1:
+        hint = f"; steps has {steps.shape[-1]} intervals (T = {steps.shape[-1] + 1})" if steps.shape[-1] > 1 else ""
+        raise ValueError(f"coefficients has {Tc} time points but rhs has {rhs.shape[-2]}{hint}: the time axes "
+                         "must agree (or have size 1, to broadcast)")
+    if num_points is None and not points and steps.shape[-1] == 0:
+        raise ValueError("the time grid needs at least 2 points; steps has 0 intervals (T = 1)")
     if num_points is not None:
         if not isinstance(num_points, int) or num_points < 2:
             raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
@@ -183,6 +189,23 @@ def pivot_floor(dtype: torch.dtype, T: int) -> float:
     T ~ 300 on a singular float32 system can still get past it (3 of 320 grid variants in a sweep did).
     """
     return min(torch.finfo(dtype).eps * max(64, T), 1e-5)
+
+
+# A Cholesky pivot (of the unit-diagonal normal matrix) below this sends the factorisation to an eigenvalue
+# check: singular systems leave pivots up to ~6e-8 in float64 (the rounding noise of the null direction grows
+# with the ill-conditioning of the leading blocks), so no pivot floor separates them from well-posed ones
+# (>= 4e-7 in the accuracy tests, >= 4e-5 on the random benchmark problems); the smallest eigenvalue does.
+SUSPECT_PIVOT = 1e-6
+
+
+def eigen_floor(T: int) -> float:
+    """The smallest eigenvalue of the unit-diagonal float64 normal matrix below which it counts as singular.
+
+    Singular systems measure <= 1e-15 (inverse iteration through the factor, or eigvalsh); a well-posed one
+    at this floor (~1e-11 to 2e-10 up to T = 1000) has cond >= 1e10, so its solution would carry relative
+    errors of ~1e-5 and more from the normal equations' rounding alone.
+    """
+    return 1e3 * torch.finfo(torch.float64).eps * max(64, T)
 
 
 def check_solution(u: Tensor, dtype: torch.dtype) -> None:

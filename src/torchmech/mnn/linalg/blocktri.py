@@ -19,28 +19,32 @@ class FactorizationError(RuntimeError):
     """The normal matrix is not (numerically) positive definite."""
 
 
-def _raise_if_failed(infos: list[Tensor], factors: list[Tensor], min_pivot: float) -> None:
+def _raise_if_failed(infos: list[Tensor], factors: list[Tensor], min_pivot: float) -> float:
     """One host sync: raise if any Cholesky failed or, with min_pivot > 0, if any pivot L_ii^2 <= min_pivot.
 
     A Cholesky of a singular matrix need not fail: rounding can leave tiny positive pivots instead of a
     negative one, and the factor is then garbage. For a matrix scaled to a unit diagonal the pivots are
     relative, and one at the rounding level of the precision means the matrix is singular in it.
     """
-    _raise_if_bad(torch.stack([(i > 0).any() for i in infos]).any(),
-                  [L.diagonal(dim1=-2, dim2=-1) for L in factors], min_pivot)
+    return _raise_if_bad(torch.stack([(i > 0).any() for i in infos]).any(),
+                         [L.diagonal(dim1=-2, dim2=-1) for L in factors], min_pivot)
 
 
-def _raise_if_bad(bad: Tensor, diags: list[Tensor], min_pivot: float, strict: bool = False) -> None:
+def _raise_if_bad(bad: Tensor, diags: list[Tensor], min_pivot: float, strict: bool = False) -> float:
     """Raise if `bad` or, with min_pivot > 0 (or strict), if any Cholesky diagonal entry is <= sqrt(min_pivot).
 
     strict: the diagonals come from the unrolled Cholesky, which marks a failed pivot by a NaN or zero entry
     instead of an info code, so they are checked even when min_pivot is 0.
+    Returns the smallest pivot L_ii^2 (inf when the pivots were not checked), read back in the same sync.
     """
+    smallest = torch.full((), math.inf, dtype=torch.float64, device=bad.device)
     if min_pivot > 0 or strict:
         mins = [d.amin() for d in diags if d.numel()]
         if mins:
+            smallest = torch.stack(mins).amin().to(torch.float64)
             # `not >` also catches a NaN pivot
-            bad = bad | ~(torch.stack(mins).amin() > math.sqrt(min_pivot))
+            bad = bad | ~(smallest > math.sqrt(min_pivot))
+    bad, smallest = torch.stack([bad.to(torch.float64), smallest]).tolist()
     if bool(bad):
         raise FactorizationError(
             "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
@@ -48,6 +52,7 @@ def _raise_if_bad(bad: Tensor, diags: list[Tensor], min_pivot: float, strict: bo
             + (f": a pivot failed or fell to <= {min_pivot:.1e} of its diagonal" if min_pivot > 0 else "")
             + "): the rows do not determine the solution, or the problem is too ill-conditioned; check the "
             "coefficients, steps and weights, or use float64")
+    return smallest * smallest
 
 
 def _tri_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
@@ -174,7 +179,7 @@ class SequentialCholesky:
             Li, info = torch.linalg.cholesky_ex(diag[i] - ct.mT @ ct)
             L[i] = Li
             infos.append(info)
-        _raise_if_failed(infos, [L], min_pivot)
+        self.min_pivot = _raise_if_failed(infos, [L], min_pivot)
         self.L, self.CT = L, CT  # time-major
 
     def solve(self, r: Tensor) -> Tensor:
@@ -240,7 +245,7 @@ class CyclicReduction:
             self.levels.append((Lo, Wl, Wr, even))
         self.root, info = torch.linalg.cholesky_ex(D)
         infos.append(info)
-        _raise_if_failed(infos, [lv[0] for lv in self.levels] + [self.root], min_pivot)
+        self.min_pivot = _raise_if_failed(infos, [lv[0] for lv in self.levels] + [self.root], min_pivot)
 
     @classmethod
     def from_soa(cls, diag: Tensor, off: Tensor, min_pivot: float = 0.0) -> "CyclicReduction":
@@ -281,7 +286,8 @@ class CyclicReduction:
         self.root_soa = _chol_soa(D)
         diags.append(self.root_soa[1])
         # A failed pivot is a NaN (or 0) diagonal entry: `not > floor` catches both, one host sync for all levels.
-        _raise_if_bad(torch.zeros((), dtype=torch.bool, device=diag.device), diags, min_pivot, strict=True)
+        self.min_pivot = _raise_if_bad(torch.zeros((), dtype=torch.bool, device=diag.device), diags, min_pivot,
+                                       strict=True)
 
     def _solve_soa(self, r: Tensor) -> Tensor:
         m = self.root_soa[0].shape[0]

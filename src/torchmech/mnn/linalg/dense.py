@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchmech.mnn.linalg.blocktri import FactorizationError
-from torchmech.mnn.system import Problem, check_solution, pivot_floor
+from torchmech.mnn.system import SUSPECT_PIVOT, Problem, check_solution, eigen_floor, pivot_floor
 
 
 def dense_rows(p: Problem) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,12 +111,20 @@ def solve_dense(p: Problem) -> Tensor:
         g = g.clone()
         g[..., -1] = g[..., -1] + p.slack.expand(p.batch_shape)
     s = H.diagonal(dim1=-2, dim2=-1).rsqrt()
-    L, info = torch.linalg.cholesky_ex(H * s.unsqueeze(-1) * s.unsqueeze(-2))
+    Hs = H * s.unsqueeze(-1) * s.unsqueeze(-2)
+    L, info = torch.linalg.cholesky_ex(Hs)
     floor = pivot_floor(torch.float64, p.T)
-    low_pivot = ~(L.detach().diagonal(dim1=-2, dim2=-1).amin() > math.sqrt(floor)) if L.numel() else False
+    min_pivot = L.detach().diagonal(dim1=-2, dim2=-1).amin().square() if L.numel() else torch.ones(())
+    low_pivot = ~(min_pivot > floor)
+    where = None
     if bool((info > 0).any() | low_pivot):
         where = f"Cholesky failed at column {int(info.max())} of {H.shape[-1]}" if bool((info > 0).any()) else \
             f"a pivot fell to <= {floor:.1e} of its diagonal"
+    elif float(min_pivot) < SUSPECT_PIVOT:  # pivots do not tell singular from ill-conditioned here: eigenvalues do
+        lam = torch.linalg.eigvalsh(Hs.detach()).amin()
+        if float(lam) < eigen_floor(p.T):
+            where = f"its smallest eigenvalue is {float(lam):.1e} of the diagonal"
+    if where is not None:
         raise FactorizationError(
             f"the dense normal matrix is not positive definite ({where}): the least-squares problem does not "
             "determine the solution (check the coefficients and the initial conditions)")
