@@ -478,7 +478,9 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
     the first derivatives are exact, and differentiating them again raises a ``RuntimeError`` (only
     ``method="dense"`` gives second derivatives). Raises ``ValueError``/``TypeError`` on bad input (including dtypes
     other than float32/float64), ``FactorizationError`` when the normal matrix is not (numerically) positive
-    definite, when the slack is not determined by the rows, or when the solve produces non-finite values, and
+    definite (a failed or tiny Cholesky pivot, or, when a pivot is below 1e-6 of its diagonal, a smallest
+    eigenvalue at the rounding level: the rows leave part of the solution undetermined), when the slack is not
+    determined by the rows, or when the solve produces non-finite values, and
     ``OverflowError`` when a float32 problem's solution (computed in float64) exceeds float32's range.
 
     On CPU, large batches (batch size * T * (D*K)^2 above ~2.4e6) are solved in chunks along the first batch
