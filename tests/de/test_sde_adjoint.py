@@ -118,9 +118,16 @@ def test_backsolve_sde_args_gradient_and_stats():
     assert bool(((adj.backward_stats["num_steps"] - 400).abs() <= 1).all())
 
 
-def test_backsolve_sde_parameter_quadrature_evaluates_each_point_once():
-    """Fixed-step Heun backwards: 2 diffusion calls per step for the adjoint state, and the parameter
-    quadrature's trapezoid evaluates each backward grid point once (shared by the two steps meeting there)."""
+@pytest.mark.parametrize("stages", [True, False])
+def test_backsolve_sde_parameter_quadrature_call_counts(stages, monkeypatch):
+    """Fixed-step Heun backwards on the forward grid: 2 diffusion calls per step for the adjoint state (plus
+    one increment check per segment). The parameter terms come from those stages' own backward passes when the
+    batch shares the grid (stages=True: no further call); the trapezoid used otherwise evaluates each backward
+    grid point once, shared by the two steps meeting there."""
+    from torchmech.de import adjoint as A
+
+    if not stages:
+        monkeypatch.setattr(A, "_stage_weights", lambda solver: None)
     bm = de.BrownianInterval(0.0, 1.0, (B, 2), dtype=DT, seed=1)
     calls = []
 
@@ -137,8 +144,32 @@ def test_backsolve_sde_parameter_quadrature_evaluates_each_point_once():
                    adjoint=de.BacksolveAdjoint())
     calls.clear()
     torch.autograd.grad(sol.ys.sum(), [f.w, g.v])
-    # per segment: init 1 + 10 steps x 2 (solver) + 10 + 1 points (quadrature)
-    assert len(calls) == 2 * (1 + 20 + 11)
+    # per segment: the increment check 1 + 10 steps x 2 (solver) [+ 10 + 1 points (trapezoid)]
+    assert len(calls) == 2 * (1 + 20 + (0 if stages else 11))
+
+
+@pytest.mark.parametrize("solver", [de.StochasticHeun(), de.StochasticMidpoint(), de.EulerHeun()])
+def test_backsolve_sde_stage_and_trapezoid_parameter_terms_agree(solver, monkeypatch):
+    """Both parameter quadratures are consistent: on a fine grid they agree closely, and with the direct adjoint."""
+    from torchmech.de import adjoint as A
+
+    bm = de.BrownianInterval(0.0, 1.0, (B, 2), dtype=DT, seed=4)
+    f, g = Drift(), DiagDiff()
+    terms = de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(g, bm))
+    y0 = torch.tensor([[1.0, 0.5]], dtype=DT).repeat(B, 1)
+    out = []
+    for mode in ("stages", "trapezoid", "direct"):
+        with monkeypatch.context() as m:
+            if mode == "trapezoid":
+                m.setattr(A, "_stage_weights", lambda solver: None)
+            adjoint = de.DirectAdjoint() if mode == "direct" else de.BacksolveAdjoint(solver=solver)
+            sol = de.solve(terms, solver, 0.0, 1.0, y0, dt0=1 / 400, adjoint=adjoint, max_steps=1000,
+                           saveat=de.SaveAt(ts=torch.tensor([0.4, 1.0], dtype=DT)))
+            out.append(torch.autograd.grad((sol.ys ** 2).sum(), [f.w, g.v]))
+    for k in range(2):
+        scale = out[2][k].abs().max()
+        assert (out[0][k] - out[1][k]).abs().max() < 5e-3 * scale, (k, out)
+        assert (out[0][k] - out[2][k]).abs().max() < 1e-2 * scale, (k, out)
 
 
 def test_backsolve_sde_errors():

@@ -8,7 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from torchmech.de._tree import bcast
-from torchmech.de.controllers import AbstractController, _next_mark
+from torchmech.de.controllers import AbstractController, ConstantStep, StepTo, _next_mark
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
 __all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
@@ -304,11 +304,14 @@ class BacksolveAdjoint(AbstractAdjoint):
         correction ``f - 1/2 g dg/dy``, diagonal noise), ``[y, a]`` solves backwards from each save
         time with ``da = -(df/dy)^T a dt - (d(g dW)/dy)^T a`` (Li et al. 2020; Kidger 2021,
         Sec. 5.2), querying the same Brownian motion over the backward steps. The parameter
-        gradient ``int a^T (df/dtheta dt + dg/dtheta o dW)`` is accumulated over every accepted
-        backward step by the trapezoidal rule (a consistent Stratonovich quadrature), so it never
-        enters the state or the error norm.
+        gradient ``int a^T (df/dtheta dt + dg/dtheta o dW)`` never enters the state or the error
+        norm. When the batch shares one backward grid and the solver is Heun, midpoint or
+        Euler-Heun, it comes from the solver's own stages, weighted as the solver combines them
+        (``_StageQuadrature``; no extra evaluation). Otherwise (per-sample or adaptive steps,
+        Reversible Heun) it is the trapezoidal rule over the accepted backward steps
+        (``_SDEQuadrature``). Both are consistent Stratonovich quadratures.
         """
-        from torchmech.de.integrate import SaveAt, _Integrator
+        from torchmech.de import _fast_sde
 
         args, params = _detached_args(integ.args, params)
         shape = ys.shape[2:]
@@ -333,14 +336,20 @@ class BacksolveAdjoint(AbstractAdjoint):
             if bool((tj == tprev).all()):
                 continue
             z0 = torch.cat([y.reshape(B, n), a.reshape(B, n)], dim=1)
-            binteg = _Integrator(terms, solver, tj, tprev, z0, dt0, None, SaveAt(t1=True, dense=bool(params)),
-                                 _segment_grid(ctrl, tj, tprev, z0.dtype), None, max_steps, False)
-            if params:  # the records feed the quadrature; no dense Solution: the fixed-grid loop can run it
-                from torchmech.de import _fast_sde
-
-                binteg.records_only = True
-                binteg.fast_sde = not binteg.fast and _fast_sde.unsupported(binteg) is None
-            quadrature = _SDEQuadrature(sde, args, params, grads, n, shape) if params else None
+            seg_ctrl = _segment_grid(ctrl, tj, tprev, z0.dtype)
+            binteg, quadrature = None, None
+            if params and type(seg_ctrl) in (ConstantStep, StepTo) and _stage_weights(solver) is not None:
+                # the parameter terms from the solver's own stages, if the batch shares one grid (one h per step)
+                stage = _StageQuadrature(solver, grads)
+                binteg = self._sde_segment(_make_adjoint_terms(sde, args, shape, B, n, stage.tape, params), solver,
+                                           tj, tprev, z0, dt0, seg_ctrl, max_steps, True)
+                if binteg.fast_sde and _fast_sde.plan(binteg) is not None:
+                    quadrature = stage
+                else:
+                    binteg = None
+            if binteg is None:
+                binteg = self._sde_segment(terms, solver, tj, tprev, z0, dt0, seg_ctrl, max_steps, bool(params))
+                quadrature = _SDEQuadrature(sde, args, params, grads, n, shape) if params else None
             zT = self._segment(binteg, quadrature, stats, "backward SDE solve",
                                "raise max_steps or change the controller")
             if quadrature is not None:
@@ -349,6 +358,20 @@ class BacksolveAdjoint(AbstractAdjoint):
             a = zT[:, n:].reshape(a.shape)
         self.backward_stats = stats
         return a + cot[:, 0], grads
+
+    @staticmethod
+    def _sde_segment(terms, solver, t0, t1, z0, dt0, ctrl, max_steps: int, records: bool):
+        """The integrator of one backward SDE segment; with ``records``, its steps are recorded for the
+        parameter quadrature (no dense Solution is built, so the fixed-grid loop can run it)."""
+        from torchmech.de import _fast_sde
+        from torchmech.de.integrate import SaveAt, _Integrator
+
+        binteg = _Integrator(terms, solver, t0, t1, z0, dt0, None, SaveAt(t1=True, dense=records), ctrl, None,
+                             max_steps, False)
+        if records:
+            binteg.records_only = True
+            binteg.fast_sde = not binteg.fast and _fast_sde.unsupported(binteg) is None
+        return binteg
 
     _CHUNK = 4  # backward steps between parameter quadratures
 
@@ -461,6 +484,70 @@ class _SDEQuadrature:
                 self.grads[i] += g
 
 
+def _stage_weights(solver) -> tuple | None:
+    """(weight of the drift at the step's start, weights of the step's inner evaluations in call order) with
+    which a fixed-step Stratonovich solver combines its stages, or None for the other solvers. Drift weights
+    multiply h, diffusion ones the increment the stage already formed with the step's dW. Inner evaluations
+    follow the start drift (carried from the previous step's end, or the segment's initial evaluation) and
+    precede the end drift: midpoint g(t0), f(mid), g(mid); Heun g(t0), f(pred), g(pred); Euler-Heun g(t0),
+    g(pred)."""
+    from torchmech.de.solvers import sde as S
+
+    if getattr(solver, "error_order", None) is not None:
+        return None
+    return {S.StochasticMidpoint: (0.0, (("g", 0.0), ("f", 1.0), ("g", 1.0))),
+            S.StochasticHeun: (0.5, (("g", 0.5), ("f", 0.5), ("g", 0.5))),
+            S.EulerHeun: (1.0, (("g", 0.5), ("g", 0.5)))}.get(type(solver))
+
+
+class _StageQuadrature:
+    """The parameter gradient of one backward SDE segment from the solver's own stages (as torchsde).
+
+    On a grid the whole batch shares, every backward step has one ``h`` and the solver combines its stage
+    evaluations with fixed weights, so the parameter adjoint's increment over the step is
+    ``-sum_i w_i vjp_theta(stage_i; a_i)`` with the batch-summed vjps the stages took in their own backward
+    passes (recorded on ``tape`` by :func:`_make_adjoint_terms`). No extra evaluation of drift or diffusion,
+    where :class:`_SDEQuadrature` evaluates every grid point once more. Fed the step records in order.
+    """
+
+    def __init__(self, solver, grads: list):
+        self.w_start, self.inner = _stage_weights(solver)
+        self.grads = grads
+        # the loop's start: the drift at the segment's first point, then the increment check of init_state
+        # (a diffusion product over a zero-length interval); the steps' records follow
+        self.tape: list = []
+        self.pos = 2
+        self.broken = None
+
+    def __call__(self, records: list) -> None:
+        for rec in records:
+            h = float((rec["tnext"] - rec["tprev"]).reshape(-1)[0])  # shared by the batch on this grid
+            start = self.tape[self.pos - 2] if self.pos == 2 else self.tape[self.pos - 1]
+            events = [start] + self.tape[self.pos:self.pos + len(self.inner) + 1]  # start, inner, end drift
+            kinds = [k for k, _ in events] + ([k for k, _ in self.tape[1:2]] if self.pos == 2 else [])
+            expected = ["f"] + [k for k, _ in self.inner] + ["f"] + (["g"] if self.pos == 2 else [])
+            if kinds != expected:  # (a fixed-grid run that fell back to the generic loop: the segment fails)
+                self.broken = f"{kinds} instead of {expected}"
+                return
+            self._add(start[1], self.w_start * h)
+            for (kind, w), (_, pv) in zip(self.inner, events[1:-1]):
+                self._add(pv, w * h if kind == "f" else w)
+            self.pos += len(self.inner) + 1
+
+    def _add(self, pv: list, w: float) -> None:
+        if w == 0.0:
+            return
+        for i, g in enumerate(pv):
+            if g is not None:
+                self.grads[i] -= w * g
+
+    def finish(self, t, z) -> None:
+        if self.broken is not None:
+            raise RuntimeError(f"BacksolveAdjoint: the backward stages were recorded as {self.broken} (internal "
+                               "error)")
+        self.tape.clear()
+
+
 def _adaptive_sde_solvers() -> tuple:
     """SDE solver classes that take ``adaptive=True``."""
     from torchmech.de.solvers import sde as S
@@ -513,9 +600,11 @@ class _AdjointDiffusion(ControlTerm):
     vector-Jacobian product with the increment ``g dW`` itself, one diffusion evaluation per product.
     """
 
-    def __init__(self, diff: ControlTerm, args, shape, B: int, n: int):
+    def __init__(self, diff: ControlTerm, args, shape, B: int, n: int, tape: list | None = None,
+                 params: list | None = None):
         self.diff, self.f, self.control = diff, diff.f, diff.control
         self.args, self.shp, self.B, self.n = args, (B,) + tuple(shape), B, n
+        self.tape, self.params = tape, list(params or [])
 
     def vf(self, t, z, args):
         return (t, z)
@@ -536,7 +625,9 @@ class _AdjointDiffusion(ControlTerm):
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             inc = self.diff.prod(self.diff.vf(t, y_, self.args), control)
-            (vjp,) = _grad(inc, y_, grad_outputs=a)
+            vjp, *pv = _grad(inc, [y_] + self.params, grad_outputs=a)
+        if self.tape is not None:
+            self.tape.append(("g", pv))
         if vjp is None:
             vjp = torch.zeros_like(a)
         return torch.cat([inc.detach().reshape(B, n), -vjp.reshape(B, n)], dim=1)
@@ -545,10 +636,17 @@ class _AdjointDiffusion(ControlTerm):
         return []
 
 
-def _make_adjoint_terms(sde: dict, args, shape, B: int, n: int) -> MultiTerm:
-    """MultiTerm(drift, diffusion) of the Stratonovich adjoint SDE of ``[y, a]``."""
+def _make_adjoint_terms(sde: dict, args, shape, B: int, n: int, tape: list | None = None,
+                        params: list | None = None) -> MultiTerm:
+    """MultiTerm(drift, diffusion) of the Stratonovich adjoint SDE of ``[y, a]``.
+
+    With a ``tape``, every evaluation also takes the vector-Jacobian product with respect to ``params`` in
+    the same backward pass and appends ``("f", vjps)`` (drift) or ``("g", vjps)`` (diffusion increment) to it,
+    for :class:`_StageQuadrature`.
+    """
     drift, diff, ito = sde["drift"], sde["diff"], sde["ito"]
     shp = (B,) + tuple(shape)
+    params = list(params or [])
 
     def aug_drift(t, z, _):
         y = z[:, :n].reshape(shp)
@@ -556,12 +654,15 @@ def _make_adjoint_terms(sde: dict, args, shape, B: int, n: int) -> MultiTerm:
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             fy = _strat_drift(drift, diff, ito, t, y_, args)
-            (vjp,) = _grad(fy, y_, grad_outputs=a)
+            vjp, *pv = _grad(fy, [y_] + (params if tape is not None else []), grad_outputs=a)
+        if tape is not None:
+            tape.append(("f", pv))
         if vjp is None:
             vjp = torch.zeros_like(a)
         return torch.cat([fy.detach().reshape(B, n), -vjp.reshape(B, n)], dim=1)
 
-    return MultiTerm(ODETerm(aug_drift), _AdjointDiffusion(diff, args, shape, B, n))
+    return MultiTerm(ODETerm(aug_drift), _AdjointDiffusion(diff, args, shape, B, n, tape, params if tape is not None
+                                                           else None))
 
 
 class _MarksTo(AbstractController):
