@@ -47,7 +47,7 @@ from torchmech.de.controllers import ConstantStep, PIDController, StepTo
 from torchmech.de.events import Event
 from torchmech.de.integrate import SaveAt, Status, solve
 from torchmech.de.solvers import explicit as _ex
-from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, StepResult
+from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, Perturbed, StepResult
 from torchmech.de.terms import AbstractTerm
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVERS"]
@@ -162,44 +162,6 @@ class _FlatFunc(torch.nn.Module):
     def forward(self, t: Tensor, y: Tensor, args: Any) -> Tensor:
         out = self.func(t[0], self.layout.unflatten(y[0]))
         return self.layout.flatten(out, "func").unsqueeze(0)
-
-
-class _NudgeTerm(AbstractTerm):
-    """Evaluates the inner term one ulp inside ``[t0, t1]`` at the step ends (torchdiffeq's ``perturb``)."""
-
-    def __init__(self, inner: AbstractTerm, t0: Tensor, t1: Tensor):
-        self.inner, self.t0, self.t1 = inner, t0, t1
-
-    def vf(self, t, y, args):
-        t = torch.where(t == self.t0, torch.nextafter(self.t0, self.t1),
-                        torch.where(t == self.t1, torch.nextafter(self.t1, self.t0), t))
-        return self.inner.vf(t, y, args)
-
-    def contr(self, t0, t1):
-        return self.inner.contr(t0, t1)
-
-    def prod(self, vf, control):
-        return self.inner.prod(vf, control)
-
-
-class _Perturbed(AbstractSolver):
-    """A fixed-step solver whose stages at the step ends see times nudged one ulp into the step.
-
-    The first stage is re-evaluated at ``nextafter(t0, t1)`` (one extra evaluation per step), and a
-    stage at ``t1`` sees ``nextafter(t1, t0)``: with the grid on the discontinuities of ``func``,
-    no stage evaluates ``func`` on the far side of one.
-    """
-
-    def __init__(self, inner: AbstractSolver):
-        self.inner = inner
-        self.order = inner.order
-        self.error_order = None
-
-    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
-        nudged = _NudgeTerm(terms, t0, t1)
-        vf0 = nudged.vf(t0, y0, args)
-        res = self.inner.step(nudged, t0, t1, y0, args, vf0, dense)
-        return res._replace(nfev=res.nfev + 1)
 
 
 # --- argument checking -------------------------------------------------------------------------
@@ -365,7 +327,7 @@ class _Setup:
                                      "across grid points, so it cannot keep func on one side of a discontinuity; "
                                      "use a one-step method such as 'rk4' there")
                 if o["perturb"]:
-                    self.solver = _Perturbed(self.solver)
+                    self.solver = Perturbed(self.solver)
             if self.adams:
                 self.implicit = _ADAMS[self.method]
                 self.max_order = _int_option(o, "max_order", 4, 1, ADAMS_MAX_ORDER)
@@ -461,7 +423,7 @@ def _interp_fixed(setup: _Setup, grid: Tensor, Y: Tensor) -> Tensor:
     else:
         need = sorted(set((k - 1).tolist()) | set(k.tolist()))
         fs = {}
-        perturb = isinstance(setup.solver, _Perturbed)
+        perturb = isinstance(setup.solver, Perturbed)
         for i in need:
             ti = g[i]
             if perturb and i + 1 < g.shape[0]:

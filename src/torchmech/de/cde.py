@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -11,9 +12,10 @@ import torch
 from torch import Tensor
 
 from torchmech.de.adjoint import BacksolveAdjoint, DirectAdjoint
-from torchmech.de.controllers import ConstantStep, PIDController
+from torchmech.de.controllers import ConstantStep, PIDController, StepTo
 from torchmech.de.integrate import SaveAt, solve
-from torchmech.de.interpolation import AbstractInterpolation
+from torchmech.de.interpolation import AbstractInterpolation, LinearInterpolation
+from torchmech.de.solvers.rk import Perturbed
 from torchmech.de.terms import ODETerm
 
 __all__ = ["cdeint", "CDEVectorField"]
@@ -74,6 +76,16 @@ class CDEVectorField(torch.nn.Module):
                 f"{tuple(z.shape) + tuple(dX.shape[-1:])}, got {tuple(F.shape)}"
             )
         return (F @ dX.unsqueeze(-1)).squeeze(-1)
+
+
+def _knot_grid(knots: Tensor, t0: float, t1: float, dt: float) -> Tensor:
+    """Times from t0 to t1 through every knot between them, each interval in equal steps of at most dt."""
+    pts = [t0] + [k for k in knots.tolist() if t0 < k < t1] + [t1]
+    grid = [t0]
+    for a, b in zip(pts[:-1], pts[1:]):
+        m = max(1, math.ceil((b - a) / dt - 1e-9))
+        grid += [a + (b - a) * i / m for i in range(1, m)] + [b]
+    return torch.tensor(grid, dtype=torch.float64)
 
 
 def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tensor, adjoint: bool = True,
@@ -138,6 +150,12 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
         if dt0 is None:
             dt0 = float(knots.diff().min())
         controller = ConstantStep()
+        if isinstance(X, LinearInterpolation):
+            # dX/dt jumps at every knot: step onto each knot (each interval in equal steps of at most dt0) and
+            # nudge the stages at the step ends one ulp inside, so no stage takes the slope of the next piece
+            # (a stage at t1 would: the derivative at a knot is the right-hand piece's)
+            controller = StepTo(_knot_grid(knots, float(t[0]), float(t[-1]), float(dt0)).to(z0.dtype))
+            solver, dt0 = Perturbed(solver), None
     else:
         dt0 = options.pop("first_step", None)
         jump = options.pop("jump_t", knots[(knots > t[0]) & (knots < t[-1])])

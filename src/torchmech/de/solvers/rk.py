@@ -215,3 +215,42 @@ class ExplicitRK(AbstractSolver):
                 k0 = ks[0]
                 interp = (k0, 3 * dy - 2 * k0 - k_end, -2 * dy + k0 + k_end)
         return StepResult(y1, err, vf1, interp, nfev)
+
+
+class _NudgeTerm(AbstractTerm):
+    """Evaluates the inner term one ulp inside ``[t0, t1]`` at the step ends (torchdiffeq's ``perturb``)."""
+
+    def __init__(self, inner: AbstractTerm, t0: Tensor, t1: Tensor):
+        self.inner, self.t0, self.t1 = inner, t0, t1
+
+    def vf(self, t, y, args):
+        t = torch.where(t == self.t0, torch.nextafter(self.t0, self.t1),
+                        torch.where(t == self.t1, torch.nextafter(self.t1, self.t0), t))
+        return self.inner.vf(t, y, args)
+
+    def contr(self, t0, t1):
+        return self.inner.contr(t0, t1)
+
+    def prod(self, vf, control):
+        return self.inner.prod(vf, control)
+
+
+class Perturbed(AbstractSolver):
+    """A fixed-step solver whose stages at the step ends see times nudged one ulp into the step.
+
+    The first stage is re-evaluated at ``nextafter(t0, t1)`` (one extra evaluation per step), and a
+    stage at ``t1`` sees ``nextafter(t1, t0)``: with the grid on the discontinuities of the vector
+    field (torchdiffeq's ``perturb``; a CDE's piecewise-linear path), no stage evaluates it on the far
+    side of one.
+    """
+
+    def __init__(self, inner: AbstractSolver):
+        self.inner = inner
+        self.order = inner.order
+        self.error_order = None
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        nudged = _NudgeTerm(terms, t0, t1)
+        vf0 = nudged.vf(t0, y0, args)
+        res = self.inner.step(nudged, t0, t1, y0, args, vf0, dense)
+        return res._replace(nfev=res.nfev + 1)
