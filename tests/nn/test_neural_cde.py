@@ -127,3 +127,10 @@ def test_prebuilt_rectilinear_path_gives_one_output_per_observation():
     out = model(x)
     assert out.shape == (2, 5, 1)
     torch.testing.assert_close(model(model.interpolate(x)), out)
+
+
+def test_adjoint_must_be_a_bool():
+    from torchmech import NeuralCDE
+
+    with pytest.raises(TypeError, match="NeuralCDE: adjoint must be a bool"):
+        NeuralCDE(3, 4, 2, adjoint="direct")

@@ -125,3 +125,17 @@ def test_errors():
         model(torch.randn(4, 2, dtype=torch.float64), torch.linspace(0, 1, 3))
     with pytest.raises(TypeError, match="y0 must be a torch.Tensor"):
         model([[0.0, 1.0]], torch.linspace(0, 1, 3))
+
+
+def test_adjoint_tolerances_zero_and_bad_values():
+    """adjoint_atol = 0 (pure relative control) is kept, not replaced by atol; bad tolerances name themselves."""
+    import math
+
+    from torchmech import NeuralODE
+
+    m = NeuralODE(state=2, adjoint="backsolve", adjoint_atol=0.0)
+    assert m.adjoint.atol == 0.0 and m.adjoint.rtol == m.rtol
+    with pytest.raises(ValueError, match="BacksolveAdjoint: need finite numbers rtol > 0"):
+        NeuralODE(state=2, adjoint="backsolve", adjoint_rtol="a")
+    with pytest.raises(ValueError, match="NeuralODE: need finite rtol > 0"):
+        NeuralODE(state=2, rtol=math.inf)

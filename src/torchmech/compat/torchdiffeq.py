@@ -48,7 +48,6 @@ from torchmech.de.events import Event
 from torchmech.de.integrate import SaveAt, Status, solve
 from torchmech.de.solvers import explicit as _ex
 from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, Perturbed, StepResult
-from torchmech.de.terms import AbstractTerm
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVERS"]
 

@@ -148,8 +148,11 @@ class BacksolveAdjoint(AbstractAdjoint):
 
     def __init__(self, rtol: float = 1e-6, atol: float = 1e-8, solver=None, seminorm: bool = True,
                  adjoint_params=None, max_steps: int | None = None, controller=None, norm=None):
-        if not (rtol > 0 and atol >= 0):
-            raise ValueError(f"BacksolveAdjoint: need rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
+        real = (int, float)
+        if not (isinstance(rtol, real) and isinstance(atol, real) and not isinstance(rtol, bool)
+                and not isinstance(atol, bool) and 0 < rtol < math.inf and 0 <= atol < math.inf):
+            raise ValueError(f"BacksolveAdjoint: need finite numbers rtol > 0 and atol >= 0, got rtol={rtol!r}, "
+                             f"atol={atol!r}")
         if controller is not None and not isinstance(controller, AbstractController):
             raise TypeError(f"BacksolveAdjoint: controller must be an AbstractController or None, got "
                             f"{type(controller).__name__}")

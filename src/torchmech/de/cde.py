@@ -170,7 +170,8 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     # cannot take gradients with respect to views of the data inside a backward pass
     coeffs = tuple(c.clone() if c.requires_grad else c for c in (X.a, X.b, X.c, X.d))
     if adjoint:
-        adj = BacksolveAdjoint(rtol=adjoint_rtol or rtol, atol=adjoint_atol or atol, adjoint_params=adjoint_params,
+        adj = BacksolveAdjoint(rtol=rtol if adjoint_rtol is None else adjoint_rtol,
+                               atol=atol if adjoint_atol is None else adjoint_atol, adjoint_params=adjoint_params,
                                norm=norm)
     else:
         adj = DirectAdjoint()

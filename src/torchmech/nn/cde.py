@@ -107,7 +107,9 @@ class NeuralCDE(nn.Module):
         if not (isinstance(rtol, (int, float)) and rtol > 0 and isinstance(atol, (int, float)) and atol >= 0):
             raise ValueError(f"NeuralCDE: need rtol > 0 and atol >= 0, got rtol={rtol!r}, atol={atol!r}")
         self.rtol, self.atol = float(rtol), float(atol)
-        self.adjoint = bool(adjoint)
+        if not isinstance(adjoint, bool):
+            raise TypeError(f"NeuralCDE: adjoint must be a bool (True: the continuous adjoint), got {adjoint!r}")
+        self.adjoint = adjoint
         self.max_steps = positive_int(max_steps, "max_steps", name)
         channels = self.input_channels * (2 if self.intensity else 1) + (1 if interpolation == "rectilinear" else 0)
         self.path_channels = channels

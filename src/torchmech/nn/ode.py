@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -88,14 +90,17 @@ class NeuralODE(nn.Module):
             self.func = TimeNet(vector_field, "user")
         self.state = state
         self.solver = ode_solver(solver, name)
-        if not (isinstance(rtol, (int, float)) and rtol > 0 and isinstance(atol, (int, float)) and atol >= 0):
-            raise ValueError(f"NeuralODE: need rtol > 0 and atol >= 0, got rtol={rtol!r}, atol={atol!r}")
+        if not (isinstance(rtol, (int, float)) and 0 < rtol < math.inf and isinstance(atol, (int, float))
+                and 0 <= atol < math.inf):
+            raise ValueError(f"NeuralODE: need finite rtol > 0 and atol >= 0, got rtol={rtol!r}, atol={atol!r}")
         self.rtol, self.atol = float(rtol), float(atol)
         self.dt = positive_float(dt, "dt", name, allow_none=True)
         if not self.solver.adaptive and self.dt is None:
             raise ValueError(f"NeuralODE: the fixed-step solver {type(self.solver).__name__} needs a step size; "
                              "pass dt")
-        self.adjoint = ode_adjoint(adjoint, name, adjoint_rtol or self.rtol, adjoint_atol or self.atol)
+        # (None means "as the forward solve"; 0.0 is a valid atol, so not `or`)
+        self.adjoint = ode_adjoint(adjoint, name, self.rtol if adjoint_rtol is None else adjoint_rtol,
+                                   self.atol if adjoint_atol is None else adjoint_atol)
         self.max_steps = positive_int(max_steps, "max_steps", name)
 
     def solve(self, y0: Tensor, t: Any) -> Solution:
