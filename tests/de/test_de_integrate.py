@@ -345,7 +345,7 @@ def test_control_term_shape_error():
             return torch.zeros(t0.shape[0], 3, dtype=t0.dtype)
 
     term = de.ControlTerm(lambda t, y, a: y[..., None].expand(-1, -1, 2), Bad())
-    with pytest.raises(ValueError, match=r"control increment must have shape \(B, channels\) = \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"a vector field of shape \(2, 1, 2\) and a control increment of shape \(2, 3\)"):
         de.solve(term, de.Euler(), 0.0, 1.0, torch.ones(2, 1), dt0=0.1)
 
 

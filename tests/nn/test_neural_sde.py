@@ -149,3 +149,15 @@ def test_every_torchsde_method_name_builds_a_solver():
         noise = "additive" if name == "srk" else "diagonal"
         out = NeuralSDE(2, hidden=4, sde_type=sde_type, noise=noise, solver=name, dt=0.1)(y0, t, seed=0)
         assert out.shape == (3, 4, 2) and torch.isfinite(out).all(), name
+
+
+def test_wrongly_shaped_user_diffusion_is_named():
+    """General noise needs g of shape (B, D, m): a (B, D) one used to fail inside a broadcast."""
+    from torchmech.nn import NeuralSDE
+
+    class G(torch.nn.Module):
+        def forward(self, t, y):
+            return torch.ones(y.shape[0], 2)
+
+    with pytest.raises(ValueError, match=r"term 1 \(ControlTerm\) gives an increment of shape \(3,\)"):
+        NeuralSDE(2, noise="general", diffusion=G())(torch.randn(3, 2), torch.linspace(0, 1, 3), seed=0)

@@ -130,10 +130,11 @@ class ControlTerm(AbstractTerm):
 
     def prod(self, vf: Tensor, control: Tensor) -> Tensor:
         """Batched matvec: (B, *state, C) x (B, C) -> (B, *state)."""
-        if control.dim() != 2 or control.shape[-1] != vf.shape[-1]:
+        if control.dim() != 2 or vf.dim() < 2 or control.shape[-1] != vf.shape[-1]:
             raise ValueError(
-                "ControlTerm: control increment must have shape (B, channels) = "
-                f"({vf.shape[0]}, {vf.shape[-1]}), got {tuple(control.shape)}"
+                "ControlTerm: the vector field must return (B, *state, channels) and the control increment have "
+                f"shape (B, channels) with the same channels; got a vector field of shape {tuple(vf.shape)} and a "
+                f"control increment of shape {tuple(control.shape)}"
             )
         c = control.reshape(control.shape[:1] + (1,) * (vf.dim() - 2) + control.shape[1:])
         return (vf * c).sum(-1)
@@ -159,8 +160,9 @@ class DiagonalControlTerm(ControlTerm):
         """Elementwise product ``vf * dX``, both (B, *state)."""
         if control.shape != vf.shape:
             raise ValueError(
-                "DiagonalControlTerm: diagonal noise needs the control increment to have the state's shape "
-                f"{tuple(vf.shape)} (g(t, y) shape), got {tuple(control.shape)}"
+                f"DiagonalControlTerm: diagonal noise needs g(t, y) and the control increment (Brownian motion) in "
+                f"the state's shape; got g(t, y) of shape {tuple(vf.shape)} and an increment of shape "
+                f"{tuple(control.shape)} (a (batch, state, channels) g is general noise: ControlTerm)"
             )
         return vf * control
 
@@ -190,8 +192,13 @@ class MultiTerm(AbstractTerm):
     def prod(self, vf: tuple, control: tuple) -> Tensor:
         """Sum of the terms' increments, shape (B, ...)."""
         out = None
-        for term, v, c in zip(self.terms, vf, control):
+        for i, (term, v, c) in enumerate(zip(self.terms, vf, control)):
             inc = term.prod(v, c)
+            if out is not None and inc.shape != out.shape:
+                raise ValueError(
+                    f"MultiTerm: term {i} ({type(term).__name__}) gives an increment of shape {tuple(inc.shape)}, the "
+                    f"terms before it {tuple(out.shape)}: check its vector field's shape (a ControlTerm's must be "
+                    "(batch, *state, channels), a DiagonalControlTerm's the state's)")
             out = inc if out is None else out + inc
         return out
 
