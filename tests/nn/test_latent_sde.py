@@ -106,7 +106,8 @@ def test_errors():
         model(ts.flip(0), torch.randn(3, 5, 2))
     with pytest.raises(ValueError, match="at least 2 time"):
         model.sample(ts[:1], 3)
-    with pytest.raises(ValueError, match="adjoint='reversible' is not supported"):
+    with pytest.raises(ValueError,
+                       match="adjoint='reversible' is not supported; use 'direct', 'checkpoint' or 'backsolve'"):
         LatentSDE(2, adjoint="reversible")
     with pytest.raises(ValueError, match="SRA1"):
         LatentSDE(2, solver="srk")

@@ -134,3 +134,11 @@ def test_adjoint_must_be_a_bool():
 
     with pytest.raises(TypeError, match="NeuralCDE: adjoint must be a bool"):
         NeuralCDE(3, 4, 2, adjoint="direct")
+
+
+def test_non_increasing_times_are_named():
+    from torchmech import NeuralCDE
+
+    m = NeuralCDE(2, 4, 1).double()
+    with pytest.raises(ValueError, match="NeuralCDE: t must be finite and strictly increasing"):
+        m(torch.randn(3, 4, 2, dtype=torch.float64), torch.tensor([0.0, 1.0, 1.0, 2.0], dtype=torch.float64))

@@ -135,6 +135,9 @@ class NeuralCDE(nn.Module):
             if t.dim() != 1 or t.shape[0] != x.shape[1]:
                 raise ValueError(f"NeuralCDE: t must have shape (T,) = ({x.shape[1]},) matching x's time axis, "
                                  f"got {tuple(t.shape)}")
+            if not bool(torch.isfinite(t).all()) or not bool((t.diff() > 0).all()):
+                raise ValueError(f"NeuralCDE: t must be finite and strictly increasing, got {t.tolist()[:10]}"
+                                 + (" ..." if t.shape[0] > 10 else ""))
         if self.intensity:
             x = torch.cat([x, observational_intensity(x)], dim=-1)
         return _INTERPOLATIONS[self.interpolation](t, x)

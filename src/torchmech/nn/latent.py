@@ -139,9 +139,7 @@ class LatentSDE(nn.Module):
         else:
             self.register_buffer("log_noise_std", log_std)
         self.solver = sde_solver(solver, None, "diagonal", name)
-        if adjoint == "reversible":
-            raise ValueError("LatentSDE: adjoint='reversible' is not supported; use 'direct' or 'checkpoint'")
-        self.adjoint = sde_adjoint(adjoint, self.solver, name)
+        self.adjoint = sde_adjoint(adjoint, self.solver, name, reversible=False)
         self.dt = positive_float(dt, "dt", name, allow_none=True)
         # the solver fixes the calculus; the KL rate 1/2 |(f - h)/g|^2 is the same in both
         # because posterior and prior share g

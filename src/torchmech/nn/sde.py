@@ -56,8 +56,14 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
     return solver
 
 
-def sde_adjoint(adjoint: Any, solver: AbstractSDESolver, owner: str) -> AbstractAdjoint:
-    """The ODE adjoints (direct, checkpoint, backsolve = the stochastic adjoint) plus "reversible"."""
+def sde_adjoint(adjoint: Any, solver: AbstractSDESolver, owner: str, reversible: bool = True) -> AbstractAdjoint:
+    """The ODE adjoints (direct, checkpoint, backsolve = the stochastic adjoint) plus "reversible" (unless
+    ``reversible=False``: then it is not among the accepted names)."""
+    if not reversible:
+        if adjoint == "reversible":
+            raise ValueError(f"{owner}: adjoint='reversible' is not supported; use 'direct', 'checkpoint' or "
+                             "'backsolve'")
+        return ode_adjoint(adjoint, owner)
     if adjoint == "reversible":
         if not isinstance(solver, ReversibleHeun):
             raise ValueError(f"{owner}: adjoint='reversible' needs solver='reversible_heun' (Stratonovich), got "
