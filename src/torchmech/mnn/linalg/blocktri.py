@@ -37,14 +37,15 @@ def _raise_if_bad(bad: Tensor, diags: list[Tensor], min_pivot: float, strict: bo
     instead of an info code, so they are checked even when min_pivot is 0.
     Returns the smallest pivot L_ii^2 (inf when the pivots were not checked), read back in the same sync.
     """
-    smallest = torch.full((), math.inf, dtype=torch.float64, device=bad.device)
+    dtype = next((d.dtype for d in diags if d.numel()), torch.float32)  # (the factor's: no float64 on some devices)
+    smallest = torch.full((), math.inf, dtype=dtype, device=bad.device)
     if min_pivot > 0 or strict:
         mins = [d.amin() for d in diags if d.numel()]
         if mins:
-            smallest = torch.stack(mins).amin().to(torch.float64)
+            smallest = torch.stack(mins).amin()
             # `not >` also catches a NaN pivot
             bad = bad | ~(smallest > math.sqrt(min_pivot))
-    bad, smallest = torch.stack([bad.to(torch.float64), smallest]).tolist()
+    bad, smallest = torch.stack([bad.to(dtype), smallest]).tolist()
     if bool(bad):
         raise FactorizationError(
             "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
