@@ -263,3 +263,18 @@ def test_fixed_step_methods_on_piecewise_linear_paths_are_exact_and_causal(metho
     a = cdeint(X, f, torch.zeros(1, 1, dtype=DT), t, method=method, adjoint=False)
     b = cdeint(X2, f, torch.zeros(1, 1, dtype=DT), t, method=method, adjoint=False)
     torch.testing.assert_close(a[:, :k], b[:, :k], rtol=0, atol=0)
+
+
+def test_adjoint_with_a_plain_function_naming_trainable_tensors():
+    """func inside the CDE vector field module: its closure's trainable tensors are found (or passed), not dropped."""
+    W = torch.randn(2, 2, dtype=DT, requires_grad=True)
+    X = de.NaturalCubicSpline(None, torch.randn(3, 5, 2, dtype=DT).cumsum(1))
+    f = lambda t, z: torch.tanh(z)[..., None] * W  # noqa: E731
+    z0 = torch.ones(3, 2, dtype=DT)
+    with pytest.raises(ValueError, match=r"cdeint: func .* uses tensors that require grad \(W\)"):
+        cdeint(X, f, z0, X.grid_points[[0, -1]], adjoint=True)
+    direct = torch.autograd.grad(cdeint(X, f, z0, X.grid_points[[0, -1]], adjoint=False, rtol=1e-9, atol=1e-11).sum(),
+                                 W)[0]
+    adj = torch.autograd.grad(cdeint(X, f, z0, X.grid_points[[0, -1]], adjoint=True, adjoint_params=[W], rtol=1e-9,
+                                     atol=1e-11).sum(), W)[0]
+    torch.testing.assert_close(adj, direct, rtol=1e-5, atol=1e-7)
