@@ -43,7 +43,9 @@ class MechanisticBlock(nn.Module):
         order: the ODE order (``K = order + 1`` unknowns per variable and step).
         num_points: the number of grid points ``T``. Needed only for learnable per-step steps
             (``learn_steps=True, per_step_steps=True``) or when every input is time-invariant.
-        step: the initial (or fixed) step size ``h > 0``.
+        step: the initial (or fixed) step size ``h > 0``. Like any module's tensors it is stored in
+            float32 until the block is converted (``.double()``), so a float64 caller gets it rounded
+            to float32 (``0.05`` -> ``0.05000000447``) unless the block is converted first.
         learn_steps: make the step size a parameter (kept positive through a softplus).
         per_step_steps: learn one step per interval (``T-1`` of them) rather than one shared step.
         central, slack, method, weight_equation, weight_init, weight_smooth: as in ``solve_linear_ode``.
