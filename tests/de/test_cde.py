@@ -278,3 +278,15 @@ def test_adjoint_with_a_plain_function_naming_trainable_tensors():
     adj = torch.autograd.grad(cdeint(X, f, z0, X.grid_points[[0, -1]], adjoint=True, adjoint_params=[W], rtol=1e-9,
                                      atol=1e-11).sum(), W)[0]
     torch.testing.assert_close(adj, direct, rtol=1e-5, atol=1e-7)
+
+
+def test_fixed_step_linear_path_with_irregular_knots_and_a_step_size():
+    """Irregular knots and options={'step_size': h}: every knot is a step end, no step crosses one."""
+    ts = torch.tensor([0.0, 0.3, 1.1, 1.2, 2.0], dtype=DT)
+    x = torch.tensor([[[0.0], [2.0], [-1.0], [3.0], [0.5]]], dtype=DT)
+    X = de.LinearInterpolation(ts, x)
+    f = lambda t, z: torch.ones(1, 1, 1, dtype=DT)  # noqa: E731
+    t = torch.tensor([0.0, 0.7, 1.15, 2.0], dtype=DT)
+    out = cdeint(X, f, torch.zeros(1, 1, dtype=DT), t, method="rk4", options={"step_size": 0.25}, adjoint=False)
+    expect = torch.stack([X.evaluate(float(s))[0, 0] - x[0, 0, 0] for s in t])
+    torch.testing.assert_close(out[0, :, 0], expect, rtol=0, atol=1e-12)
