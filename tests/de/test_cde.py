@@ -290,3 +290,13 @@ def test_fixed_step_linear_path_with_irregular_knots_and_a_step_size():
     out = cdeint(X, f, torch.zeros(1, 1, dtype=DT), t, method="rk4", options={"step_size": 0.25}, adjoint=False)
     expect = torch.stack([X.evaluate(float(s))[0, 0] - x[0, 0, 0] for s in t])
     torch.testing.assert_close(out[0, :, 0], expect, rtol=0, atol=1e-12)
+
+
+def test_compat_batch_shaped_cdeint_checks_the_plain_function_too():
+    import torchmech.compat.torchcde as torchcde
+
+    W = torch.randn(2, 2, dtype=DT, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=DT)
+    X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(torch.randn(2, 3, 5, 2, dtype=DT).cumsum(-2), t), t)
+    with pytest.raises(ValueError, match=r"uses tensors that require grad \(W\)"):
+        torchcde.cdeint(X, lambda s, z: torch.tanh(z)[..., None] * W, torch.ones(2, 3, 2, dtype=DT), t[[0, -1]])

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from torchmech.de.cde import cdeint as _cdeint
+from torchmech.de.cde import check_plain_func
 from torchmech.de.controllers import batch_rms_norm
 from torchmech.de.interpolation import (
     AbstractInterpolation,
@@ -45,6 +46,7 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
         if tuple(X.a.shape[:-2]) != batch:
             raise ValueError(f"cdeint: z0 of shape {tuple(z0.shape)} has batch shape {batch} but X's data has batch "
                              f"shape {tuple(X.a.shape[:-2])} (coefficients {tuple(X.a.shape)}); they must be equal")
+        check_plain_func(func, adjoint, kwargs.get("adjoint_params"))  # (the wrapper below is a module)
         n = 1
         for b in batch:
             n *= b

@@ -78,6 +78,25 @@ class CDEVectorField(torch.nn.Module):
         return (F @ dX.unsqueeze(-1)).squeeze(-1)
 
 
+def check_plain_func(func, adjoint: bool, adjoint_params) -> None:
+    """Raise if the continuous adjoint would miss trainable tensors of a plain-function ``func``.
+
+    ``func`` sits inside :class:`CDEVectorField` (a module), so the adjoint's own check for plain functions
+    does not see it, and the tensors its closure names would get no gradient.
+    """
+    if not (adjoint and adjoint_params is None and torch.is_grad_enabled()):
+        return
+    from torchmech.de.adjoint import _closure_tensors
+    from torchmech.de.terms import _module_of
+
+    hidden = [name for name, _ in _closure_tensors(func)] if _module_of(func) is None else []
+    if hidden:
+        raise ValueError(f"cdeint: func {getattr(func, '__qualname__', func)!r} uses tensors that require grad "
+                         f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}), which the continuous "
+                         "adjoint cannot find in a plain function; pass adjoint_params=[...], make func an "
+                         "nn.Module, or use adjoint=False")
+
+
 def _knot_grid(knots: Tensor, t0: float, t1: float, dt: float) -> Tensor:
     """Times from t0 to t1 through every knot between them, each interval in equal steps of at most dt."""
     pts = [t0] + [k for k in knots.tolist() if t0 < k < t1] + [t1]
@@ -169,18 +188,7 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     # non-view copies: the adjoint differentiates with respect to these tensors, and autograd
     # cannot take gradients with respect to views of the data inside a backward pass
     coeffs = tuple(c.clone() if c.requires_grad else c for c in (X.a, X.b, X.c, X.d))
-    if adjoint and adjoint_params is None and torch.is_grad_enabled():
-        from torchmech.de.adjoint import _closure_tensors
-        from torchmech.de.terms import _module_of
-
-        # func sits inside CDEVectorField (a module), so the adjoint's own check for plain functions does not
-        # see it: a plain func's trainable tensors would get no gradient
-        hidden = [name for name, _ in _closure_tensors(func)] if _module_of(func) is None else []
-        if hidden:
-            raise ValueError(f"cdeint: func {getattr(func, '__qualname__', func)!r} uses tensors that require grad "
-                             f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}), which the continuous "
-                             "adjoint cannot find in a plain function; pass adjoint_params=[...], make func an "
-                             "nn.Module, or use adjoint=False")
+    check_plain_func(func, adjoint, adjoint_params)
     if adjoint:
         adj = BacksolveAdjoint(rtol=rtol if adjoint_rtol is None else adjoint_rtol,
                                atol=atol if adjoint_atol is None else adjoint_atol, adjoint_params=adjoint_params,
