@@ -225,3 +225,35 @@ def test_torchsde_brownian_tree_and_path_start_at_w0_and_drive_sdeint():
     assert OU().sde_type == "ito" and torchsde.SDEStratonovich("general").sde_type == "stratonovich"
     with pytest.raises(ValueError, match="noise_type must be one of"):
         torchsde.SDEIto("diag")
+
+
+def test_torchsde_conventions_logqp_brownian_1d_area_and_attributes():
+    """logqp takes torchsde's (B, d + 1) Brownian motion as well; a 1-D size's space-space area is 0 (a batch of
+    scalar motions); torchsde's attribute names exist."""
+    class S(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return -y
+
+        def g(self, t, y):
+            return 0.5 + 0 * y
+
+        def h(self, t, y):
+            return 0 * y
+
+    y0, ts = torch.ones(4, 2, dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    wide = torchsde.BrownianInterval(0.0, 1.0, size=(4, 3), dtype=torch.float64, entropy=3)
+    narrow = torchsde.BrownianInterval(0.0, 1.0, size=(4, 2), dtype=torch.float64, entropy=3)
+    ys_w, kl_w = torchsde.sdeint(S(), y0, ts, bm=wide, dt=0.01, logqp=True)
+    ys_n, kl_n = torchsde.sdeint(S(), y0, ts, bm=narrow, dt=0.01, logqp=True)
+    assert ys_w.shape == ys_n.shape == (3, 4, 2) and kl_w.shape == kl_n.shape == (2, 4)
+    assert bool(torch.isfinite(kl_w).all()) and bool((kl_w >= 0).all())
+    with pytest.raises(ValueError, match=r"bm.shape must be \(4, 2\) \(or \(4, 3\) with logqp"):
+        torchsde.sdeint(S(), y0, ts, bm=torchsde.BrownianInterval(0.0, 1.0, size=(4, 5)), dt=0.01, logqp=True)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(3,), entropy=1, levy_area_approximation="foster", dt=0.1,
+                                   cache_size=0)
+    W, A = bm(0.2, 0.5, return_A=True)
+    assert A.shape == (3,) and bool((A == 0).all())
+    assert bm.levy_area_approximation == "foster" and bm.entropy == 1 and bm.dt == 0.1
+    assert torchsde.BrownianInterval(0.0, 1.0, size=(2, 2)).levy_area_approximation == "none"

@@ -111,8 +111,19 @@ class _TorchsdeQueries:
             h = torch.as_tensor(tb, dtype=inc.W.dtype) - torch.as_tensor(ta, dtype=inc.W.dtype)
             out.append(_bcast_time(h.to(inc.W.device), inc.W) * (0.5 * inc.W + inc.H))
         if return_A:
-            out.append(inc.A)
+            # as torchsde: a 1-D size is a batch of scalar motions, which have no space-space area
+            out.append(inc.A if len(self.shape) > 1 else torch.zeros_like(inc.W))
         return tuple(out)
+
+    @property
+    def levy_area_approximation(self) -> str:
+        """torchsde's name of the Levy area the motion provides ("none", "space-time", "davie", "foster")."""
+        return "none" if self.levy_area is None else self.levy_area
+
+    @property
+    def entropy(self) -> int:
+        """torchsde's name of the seed."""
+        return self.seed
 
 
 def _bcast_time(h: Tensor, like: Tensor) -> Tensor:
@@ -124,10 +135,13 @@ class BrownianInterval(_TorchsdeQueries, _bm.BrownianInterval):
     """torchsde's ``BrownianInterval`` signature over torchmech's exact, lazily sampled Brownian motion.
 
     ``size``, ``entropy`` and ``levy_area_approximation`` are torchsde's names for ``shape``, ``seed`` and
-    ``levy_area`` (either spelling works). ``dt``, ``tol``, ``pool_size`` and ``halfway_tree`` tune
-    torchsde's own cache and tree and leave the law of the path unchanged; torchmech's interval needs no
-    such hints, so they are accepted and have no effect. ``W``/``H`` (the path's total increment given
-    in advance) are not supported. Queries: see :class:`_TorchsdeQueries`; ``evaluate`` is torchmech's.
+    ``levy_area`` (either spelling works, as attributes too). ``dt``, ``tol``, ``pool_size``,
+    ``halfway_tree`` and ``cache_size=0`` tune torchsde's own cache and tree and leave the law of the path
+    unchanged; torchmech's interval needs no such hints, so they are accepted and have no effect.
+    Not supported, raising instead: ``W``/``H`` (the path's total increment given in advance), an empty
+    ``size`` (a scalar motion: use ``size=(1,)``), ``t0 == t1``, and queries outside ``[t0, t1]``
+    (torchsde clamps them with a warning). Queries: see :class:`_TorchsdeQueries`; ``evaluate`` is
+    torchmech's.
     """
 
     def __init__(self, t0: float = 0.0, t1: float = 1.0, size: Any = None, dtype: torch.dtype | None = None,
@@ -140,10 +154,14 @@ class BrownianInterval(_TorchsdeQueries, _bm.BrownianInterval):
         shape = _alias(size, shape, "size/shape", "BrownianInterval")
         if shape is None:
             raise ValueError("BrownianInterval: size (the shape of W, e.g. (batch, brownian channels)) is required")
+        if cache_size is not None and isinstance(cache_size, int) and not isinstance(cache_size, bool):
+            cache_size = max(cache_size, 2)  # torchsde's 0 (no cache): the smallest cache here
         super().__init__(t0, t1, shape, dtype=dtype, device=device,
                          seed=_alias(entropy, seed, "entropy/seed", "BrownianInterval"),
                          levy_area=_levy_name(levy_area_approximation, levy_area, "BrownianInterval"),
                          cache_size=cache_size)
+        # torchsde's tuning attributes, kept for code that reads them (they do not change the path)
+        self.dt, self.tol, self.pool_size, self.halfway_tree = dt, tol, pool_size, halfway_tree
 
 
 class BrownianPath(_TorchsdeQueries, _bm.BrownianInterval):
@@ -337,15 +355,18 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
                                   levy_area="space-time" if method == "srk" else None)
     if not isinstance(bm, AbstractBrownian):
         raise TypeError(f"sdeint: bm must be a torchmech BrownianInterval/VirtualBrownianTree, got {type(bm).__name__}")
-    if bm.shape != (B, m):
-        raise ValueError(f"sdeint: bm.shape must be ({B}, {m}), got {bm.shape}")
+    # with logqp torchsde's Brownian motion has one more channel, for the log-ratio (whose diffusion is 0)
+    logqp_bm = logqp and bm.shape == (B, m + 1)
+    if bm.shape != (B, m) and not logqp_bm:
+        raise ValueError(f"sdeint: bm.shape must be ({B}, {m})" + (f" (or ({B}, {m + 1}) with logqp, as torchsde)"
+                                                                    if logqp else "") + f", got {bm.shape}")
     if logqp:
         if noise_type != "diagonal":
             raise ValueError("sdeint: logqp=True supports diagonal noise only")
         if not hasattr(sde, names["prior_drift"]):
             raise ValueError(f"sdeint: logqp=True needs the prior drift method {names['prior_drift']!r}")
         lq = _LogQP(sde, names)
-        bm_aug = _Padded(bm)
+        bm_aug = bm if logqp_bm else _Padded(bm)
         terms = MultiTerm(ODETerm(lq.drift), DiagonalControlTerm(lq.diffusion, bm_aug))
         y0 = torch.cat([y0, torch.zeros_like(y0[:, :1])], dim=-1)
     else:
@@ -424,7 +445,8 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
             (Ito) / "heun" (Stratonovich).
         dt: step size; steps land exactly on every ``ts``.
         names: rename ``drift``/``diffusion``/``prior_drift`` methods, e.g. ``{"drift": "f_post"}``.
-        logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B).
+        logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B)
+            (diagonal noise; ``bm`` of shape (B, m) or, as torchsde's, (B, m + 1)).
         extra: also return the torchmech ``Solution``.
         adaptive: adaptive steps, as torchsde: every method but "reversible_heun"; each step is taken as
             two half steps, and its error is their difference from one full step. A ``PIDController(rtol,
