@@ -516,26 +516,34 @@ class _StageQuadrature:
     def __init__(self, solver, grads: list):
         self.w_start, self.inner = _stage_weights(solver)
         self.grads = grads
-        # the loop's start: the drift at the segment's first point, then the increment check of init_state
-        # (a diffusion product over a zero-length interval); the steps' records follow
-        self.tape: list = []
-        self.pos = 2
+        self.tape: list = []  # the evaluations not yet combined (consumed ones are dropped)
+        self.start = None  # the drift at the current step's start
         self.broken = None
 
     def __call__(self, records: list) -> None:
+        if self.broken is not None:
+            return
+        if self.start is None:
+            # the loop's start: the drift at the segment's first point, then init_state's increment check (a
+            # diffusion product over a zero-length interval)
+            if [k for k, _ in self.tape[:2]] != ["f", "g"]:
+                self.broken = f"{[k for k, _ in self.tape[:2]]} at the start instead of ['f', 'g']"
+                return
+            self.start = self.tape[0]
+            del self.tape[:2]
+        n = len(self.inner) + 1
+        expected = [k for k, _ in self.inner] + ["f"]
         for rec in records:
             h = float((rec["tnext"] - rec["tprev"]).reshape(-1)[0])  # shared by the batch on this grid
-            start = self.tape[self.pos - 2] if self.pos == 2 else self.tape[self.pos - 1]
-            events = [start] + self.tape[self.pos:self.pos + len(self.inner) + 1]  # start, inner, end drift
-            kinds = [k for k, _ in events] + ([k for k, _ in self.tape[1:2]] if self.pos == 2 else [])
-            expected = ["f"] + [k for k, _ in self.inner] + ["f"] + (["g"] if self.pos == 2 else [])
-            if kinds != expected:  # (a fixed-grid run that fell back to the generic loop: the segment fails)
-                self.broken = f"{kinds} instead of {expected}"
+            events = self.tape[:n]  # the step's inner evaluations, then the drift at its end
+            if [k for k, _ in events] != expected:  # (a fixed-grid run that fell back to the generic loop)
+                self.broken = f"{[k for k, _ in events]} instead of {expected}"
                 return
-            self._add(start[1], self.w_start * h)
-            for (kind, w), (_, pv) in zip(self.inner, events[1:-1]):
+            self._add(self.start[1], self.w_start * h)
+            for (kind, w), (_, pv) in zip(self.inner, events[:-1]):
                 self._add(pv, w * h if kind == "f" else w)
-            self.pos += len(self.inner) + 1
+            self.start = events[-1]
+            del self.tape[:n]
 
     def _add(self, pv: list, w: float) -> None:
         if w == 0.0:
@@ -549,6 +557,7 @@ class _StageQuadrature:
             raise RuntimeError(f"BacksolveAdjoint: the backward stages were recorded as {self.broken} (internal "
                                "error)")
         self.tape.clear()
+        self.start = None
 
 
 def _adaptive_sde_solvers() -> tuple:
