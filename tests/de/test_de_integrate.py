@@ -339,6 +339,22 @@ def test_dense_output_across_jump_gaps_and_rejected_steps(backwards):
     torch.testing.assert_close(sol.evaluate(tq)[..., 0], y0 * exact(tq)[None], rtol=1e-8, atol=0)
 
 
+def test_dense_derivative_shapes_and_just_after_a_jump():
+    """derivative has evaluate's shape also when no step was taken; one ulp after a jump it is the new slope."""
+    f = lambda t, y, a: torch.stack([y[:, 1], -y[:, 0]], 1)  # noqa: E731
+    y0 = torch.tensor([[0.2, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    sol = de.solve(f, de.Tsit5(), 1.0, 1.0, y0, saveat=de.SaveAt(dense=True))
+    assert sol.derivative(1.0).shape == sol.evaluate(1.0).shape == (2, 1, 2)
+    assert sol.derivative(torch.tensor([1.0, 1.0], dtype=torch.float64)).shape == (2, 2, 2)
+    g = lambda t, y, a: torch.where(t < 1.0, 1.0, -1.0).to(y.dtype)[:, None] * torch.ones_like(y)  # noqa: E731
+    sol = de.solve(g, de.Tsit5(), 0.0, 2.0, torch.zeros(1, 1, dtype=torch.float64), saveat=de.SaveAt(dense=True),
+                   controller=de.PIDController(1e-6, 1e-8, jump_ts=torch.tensor([1.0], dtype=torch.float64)))
+    after = torch.tensor([1 + k * 2.0 ** -52 for k in range(1, 10)], dtype=torch.float64)
+    before = torch.tensor([1 - k * 2.0 ** -53 for k in range(2, 10)], dtype=torch.float64)
+    torch.testing.assert_close(sol.derivative(after)[0, :, 0], torch.full((9,), -1.0, dtype=torch.float64))
+    torch.testing.assert_close(sol.derivative(before)[0, :, 0], torch.full((8,), 1.0, dtype=torch.float64))
+
+
 def test_control_term_shape_error():
     class Bad:
         def evaluate(self, t0, t1):

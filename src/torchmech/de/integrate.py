@@ -111,12 +111,21 @@ class _Dense:
         ends = torch.where(self.valid, self.direction[None] * (self.tprev + self.h),
                            torch.full_like(self.tprev, -math.inf))
         ends = ends.cummax(dim=0).values.T.contiguous()  # (B, N), non-decreasing
-        n = torch.searchsorted(ends, (d * tt - slack).contiguous()).clamp(max=ends.shape[1] - 1)  # (B, T)
-        bidx = torch.arange(B, device=tt.device)[:, None].expand_as(n)
+        bidx = torch.arange(B, device=tt.device)[:, None].expand(B, tt.shape[1])
+
+        def cover(q: Tensor, tol) -> tuple[Tensor, Tensor]:
+            n = torch.searchsorted(ends, q.contiguous()).clamp(max=ends.shape[1] - 1)  # (B, T)
+            tp, h = self.tprev[n, bidx], self.h[n, bidx]
+            return n, self.valid[n, bidx] & (d * (tt - tp) >= -tol) & (d * (tt - tp - h) <= tol)
+
+        # a step that covers t exactly wins over one that covers it only within the slack (just after a jump
+        # the step before it ends one ulp short of the jump and would otherwise be taken)
+        n, exact = cover(d * tt, 0.0)
+        n_slack, near = cover(d * tt - slack, slack)
+        n = torch.where(exact, n, n_slack)
         h = self.h[n, bidx]
         tp = self.tprev[n, bidx]
-        found = (self.valid[n, bidx] & (d * (tt - tp) >= -slack) & (d * (tt - tp - h) <= slack)) \
-            | (self.tfinal[:, None] == self.t0[:, None])
+        found = exact | near | (self.tfinal[:, None] == self.t0[:, None])
         if not bool(found.all()):
             raise ValueError("evaluate: no accepted step covers some of the requested times")
         safe_h = torch.where(h != 0, h, torch.ones_like(h))
@@ -135,9 +144,10 @@ class _Dense:
         return out
 
     def derivative(self, t: Any) -> Tensor:
+        """Time derivative of the interpolant; 0 for a sample solved over a zero-length interval (no step)."""
         tt, n, bidx, theta, h = self._locate(t)
         th = bcast(theta, self.y0s[n, bidx])
-        out = 0
+        out = torch.zeros_like(self.y0s[n, bidx])
         p = torch.ones_like(th)
         for m, q in enumerate(self.qs, start=1):
             out = out + m * p * q[n, bidx]
