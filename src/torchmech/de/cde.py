@@ -173,7 +173,8 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
             # dX/dt jumps at every knot: step onto each knot (each interval in equal steps of at most dt0) and
             # nudge the stages at the step ends one ulp inside, so no stage takes the slope of the next piece
             # (a stage at t1 would: the derivative at a knot is the right-hand piece's)
-            controller = StepTo(_knot_grid(knots, float(t[0]), float(t[-1]), float(dt0)).to(z0.dtype))
+            grid = _knot_grid(knots, float(t[0]), float(t[-1]), float(dt0))
+            controller = StepTo(grid.to(dtype=z0.dtype, device=z0.device))
             solver, dt0 = Perturbed(solver), None
     else:
         dt0 = options.pop("first_step", None)
