@@ -239,6 +239,8 @@ def test_more_malformed_inputs(tmp_path, capsys):
     _bad(tmp_path, capsys, [str(tmp_path / "a.npz")], "not an NPZ archive")
     np.savez(tmp_path / "s.npz", t=t, x=np.array([["a"] * 3] * len(t)))
     _bad(tmp_path, capsys, [str(tmp_path / "s.npz")], "'x' must hold real numbers")
+    np.savez(tmp_path / "c.npz", t=t, x=x.astype(complex))
+    _bad(tmp_path, capsys, [str(tmp_path / "c.npz")], "'x' must hold real numbers, got dtype complex128")
     (tmp_path / "latin1.csv").write_bytes("t,x\n".encode() + "".join(f"{i},{i}\n" for i in range(40)).encode()
                                           + b"1,\xe9\n")
     _bad(tmp_path, capsys, [str(tmp_path / "latin1.csv")], "not UTF-8 text")
