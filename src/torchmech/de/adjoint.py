@@ -321,7 +321,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         B = ys.shape[0]
         n = int(torch.tensor(shape).prod()) if len(shape) else 1
         solver, ctrl, dt0 = self._sde_backward_setup(integ)
-        terms = _make_adjoint_terms(sde, args, shape, B, n)
+        terms = None  # the adjoint terms without a stage tape, built when a segment needs them
         times = torch.cat([integ.t0[:, None], ts], dim=1)
         cot = torch.cat([torch.zeros_like(grad_ys[:, :1]), grad_ys], dim=1)
         a = torch.zeros_like(ys[:, 0])
@@ -351,6 +351,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 else:
                     binteg = None
             if binteg is None:
+                terms = terms or _make_adjoint_terms(sde, args, shape, B, n)
                 binteg = self._sde_segment(terms, solver, tj, tprev, z0, dt0, seg_ctrl, max_steps, bool(params))
                 quadrature = _SDEQuadrature(sde, args, params, grads, n, shape) if params else None
             zT = self._segment(binteg, quadrature, stats, "backward SDE solve",
@@ -805,16 +806,22 @@ def collect_params(integ, adjoint_params, owner: str) -> list:
         from torchmech.de.terms import _module_of
 
         for f in integ.terms.fields():
-            if _module_of(f) is not None:
-                continue
-            hidden = [name for name, p in _closure_tensors(f) if id(p) not in seen]
-            if hidden:
-                raise ValueError(
-                    f"{owner}: the vector field {getattr(f, '__qualname__', f)!r} uses tensors that require grad "
-                    f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}) which a continuous adjoint "
-                    "cannot find in a plain function, so they would get no gradient; pass them as "
-                    "adjoint_params=[...], pass them through args, or make the vector field an nn.Module")
+            if _module_of(f) is None:
+                check_closure(f, owner, seen, "pass them through args, ")
     return params
+
+
+def check_closure(f, owner: str, seen=frozenset(), also: str = "", what: str = "the vector field") -> None:
+    """Raise if the plain function ``f`` names (closure, globals) tensors that require grad, other than those
+    with ids in ``seen``: a continuous adjoint cannot find them, so they would get no gradient. ``also``: more
+    ways out for the message (ending in ", "); ``what``: how the message names ``f``."""
+    hidden = [name for name, p in _closure_tensors(f) if id(p) not in seen]
+    if hidden:
+        raise ValueError(
+            f"{owner}: {what} {getattr(f, '__qualname__', f)!r} uses tensors that require grad "
+            f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}) which a continuous adjoint "
+            f"cannot find in a plain function, so they would get no gradient; pass them as "
+            f"adjoint_params=[...], {also}or make {what} an nn.Module")
 
 
 class _BacksolveFn(torch.autograd.Function):

@@ -84,17 +84,11 @@ def check_plain_func(func, adjoint: bool, adjoint_params) -> None:
     ``func`` sits inside :class:`CDEVectorField` (a module), so the adjoint's own check for plain functions
     does not see it, and the tensors its closure names would get no gradient.
     """
-    if not (adjoint and adjoint_params is None and torch.is_grad_enabled()):
-        return
-    from torchmech.de.adjoint import _closure_tensors
+    from torchmech.de.adjoint import check_closure
     from torchmech.de.terms import _module_of
 
-    hidden = [name for name, _ in _closure_tensors(func)] if _module_of(func) is None else []
-    if hidden:
-        raise ValueError(f"cdeint: func {getattr(func, '__qualname__', func)!r} uses tensors that require grad "
-                         f"({', '.join(hidden[:4])}{', ...' if len(hidden) > 4 else ''}), which the continuous "
-                         "adjoint cannot find in a plain function; pass adjoint_params=[...], make func an "
-                         "nn.Module, or use adjoint=False")
+    if adjoint and adjoint_params is None and torch.is_grad_enabled() and _module_of(func) is None:
+        check_closure(func, "cdeint", also="use adjoint=False, ", what="func")
 
 
 def _knot_grid(knots: Tensor, t0: float, t1: float, dt: float) -> Tensor:
