@@ -89,7 +89,7 @@ class Plan:
     """Per-solver constants of the lean loop (Python floats, so compiled code bakes them in)."""
 
     def __init__(self, integ):
-        from torchmech.de.solvers.rk import ExplicitRK
+        from torchmech.de.solvers.rk import ExplicitRK, interp_dtype
 
         solver = integ.solver
         tab = solver.tableau
@@ -121,6 +121,14 @@ class Plan:
         self.poly = poly
         # Q_p = sum_r poly[r][p] F_r: the non-zero (r, weight) pairs of each interpolant coefficient
         self.qrows = tuple(_nonzero([row[p] for row in poly]) for p in range(len(poly[0])))
+        # the dtype of the Q_p (float64 for a low-precision state when the coefficients are large)
+        self.qdtype = interp_dtype(tab, integ.y0.dtype)
+
+    def qs(self, fs: list) -> list:
+        """The interpolant's coefficients ``Q_p`` (unscaled by h) from the stage values ``fs``."""
+        if fs and fs[0].dtype != self.qdtype:
+            fs = [f.to(self.qdtype) for f in fs]
+        return [_lincomb(qr, fs) for qr in self.qrows]
 
 
 def _stages(P: Plan, f, args, t: Tensor, t_next: Tensor, h: Tensor, hb: Tensor, y: Tensor, f0: Tensor):
@@ -205,7 +213,7 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
             fs.append(f1)
     if P.records:
         # the generic loop's dense record: y(theta) = y + sum_p theta^(p+1) q_p, q_p = h Q_p
-        qs = tuple(_lincomb(qr, fs) * hb for qr in P.qrows)
+        qs = tuple(q * hb for q in P.qs(fs))
         record = {"tprev": t, "tnext": t_next, "h": torch.where(accept, h, torch.zeros_like(h)),
                   "valid": accept, "y0": y, "qs": qs}
     elif P.save:
@@ -246,14 +254,14 @@ def _block_save(P: Plan, integ, W: int, nxt, records: list, t_end):
     theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))  # (B, W)
     # per step the interpolant's coefficients y + h sum_p theta^(p+1) Q_p, gathered per save time
     ys = torch.stack([r[2] for r in records], dim=1)  # (B, k, ...)
-    qs = [torch.stack([_lincomb(qr, list(r[3].unbind(0))) for r in records], dim=1) for qr in P.qrows]
+    qs = [torch.stack(qr, dim=1) for qr in zip(*(P.qs(list(r[3].unbind(0))) for r in records))]
     mi = bcast(m, ys[:, :1]).expand((ys.shape[0], W) + ys.shape[2:])
     th = bcast(theta, mi)
     acc = qs[-1].gather(1, mi) * th
     for q in qs[-2::-1]:
         acc = (acc + q.gather(1, mi)) * th
     B = tau.shape[0]
-    vals = torch.addcmul(ys.gather(1, mi), bcast(h_m, acc), acc).reshape(B, W, -1)
+    vals = torch.addcmul(ys.gather(1, mi), bcast(h_m, acc), acc).to(ys.dtype).reshape(B, W, -1)
     return (_flat_cols(idx, vals.shape[-1]), vals.reshape(B, -1)), nxt, over
 
 
@@ -302,14 +310,14 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
     fl = list(fs.reshape((fs.shape[0], B * M) + ys.shape[2:]).unbind(0))
     # rows first: index_select along dim 0 (and its index_add_ backward) is several times faster
     # than along an inner dimension
-    q = torch.stack([_lincomb(qr, fl) for qr in P.qrows], dim=1)
+    q = torch.stack(P.qs(fl), dim=1)
     q = q.index_select(0, flat)  # (B*K, deg, ...)
     th = bcast(theta.reshape(-1), q[:, 0])
     acc = q[:, -1]
     for p in range(len(P.qrows) - 2, -1, -1):
         acc = torch.addcmul(q[:, p], acc, th)
     incr = (acc * th).reshape(y_m.shape)  # sum_p theta^(p+1) Q_p
-    vals = torch.addcmul(y_m, bcast(h_m, y_m), incr)
+    vals = torch.addcmul(y_m, bcast(h_m, y_m), incr).to(y_m.dtype)
     # (out of place, for autograd: the flat view of _flat_cols measured slower here than this expanded index)
     return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
 
@@ -355,13 +363,13 @@ def _run_grid(P: Plan, integ, state: dict, n) -> tuple[dict, list, bool] | None:
                 fs.append(f(torch.add(tv, h, alpha=c), torch.addcmul(y, hb, _lincomb(row, fs)), args))
             if P.hermite:
                 fs.append(f1)
-            q = [_lincomb(r, fs) for r in P.qrows]
+            q = P.qs(fs)
             for col, theta in inner:
-                th = torch.tensor(theta, dtype=y.dtype, device=y.device)
+                th = torch.tensor(theta, dtype=P.qdtype, device=y.device)
                 acc = q[-1]
                 for p in range(deg - 2, -1, -1):
                     acc = torch.addcmul(q[p], acc, th)
-                saved[col] = torch.addcmul(y, hb, acc * th)
+                saved[col] = torch.addcmul(y, hb, acc * th).to(y.dtype)
         y, f0 = y1, f1
     with torch.no_grad():
         finite = bool(torch.isfinite(torch.stack([y, f0], dim=1).mul_(0).sum()))

@@ -423,6 +423,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                     for q in qs:
                         z = z + p * q
                         p = p * node
+                    z = z.to(y0.dtype)  # the qs may be kept in float64 (solvers.rk.interp_dtype)
                     y = z[:, :n].reshape((B,) + tuple(shape)).detach()
                     a = z[:, n:].reshape((B,) + tuple(shape)).detach()
                     t = tprev + node * h

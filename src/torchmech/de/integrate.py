@@ -141,7 +141,7 @@ class _Dense:
         for q in self.qs:
             out = out + p * q[n, bidx]
             p = p * th
-        return out
+        return out.to(y.dtype)  # the qs may be kept in float64 (solvers.rk.interp_dtype)
 
     def derivative(self, t: Any) -> Tensor:
         """Time derivative of the interpolant; 0 for a sample solved over a zero-length interval (no step)."""
@@ -152,7 +152,7 @@ class _Dense:
         for m, q in enumerate(self.qs, start=1):
             out = out + m * p * q[n, bidx]
             p = p * th
-        return out / bcast(h, th)
+        return (out / bcast(h, th)).to(th.dtype)
 
 
 class Solution:
@@ -348,7 +348,7 @@ class _Integrator:
         for q in qs:
             out = out + p * q
             p = p * th
-        return out
+        return out.to(y0.dtype)  # the qs may be kept in float64 (solvers.rk.interp_dtype)
 
     def _interp_deriv(self, qs: tuple, theta: Tensor, h: Tensor) -> Tensor:
         th = bcast(theta, qs[0])
@@ -357,7 +357,7 @@ class _Integrator:
         for m, q in enumerate(qs, start=1):
             out = out + m * p * q
             p = p * th
-        return out / bcast(torch.where(h != 0, h, torch.ones_like(h)), th)
+        return (out / bcast(torch.where(h != 0, h, torch.ones_like(h)), th)).to(th.dtype)
 
     def save_counts(self, t: Tensor, t_end: Tensor, accept: Tensor) -> tuple[Tensor, Tensor]:
         """Per sample: the number of save times before ``t``, and how many the accepted step to

@@ -10,8 +10,14 @@ from torch import Tensor
 
 from torchmech.de.terms import AbstractTerm
 
-__all__ = ["ButcherTableau", "AbstractSolver", "ExplicitRK", "StepResult"]
+__all__ = ["ButcherTableau", "AbstractSolver", "ExplicitRK", "StepResult", "interp_dtype"]
 
+# The interpolant is stored as monomial coefficients Q_m (y(theta) = y0 + sum_m theta^m Q_m). When the
+# dense coefficients are large, the Q_m are large too and cancel in that sum: each loses
+# max|coef| * eps of the step's increment. Dopri8's coefficients reach ~545, which costs float32
+# ~1e-4 at save times (30x its float64 error); Tsit5's (~88) cost a few ulps. Above this bound the Q_m
+# of low-precision states are formed and kept in float64, and the interpolated values cast back.
+_DENSE_COEF_BOUND = 100.0
 
 
 @dataclass(frozen=True)
@@ -91,13 +97,21 @@ class ButcherTableau:
         return len(self.c)
 
 
+def interp_dtype(tableau: ButcherTableau, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the interpolant coefficients ``Q_m`` of a ``dtype`` state are formed and kept in."""
+    if tableau.dense is None or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    big = max(abs(float(x)) for row in tableau.dense for x in row)
+    return torch.float64 if big > _DENSE_COEF_BOUND else dtype
+
+
 class StepResult(NamedTuple):
     """What one attempted step returns (all batch-first)."""
 
     y1: Tensor  # (B, ...) candidate state at t1
     err: Tensor | None  # (B, ...) local error estimate, None for fixed-step-only methods
     vf1: Any  # vector field at (t1, y1) (the next step's first stage)
-    interp: tuple  # (Q_1, ..., Q_deg), each (B, ...): y(theta) = y0 + sum_m theta^m Q_m
+    interp: tuple  # (Q_1, ..., Q_deg), each (B, ...): y(theta) = y0 + sum_m theta^m Q_m (dtype: interp_dtype)
     nfev: int  # vector-field evaluations used
 
 
@@ -209,6 +223,7 @@ class ExplicitRK(AbstractSolver):
                         ks.append(terms.prod(terms.vf(t0 + cj * h, yj, args), control))
                         nfev += 1
                     K = torch.stack(ks)
+                K = K.to(interp_dtype(tab, K.dtype))
                 interp = tuple(torch.tensordot(self._coef("dense", K), K, dims=1).unbind(0))
             else:  # cubic Hermite through (y0, h f0) and (y1, h f1)
                 dy = comb[0]
