@@ -222,8 +222,9 @@ class _Factorised:
         if not lam >= eigen_floor(self.T):
             raise FactorizationError(
                 f"the NeuRLP normal matrix is numerically singular (smallest eigenvalue about {lam:.1e} of its "
-                "diagonal): the rows do not determine the solution; pin more of it (initial conditions, more "
-                "equations) or check the coefficients, steps and weights")
+                f"diagonal, below {eigen_floor(self.T):.0e}): the rows do not determine the solution, or too weakly "
+                "for the float64 normal equations (condition beyond ~1e14); pin more of it (initial conditions, "
+                "more equations, central=True) or check the coefficients, steps and weights")
 
     def release(self) -> None:
         """Drop the assembled blocks once they are no longer needed (they are only read again by the
