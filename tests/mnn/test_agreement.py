@@ -140,6 +140,32 @@ def test_create_graph_gives_first_derivatives_and_refuses_second_ones(method):
         torch.autograd.grad(first[method].sum(), c)
 
 
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+def test_second_derivative_through_the_incoming_gradient_raises(method):
+    """theta reaches dL/drhs only through grad_u = theta (L = sum(u theta) + ...): differentiating dL/drhs for
+    theta needs the solver's part J^T 1. It used to be dropped silently (only the direct term came back)."""
+    c, r, i, s = random_problem(4, T=6)
+    r = r.clone().requires_grad_(True)
+    theta = torch.randn(c.shape[:-4] + (6, c.shape[-2], c.shape[-1]), dtype=r.dtype, requires_grad=True)
+    loss = (solve_linear_ode(c, r, i, s, method=method) * theta).sum() + (r[..., 0] * theta[..., 0, 0]).sum()
+    g = torch.autograd.grad(loss, r, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="second derivatives through solve_linear_ode are not implemented"):
+        torch.autograd.grad(g.sum(), theta)
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel"])
+def test_in_place_edit_of_the_result_keeps_gradients(method):
+    """The result used to be a view of the solver's own output in float64: u[..., 0].clamp_(...) raised."""
+    grads = {}
+    for m in ("dense", method):
+        c, r, i, s = random_problem(5, T=6, requires_grad=True)
+        u = solve_linear_ode(c, r, i, s, method=m)
+        u[..., 0].clamp_(min=0.0)
+        (u.square() * torch.arange(u.numel(), dtype=f64).reshape(u.shape)).sum().backward()
+        grads[m] = c.grad
+    torch.testing.assert_close(grads[method], grads["dense"], rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("slack", [None, 0.5])
 def test_float32_dense_gradients_match_float64(slack):
     """The dense reference solves float32 in float64: values and gradients are the float64 ones, rounded."""

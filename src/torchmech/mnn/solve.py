@@ -332,7 +332,9 @@ class _NeuRLPFunction(torch.autograd.Function):
         # keep=False: the factorisation is recomputed in backward (see _keep_factor)
         ctx.template, ctx.method, ctx.fac, ctx.eps, ctx.hi = template, method, fac if keep else None, eps, hi
         ctx.save_for_backward(u, *tensors)
-        return u.to(low)
+        # the caller gets its own tensor: u is saved for backward and is a view of the solver's result, so an
+        # in-place edit of it (u[..., 0].clamp_(min=0)) would fail (float32 inputs get a cast copy anyway)
+        return u.clone() if u.dtype == low else u.to(low)
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
@@ -343,8 +345,10 @@ class _NeuRLPFunction(torch.autograd.Function):
             return grads
         # backward(create_graph=True): the gradients are correct, but their own derivatives are not
         # implemented. Tie each one to the inputs through a node that raises when it is differentiated,
-        # so that a second derivative fails loudly instead of silently missing the solver's part.
-        inputs = [t for t in ctx.saved_tensors[1:] if t.requires_grad]
+        # so that a second derivative fails loudly instead of silently missing the solver's part. grad_u is one of
+        # them: the gradients are linear in it, and a derivative through it (a loss on dL/drhs differentiated
+        # for a parameter that reaches the gradients only via L's grad_u) would otherwise drop the solver's part.
+        inputs = [t for t in (grad_u, *ctx.saved_tensors[1:]) if t.requires_grad]
         return tuple(g if g is None or not inputs else _NoSecondDerivative.apply(g, *inputs) for g in grads)
 
     @staticmethod
