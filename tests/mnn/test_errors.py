@@ -134,8 +134,21 @@ def test_batch_shapes_do_not_broadcast(which, shape, label):
 
 
 def test_weight_batch_does_not_broadcast():
-    with pytest.raises(ValueError, match=r"batch dimensions do not broadcast.*weights/slack \[\(3,\)"):
+    with pytest.raises(ValueError, match=r"weight_equation has shape \(3,\), which does not broadcast to the batch shape \(2,\)"):
         solve_linear_ode(*problem(), weight_equation=torch.ones(3, dtype=f64))
+
+
+@pytest.mark.parametrize("name", ["weight_equation", "weight_smooth", "slack"])
+def test_per_sample_inputs_do_not_add_batch_axes(name):
+    """A (T,) weight used to become a batch axis silently (an unbatched call came back (T, T, D, K)); weights
+    and slack are one value per sample."""
+    c, r, i, s = problem()  # batch (2,)
+    T = c.shape[-4]
+    for shape in [(T,), (2, 1), (3, 1, 1)]:
+        with pytest.raises(ValueError, match=rf"{name} has shape \({shape[0]},.*does not broadcast to the batch "
+                                             r"shape \(2,\)"):
+            solve_linear_ode(c, r, i, s, **{name: torch.ones(shape, dtype=f64)})
+    solve_linear_ode(c, r, i, s, **{name: torch.full((2,), 0.5, dtype=f64)})  # one per sample is fine
 
 
 def test_order_below_one():

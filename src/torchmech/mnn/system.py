@@ -161,15 +161,25 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
                          f"got min {steps.min().item():g}")
     try:
         shapes = [coefficients.shape[:-4], rhs.shape[:-2], init.shape[:-3], steps.shape[:-1]]
-        shapes += [w.shape for w in weights.values()] + ([gamma.shape] if gamma is not None else [])
         batch_shape = torch.broadcast_shapes(*shapes)
     except RuntimeError:
         raise ValueError(
             "batch dimensions do not broadcast: coefficients (...,T,E,D,K) batch "
             f"{tuple(coefficients.shape[:-4])}, rhs (...,T,E) batch {tuple(rhs.shape[:-2])}, init (...,T0,D,K0) batch "
-            f"{tuple(init.shape[:-3])}, steps (...,T-1) batch {tuple(steps.shape[:-1])}, weights/slack "
-            f"{[tuple(w.shape) for w in weights.values()] + ([tuple(gamma.shape)] if gamma is not None else [])}"
+            f"{tuple(init.shape[:-3])}, steps (...,T-1) batch {tuple(steps.shape[:-1])}"
         ) from None
+    for name, w in dict(weights, **({"slack": gamma} if gamma is not None else {})).items():
+        # one value per sample: a (T,) weight must not become a batch axis (it used to, silently)
+        try:
+            fits = torch.broadcast_shapes(batch_shape, w.shape) == batch_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{name} has shape {tuple(w.shape)}, which does not broadcast to the batch shape {tuple(batch_shape)} "
+                "of coefficients/rhs/init/steps: it is one value per sample (a float, or a tensor broadcastable to "
+                "the batch shape; per-time-step weights are not supported, scale the rows' coefficients and rhs "
+                "instead)")
     return Problem(coefficients, rhs, init, steps, weights["weight_equation"], weights["weight_init"],
                    weights["weight_smooth"], gamma, bool(central), batch_shape, T, E, D, K, T0, K0)
 
