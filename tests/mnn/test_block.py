@@ -78,6 +78,21 @@ def test_bad_construction_and_call():
     c, r, i = inputs((2,), K=4)
     with pytest.raises(ValueError, match="K = order \\+ 1 = 3"):
         MechanisticBlock(order=2)(c, r, i)
+    # checked at construction, not at the first forward
+    with pytest.raises(ValueError, match="weight_smooth must be a positive finite float, got -1.0"):
+        MechanisticBlock(weight_smooth=-1.0)
+    with pytest.raises(ValueError, match="slack must be a finite float or None, got 'abc'"):
+        MechanisticBlock(slack="abc")
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    c, r, i = inputs((2,))
+    ref = MechanisticBlock(num_points=c.shape[-4], weight_smooth=0.5)(c, r, i).values
+    got = MechanisticBlock(num_points=np.int64(c.shape[-4]), weight_smooth=np.float32(0.5))(c, r, i).values
+    torch.testing.assert_close(got, ref)
+    u = solve_linear_ode(c, r, i, 0.1, weight_equation=np.float64(2.0), num_points=np.int32(c.shape[-4]))
+    torch.testing.assert_close(u, solve_linear_ode(c, r, i, 0.1, weight_equation=2.0))
 
 
 def test_damped_sine_example_fits():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -70,17 +71,27 @@ class MechanisticBlock(nn.Module):
         if step < torch.finfo(torch.float32).tiny:  # the block's tensors start in float32, where it would be 0
             raise ValueError(f"step must be at least float32's smallest normal number "
                              f"({torch.finfo(torch.float32).tiny:.1e}), got {step!r}: the block starts in float32")
-        if num_points is not None and (not isinstance(num_points, int) or num_points < 2):
+        if num_points is not None and (not isinstance(num_points, numbers.Integral) or isinstance(num_points, bool)
+                                       or num_points < 2):
             raise ValueError(f"num_points must be an int >= 2 or None, got {num_points!r}")
         if per_step_steps and num_points is None:
             raise ValueError("per_step_steps=True needs num_points (the number of grid points T): it holds one "
                              "step per interval, T-1 of them")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.order, self.num_points = order, num_points
+        # checked here, not at the first forward: a float, positive (weights) and finite
+        for name, val in (("weight_equation", weight_equation), ("weight_init", weight_init),
+                          ("weight_smooth", weight_smooth), ("slack", slack)):
+            if name == "slack" and val is None:
+                continue
+            ok = isinstance(val, numbers.Real) and not isinstance(val, bool) and math.isfinite(val)
+            if not ok or (name != "slack" and val <= 0):
+                raise ValueError(f"{name} must be a {'positive ' if name != 'slack' else ''}finite float"
+                                 f"{' or None' if name == 'slack' else ''}, got {val!r}")
+        self.order, self.num_points = order, None if num_points is None else int(num_points)
         self.central, self.slack, self.method = central, slack, method
         self.weight_equation, self.weight_init, self.weight_smooth = weight_equation, weight_init, weight_smooth
-        size = (num_points - 1) if per_step_steps else 1
+        size = (self.num_points - 1) if per_step_steps else 1
         # softplus^{-1}(h) so the initial step is exactly `step`.
         raw = torch.full((size,), math.log(math.expm1(step)) if step < 30 else float(step))
         if learn_steps:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,7 +71,7 @@ def _as_tensor(name: str, value, like: Tensor) -> Tensor:
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         return value.to(dtype=like.dtype, device=like.device)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):  # numpy scalars too
         return torch.tensor(float(value), dtype=like.dtype, device=like.device)
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
@@ -122,9 +124,9 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
     if num_points is None and not points and steps.shape[-1] == 0:
         raise ValueError("the time grid needs at least 2 points; steps has 0 intervals (T = 1)")
     if num_points is not None:
-        if not isinstance(num_points, int) or num_points < 2:
+        if not isinstance(num_points, numbers.Integral) or isinstance(num_points, (bool, np.bool_)) or num_points < 2:
             raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
-        T = num_points
+        T = int(num_points)
     elif points:
         T = max(points)
     elif steps.shape[-1] > 1:
