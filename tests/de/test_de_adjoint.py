@@ -288,3 +288,48 @@ def test_backsolve_runs_through_save_times_without_cotangent():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     # (from t[30] back to t0 only: far fewer steps than the 50 segments from t1 would take)
     assert int(adj.backward_stats["num_steps"].max()) < 40
+
+
+def _sqrt_field(t, y, args):
+    """Stays positive, but a too-large trial step puts a stage at y < 0 (sqrt -> NaN): that step is rejected."""
+    return -args * (y - 0.01) + 0.1 * torch.sqrt(y)
+
+
+@pytest.mark.parametrize("loop", ["lean", "generic"])
+@pytest.mark.parametrize("adjoint", [de.DirectAdjoint(), de.CheckpointAdjoint()])
+def test_rejected_non_finite_stages_leave_gradients_finite(loop, adjoint):
+    """The rejected step's NaN rows got zero gradients, and 0 * NaN = NaN made dL/da and dL/dy0 NaN although
+    the solve succeeded. Reference: finite differences of a tightly solved loss."""
+    extra = {} if loop == "lean" else {"event": de.Event(lambda t, y, args: y[:, 0] + 1.0)}  # never fires
+
+    def loss(a, y0, **kw):
+        sol = de.solve(_sqrt_field, de.Tsit5(), 0.0, 2.0, y0, args=a, dt0=1.0, **extra, **kw)
+        assert int(sol.stats["num_rejected"][0]) >= 1 and int(sol.status[0]) == int(de.Status.SUCCESS)
+        return sol.ys.sum()
+
+    a = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    ga, gy = torch.autograd.grad(loss(a, y0, adjoint=adjoint), [a, y0])
+    tight = {"controller": de.PIDController(1e-11, 1e-13)}
+    e = 1e-5
+    with torch.no_grad():
+        fa = (loss(a + e, y0, **tight) - loss(a - e, y0, **tight)) / (2 * e)
+        fy = (loss(a, y0 + e, **tight) - loss(a, y0 - e, **tight)) / (2 * e)
+    assert torch.isfinite(ga) and torch.isfinite(gy).all()
+    assert abs(ga.item() - fa.item()) < 0.02 * abs(fa.item()) and abs(gy.item() - fy.item()) < 0.02 * abs(fy.item())
+
+
+def test_a_failing_sample_does_not_poison_shared_gradients():
+    """throw=False: sample 1 ends NONFINITE (sqrt of a negative state); the loss uses sample 0 only, whose
+    gradient must equal that of solving it alone (it was NaN for the shared parameter)."""
+    f = lambda t, y, args: args * torch.sqrt(y) - 1.0
+    a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[4.0], [0.05]], dtype=torch.float64, requires_grad=True)
+    sol = de.solve(f, de.Tsit5(), 0.0, 1.0, y0, args=a, throw=False)
+    assert sol.status.tolist() == [int(de.Status.SUCCESS), int(de.Status.NONFINITE)]
+    ga, gy = torch.autograd.grad(sol.ys[0].sum(), [a, y0])
+    alone = de.solve(f, de.Tsit5(), 0.0, 1.0, y0[:1], args=a)
+    ra, ry = torch.autograd.grad(alone.ys.sum(), [a, y0])
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gy, ry)
+    assert gy[1].item() == 0.0

@@ -175,6 +175,16 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
         # a sum of zeros cannot overflow)
         parts = [y1, f1] if err is None else [y1, f1, err]
         finite = torch.isfinite(torch.stack(parts, dim=1).mul_(0).reshape(y.shape[0], -1).sum(dim=1))
+    redo = not stack and torch.is_grad_enabled() and not bool((finite | done).all())
+    if redo:
+        # A sample whose stages went non-finite is rejected, but its rows would stay in the autograd graph: they
+        # get zero gradients, and 0 * NaN (sqrt's derivative at a negative stage, say) is NaN, which the
+        # parameters' gradients sum over the batch. So the graph takes the step again with h = 0 for those
+        # samples (stages at their accepted state); the other samples' values are unchanged, and every decision
+        # (acceptance, next dt) stays the one taken above. (Eager only: compiled steps keep the graph as is.)
+        h = torch.where(finite | done, h, torch.zeros_like(h))
+        hb = bcast(h, y)
+        fs, y1, f1 = _stages(P, f, args, t, t + h, h, hb, y, f0)
     if P.adaptive:
         accept, dt_new, underflow, cst = ctrl.adapt(t, t_next, dt, y, y1, err, {"e1": e1, "e2": e2},
                                                    integ.solver.error_order)
@@ -204,7 +214,7 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
     new_done = new_done | hit_max | underflow | fail_nonfinite
     nacc = nacc + accept
     nrej = nrej + (active & ~accept)
-    nfev = nfev + P.nfev * active
+    nfev = nfev + P.nfev * active * (2 if redo else 1)
     record = None
     if P.save or P.records:
         for c, row in P.dense_stages:

@@ -397,6 +397,13 @@ class _Integrator:
         finite = all_finite(res.y1) & all_finite(res.vf1)
         if res.err is not None:
             finite = finite & all_finite(res.err)
+        if torch.is_grad_enabled() and not bool((finite | ~active).all()):
+            # rejected non-finite stages would leave 0 * NaN in the backward pass (see _fast.step): the graph
+            # takes the step again with h = 0 for those samples; the decisions below use the first attempt
+            t_g = torch.where(finite | ~active, t_next, t)
+            res_g = self.solver.step(self.terms, t, t_g, y, self.args, s["vf"], dense=self.need_interp)
+        else:
+            res_g = res
         if ctrl.adaptive:
             accept, dt_new, underflow, cstate = ctrl.adapt(t, t_next, dt, y, res.y1, res.err, s["ctrl"],
                                                           self.solver.error_order)
@@ -409,11 +416,13 @@ class _Integrator:
         fail_nonfinite = active & ~finite & ((nonfinite >= limit) | underflow)
         underflow = underflow & active & ~accept & ~fail_nonfinite
         dt_new = torch.where(active, dt_new, dt)
+        nfev_redo = res_g.nfev if res_g is not res else 0
+        res = res_g
 
         y_new = where(accept, res.y1, y)
         t_new = torch.where(accept, t_next, t)
         vf_new = where(accept, res.vf1, s["vf"])
-        nfev_step = res.nfev
+        nfev_step = res.nfev + nfev_redo
         if self.has_jumps:
             jumped = accept & jump
             if bool(jumped.any()):
