@@ -333,3 +333,38 @@ def test_a_failing_sample_does_not_poison_shared_gradients():
     torch.testing.assert_close(ga, ra)
     torch.testing.assert_close(gy, ry)
     assert gy[1].item() == 0.0
+
+
+@pytest.mark.parametrize("saveat_kw", [dict(ts=True), dict(t0=True, ts=True, t1=True), dict(t1=True)])
+@pytest.mark.parametrize("per_sample_ts", [False, True])
+def test_backsolve_time_gradients_and_the_final_state(saveat_kw, per_sample_ts):
+    """Backsolve used to return no gradient for t0, t1 and SaveAt.ts, and none through sol.y_final unless t1 was
+    saved (dL/da came back as -0.39 instead of -1.0). Reference: DirectAdjoint (plain autograd)."""
+    f = lambda t, y, args: -args[:, None] * y + torch.sin(t)[:, None]
+    got = {}
+    for name, adj in (("direct", de.DirectAdjoint()), ("backsolve", de.BacksolveAdjoint(rtol=1e-10, atol=1e-12))):
+        a = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+        y0 = torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=torch.float64, requires_grad=True)
+        t0 = torch.tensor([0.0, 0.2], dtype=torch.float64, requires_grad=True)
+        t1 = torch.tensor([2.0, 1.5], dtype=torch.float64, requires_grad=True)
+        base = torch.tensor([[0.5, 1.1], [0.6, 1.2]], dtype=torch.float64)
+        ts = (base if per_sample_ts else base[0]).clone().requires_grad_(True)
+        saveat = de.SaveAt(**{k: (ts if k == "ts" else v) for k, v in saveat_kw.items()})
+        sol = de.solve(f, de.Tsit5(), t0, t1, y0, args=a, saveat=saveat, adjoint=adj,
+                       controller=de.PIDController(1e-10, 1e-12))
+        w = torch.arange(1.0, 1.0 + sol.ys[0].numel(), dtype=torch.float64).reshape(sol.ys.shape[1:])
+        loss = (sol.ys * w).sum() + (sol.y_final ** 2).sum()
+        wrt = [a, y0, t0, t1] + ([ts] if "ts" in saveat_kw else [])
+        got[name] = torch.autograd.grad(loss, wrt, allow_unused=True)
+    for d, b in zip(got["direct"], got["backsolve"]):
+        torch.testing.assert_close(b, d, rtol=1e-6, atol=1e-8)
+
+
+def test_backsolve_sde_time_gradients_raise():
+    bm = de.VirtualBrownianTree(0.0, 1.0, shape=(2, 1), tol=1e-3, seed=0, dtype=torch.float64)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), de.DiagonalControlTerm(lambda t, y, a: 0.1 * y, bm))
+    t1 = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="gradients with respect to t0, t1 or SaveAt.ts are not computed for SDEs"):
+        de.solve(terms, de.StochasticHeun(), 0.0, t1, y0, dt0=0.1, controller=de.ConstantStep(),
+                 adjoint=de.BacksolveAdjoint())

@@ -143,7 +143,10 @@ class BacksolveAdjoint(AbstractAdjoint):
 
     Supports ``ODETerm``, the SDE terms above and ``SaveAt(t0, ts, t1)``; not dense/steps
     saving, events or higher-order gradients (use :class:`DirectAdjoint` or
-    :class:`CheckpointAdjoint`). Gradients with respect to ``t0``/``t1`` are not computed.
+    :class:`CheckpointAdjoint`). ODEs: gradients with respect to ``t0``, ``t1`` and ``SaveAt.ts`` come from the
+    adjoint identities (``<dL/dy(tau), f(tau, y(tau))>`` per save time, ``-<a(t0), f(t0, y0)>`` for ``t0``; one
+    vector-field call per save time, only when a time requires grad); ``sol.y_final`` is differentiable whether or
+    not ``t1`` is saved. SDEs: time gradients raise ``ValueError``.
     """
 
     def __init__(self, rtol: float = 1e-6, atol: float = 1e-8, solver=None, seminorm: bool = True,
@@ -173,13 +176,18 @@ class BacksolveAdjoint(AbstractAdjoint):
         if integ.saveat.dense or integ.saveat.steps:
             raise ValueError("BacksolveAdjoint: SaveAt(dense=True) and SaveAt(steps=True) are not supported")
         params = collect_params(integ, self.adjoint_params, "BacksolveAdjoint")
-        holder = {"sde": sde}
-        ys = _BacksolveFn.apply(self, integ, holder, integ.y0, *params)
+        times = [x for x in (integ.t0, integ.t1, integ.ts) if x is not None]
+        timed = torch.is_grad_enabled() and any(x.requires_grad for x in times)
+        if timed and sde is not None:
+            raise ValueError("BacksolveAdjoint: gradients with respect to t0, t1 or SaveAt.ts are not computed for "
+                             "SDEs; use DirectAdjoint or CheckpointAdjoint, or detach the times")
+        holder = {"sde": sde, "n_times": len(times) if timed else 0}
+        ys, y_final = _BacksolveFn.apply(self, integ, holder, integ.y0, *params, *(times if timed else ()))
         sol = holder["sol"]
         sol.ys = ys
-        sol.y_final = sol.y_final.detach()
-        if integ.saveat.t1:
-            sol.y_final = ys[:, -1]
+        # with t1 saved, y_final is that save (one gradient path); otherwise the Function's second output, whose
+        # cotangent starts the backward solve at t_final
+        sol.y_final = ys[:, -1] if integ.saveat.t1 else y_final
         return sol
 
     # backward pass -----------------------------------------------------------------------------
@@ -831,14 +839,23 @@ class _BacksolveFn(torch.autograd.Function):
         with torch.no_grad():
             sol = DirectAdjoint().run(integ)
         holder["sol"] = sol
-        ctx.adj, ctx.integ, ctx.n_params, ctx.sde = adj, integ, len(params), holder["sde"]
-        ctx.save_for_backward(sol.ts, sol.ys, sol.status, *params)
-        return sol.ys
+        ctx.adj, ctx.integ, ctx.sde, ctx.n_times = adj, integ, holder["sde"], holder["n_times"]
+        y_final = sol.y_final.clone()  # its own tensor (it may be a view of ys, another output)
+        ctx.save_for_backward(sol.ts, sol.ys, sol.status, sol.t_final, y_final, *params)
+        return sol.ys, y_final
 
     @staticmethod
-    def backward(ctx, grad_ys):
-        ts, ys, status, *params = ctx.saved_tensors
+    def backward(ctx, grad_ys, grad_y_final):
+        ts, ys, status, t_final, y_final, *params = ctx.saved_tensors
+        if ctx.n_times:  # the times ride along as the last inputs; only their gradients are returned for them
+            params = params[:len(params) - ctx.n_times]
         grad_ys = torch.nan_to_num(grad_ys) if grad_ys is not None else torch.zeros_like(ys)
+        n_saved = ys.shape[1]
+        if grad_y_final is not None and not ctx.integ.saveat.t1:
+            # the final state is one more save time (t_final, after every save time) with its own cotangent
+            ts = torch.cat([ts, t_final[:, None]], dim=1)
+            ys = torch.cat([ys, y_final.unsqueeze(1)], dim=1)
+            grad_ys = torch.cat([grad_ys, torch.nan_to_num(grad_y_final).unsqueeze(1)], dim=1)
         from torchmech.de.integrate import Status
 
         failed = status != Status.SUCCESS
@@ -854,4 +871,35 @@ class _BacksolveFn(torch.autograd.Function):
                 a0, grads = ctx.adj.backward_sde(ctx.integ, ctx.sde, params, ts, ys, grad_ys)
             else:
                 a0, grads = ctx.adj.backward(ctx.integ, params, ts, ys, grad_ys)
-        return (None, None, None, a0, *grads)
+            tgrads = _time_grads(ctx.integ, ts, ys, grad_ys, a0, n_saved) if ctx.n_times else ()
+        return (None, None, None, a0, *grads, *tgrads)
+
+
+def _time_grads(integ, ts, ys, grad_ys, a0, n_saved) -> tuple:
+    """dL/dt0, dL/dt1, dL/dts of an ODE solve from the adjoint identities, for _BacksolveFn.
+
+    A save at time tau contributes <dL/dy(tau), f(tau, y(tau))>; t0 gets -<a(t0), f(t0, y0)> with a(t0) the
+    adjoint the solve carries back (a0 less the cotangent of a save at t0, whose value y0 does not move with t0).
+    ``ts``/``ys``/``grad_ys`` are the saves (B, T', ...), extended by the final state when it was not saved at t1;
+    failed samples arrive with zero cotangents.
+    """
+    sv = integ.saveat
+    f, args = integ.terms.f, integ.args
+    B = ys.shape[0]
+
+    def pair(j):  # <grad_ys[:, j], f(ts[:, j], ys[:, j])> per sample
+        return (grad_ys[:, j] * f(ts[:, j], ys[:, j], args)).reshape(B, -1).sum(dim=1)
+
+    g_t1 = torch.zeros_like(integ.t1)
+    cols = list(range(ts.shape[1]))
+    first = 1 if sv.t0 else 0
+    n_ts = integ.ts.shape[1] if integ.ts is not None else 0
+    g_ts = torch.stack([pair(j) for j in cols[first:first + n_ts]], dim=1) if n_ts else None
+    for j in cols[first + n_ts:]:  # the save at t1, or the final state (same time, t_final = t1 on success)
+        g_t1 = g_t1 + pair(j)
+    a = a0 - grad_ys[:, 0] if sv.t0 else a0
+    g_t0 = -(a * f(integ.t0, integ.y0.detach(), args)).reshape(B, -1).sum(dim=1)
+    out = [g_t0, g_t1]
+    if integ.ts is not None:
+        out.append(g_ts)
+    return tuple(out)
