@@ -105,3 +105,15 @@ def test_errors():
     with pytest.raises(ValueError, match="dense"):
         de.solve(terms, ReversibleHeun(), 0.0, 1.0, y0, dt0=0.1, adjoint=ReversibleAdjoint(),
                  saveat=de.SaveAt(dense=True))
+
+
+def test_final_state_gradient_without_saving_t1():
+    """sol.y_final was detached unless SaveAt(t1=True): its part of the loss got no gradient."""
+    terms, y0, params = _setup()
+    saveat = de.SaveAt(ts=torch.tensor([0.25, 0.5], dtype=DT))
+    grads = []
+    for adjoint in (de.DirectAdjoint(), ReversibleAdjoint()):
+        sol = de.solve(terms, ReversibleHeun(), 0.0, 1.0, y0, dt0=0.05, saveat=saveat, adjoint=adjoint)
+        grads.append(torch.autograd.grad(sol.ys.sum() + (sol.y_final ** 2).sum(), params))
+    for gd, gr in zip(*grads):
+        torch.testing.assert_close(gr, gd, rtol=1e-8, atol=1e-12)

@@ -50,10 +50,10 @@ class ReversibleAdjoint(AbstractAdjoint):
                              f"{type(integ.controller).__name__}")
         params = collect_params(integ, self.adjoint_params, "ReversibleAdjoint")
         holder: dict = {}
-        ys = _ReversibleFn.apply(integ, holder, integ.y0, *params)
+        ys, y_final = _ReversibleFn.apply(integ, holder, integ.y0, *params)
         sol = holder["sol"]
         sol.ys = ys
-        sol.y_final = ys[:, -1] if integ.saveat.t1 else sol.y_final.detach()
+        sol.y_final = ys[:, -1] if integ.saveat.t1 else y_final  # differentiable either way
         return sol
 
 
@@ -126,10 +126,10 @@ class _ReversibleFn(torch.autograd.Function):
         vz, z = integ.solver.split_state(state["y"], state["vf"])
         ctx.final = (state["y"], z)
         ctx.save_for_backward(*params)
-        return sol.ys
+        return sol.ys, sol.y_final.clone()  # y_final: its own tensor (it may be a view of ys, another output)
 
     @staticmethod
-    def backward(ctx, grad_ys):
+    def backward(ctx, grad_ys, grad_y_final):
         """Reverse the steps, one vector-field evaluation (with its graph) and one vjp per step.
 
         The forward step from ``(y0, z0)`` with ``v0 = v(t0, z0)`` and control ``c`` is
@@ -162,6 +162,8 @@ class _ReversibleFn(torch.autograd.Function):
             g_t1 = grad_ys[:, col]
         y, z = ctx.final
         a_y = torch.zeros_like(y) if g_t1 is None else g_t1.clone()
+        if grad_y_final is not None and not integ.saveat.t1:  # the final state is the last step's y
+            a_y = a_y + torch.nan_to_num(grad_y_final)
         a_z = torch.zeros_like(y)
         grads = [torch.zeros_like(p) for p in params]
         d = integ.direction
