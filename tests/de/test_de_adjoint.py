@@ -368,3 +368,39 @@ def test_backsolve_sde_time_gradients_raise():
     with pytest.raises(ValueError, match="gradients with respect to t0, t1 or SaveAt.ts are not computed for SDEs"):
         de.solve(terms, de.StochasticHeun(), 0.0, t1, y0, dt0=0.1, controller=de.ConstantStep(),
                  adjoint=de.BacksolveAdjoint())
+
+
+def test_backsolve_finds_trainable_tensors_however_the_field_reaches_them():
+    """The name-based closure search missed tensors behind default arguments, containers, callable objects,
+    functools.partial and non-module objects: they silently got no gradient. A walk of one evaluation's graph
+    finds them; tensors given through args or adjoint_params pass."""
+    import functools
+
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    box = [k]
+    lin = torch.nn.Linear(1, 1).double()
+
+    class Callable:
+        def __call__(self, t, y, args):
+            return -k * y
+
+    class Holder:  # not an nn.Module
+        def __init__(self):
+            self.m = lin
+
+        def __call__(self, t, y, args):
+            return self.m(y)
+
+    fields = [lambda t, y, a, kk=k: -kk * y, lambda t, y, a: -box[0] * y, Callable(),
+              functools.partial(lambda kk, t, y, a: -kk * y, k), Holder()]
+    y0 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    for f in fields:
+        with pytest.raises(ValueError, match=r"depends on \d tensor\(s\) that require grad"):
+            de.solve(f, de.Tsit5(), 0.0, 1.0, y0, adjoint=de.BacksolveAdjoint())
+    # the same tensor passed explicitly: a gradient, equal to the direct one
+    got = []
+    for adj in (de.DirectAdjoint(), de.BacksolveAdjoint(adjoint_params=[k], rtol=1e-10, atol=1e-12)):
+        sol = de.solve(fields[0], de.Tsit5(), 0.0, 1.0, y0, adjoint=adj, controller=de.PIDController(1e-10, 1e-12))
+        got.append(torch.autograd.grad(sol.ys.sum(), [k, y0]))
+    for d, b in zip(*got):
+        torch.testing.assert_close(b, d, rtol=1e-7, atol=1e-10)

@@ -106,10 +106,11 @@ class BacksolveAdjoint(AbstractAdjoint):
         adjoint_params: tensors to differentiate with respect to. Default: the parameters of
             every ``nn.Module`` vector field in ``terms`` (for a bound method such as
             ``model.drift``, of its module). Tensors in ``args`` that require grad are always
-            included. A plain function cannot be searched: one that names a module with trainable
-            parameters or a tensor requiring grad (in its closure or globals) raises ``ValueError``
-            rather than leave them without gradient; pass them here, through ``args``, or wrap the
-            field in an ``nn.Module``.
+            included. Without ``adjoint_params``, one evaluation of each field at ``(t0, y0)`` is walked back
+            to the leaf tensors its output depends on: a trainable one outside those (reached through a
+            closure, a default argument, a container, an attribute, ``functools.partial``, ...) raises
+            ``ValueError`` rather than get no gradient; pass it here, through ``args``, or make it a parameter
+            of the field's ``nn.Module``. (That evaluation is one extra vector-field call per solve.)
         max_steps: step limit of the backward solve (default: the forward ``max_steps``).
         norm: ODEs: error norm of the backward solve's ``PIDController`` (default per-sample
             :func:`~torchmech.de.rms_norm`; :func:`~torchmech.de.batch_rms_norm` for one step
@@ -792,9 +793,8 @@ def collect_params(integ, adjoint_params, owner: str) -> list:
     terms' ``nn.Module`` vector fields (or of the modules whose bound methods they are); plus every
     tensor in ``args`` that requires grad. Each tensor once.
 
-    A plain function cannot be searched for parameters, and missing ones would silently get no gradient:
-    when one names (through its closure or globals) a module with trainable parameters, or a tensor that
-    requires grad, that is not otherwise collected, this raises instead.
+    Uncollected tensors would silently get no gradient: a plain function that names one (closure, globals)
+    raises with its name, and ``_check_graph`` walks one evaluation of every field to find the rest.
     """
     from torchmech.de._tree import tree_leaves
 
@@ -817,7 +817,63 @@ def collect_params(integ, adjoint_params, owner: str) -> list:
         for f in integ.terms.fields():
             if _module_of(f) is None:
                 check_closure(f, owner, seen, "pass them through args, ")
+        _check_graph(integ, params, owner)
     return params
+
+
+def _detached_tree(tree):
+    """``tree`` with every tensor that requires grad replaced by a fresh leaf (dicts, tuples, lists)."""
+    if isinstance(tree, dict):
+        return {k: _detached_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_detached_tree(v) for v in tree)
+    if isinstance(tree, torch.Tensor) and tree.requires_grad:
+        return tree.detach().requires_grad_(True)
+    return tree
+
+
+def _check_graph(integ, params: list, owner: str) -> None:
+    """Raise if a vector field's output depends on a trainable leaf tensor that is not collected.
+
+    The name-based search of ``check_closure`` misses tensors reached through default arguments, containers,
+    callable objects, ``functools.partial`` or attributes; and a module's forward can use tensors outside its
+    parameters. One evaluation of each field at ``(t0, y0)`` with a graph, walked back to its leaves, finds
+    them all. (The state and the args enter as fresh leaves, so their own graphs are not searched.)
+    """
+    from torchmech.de._tree import tree_leaves
+
+    seen = {id(p) for p in params}
+    # a collected tensor that is not a leaf (e.g. interpolation coefficients computed from data): the walk
+    # stops at its node, gradients reach what it was computed from through it
+    stops = {p.grad_fn for p in params if p.grad_fn is not None}
+    y = integ.y0.detach().requires_grad_(True)
+    args = _detached_tree(integ.args)
+    seen |= {id(a) for a in tree_leaves(args) if isinstance(a, torch.Tensor)}
+    for f in integ.terms.fields():
+        with torch.enable_grad():
+            out = f(integ.t0.detach(), y, args)
+        nodes = [o.grad_fn for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+        visited: set = set()
+        hidden = []
+        while nodes:
+            node = nodes.pop()
+            if node is None or node in visited or node in stops:
+                continue
+            visited.add(node)
+            var = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+            if var is not None:
+                if var is not y and id(var) not in seen:
+                    hidden.append(var)
+                continue
+            nodes.extend(nxt for nxt, _ in node.next_functions)
+        if hidden:
+            shapes = ", ".join(f"shape {tuple(v.shape)}" for v in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
+            raise ValueError(
+                f"{owner}: the vector field {getattr(f, '__qualname__', f)!r} depends on {len(hidden)} tensor(s) that "
+                f"require grad ({shapes}) and are not among the parameters it differentiates (the fields' module "
+                "parameters and the tensors in args), so they would get no gradient; pass them as "
+                "adjoint_params=[...] (with the others), pass them through args, or make them parameters of the "
+                "vector field's nn.Module")
 
 
 def check_closure(f, owner: str, seen=frozenset(), also: str = "", what: str = "the vector field") -> None:

@@ -26,8 +26,8 @@ class ReversibleAdjoint(AbstractAdjoint):
     Args:
         adjoint_params: tensors to differentiate with respect to. Default: the parameters of
             every ``nn.Module`` vector field in ``terms`` (or of the module of a bound method); tensors
-            in ``args`` that require grad are always included. A plain function naming parameters that
-            are not collected raises, as for :class:`~torchmech.de.BacksolveAdjoint`.
+            in ``args`` that require grad are always included. A vector field depending on other trainable
+            tensors raises, as for :class:`~torchmech.de.BacksolveAdjoint`.
 
     Supports fixed steps (``ConstantStep``/``StepTo``), ``SaveAt(t0, ts, t1)``; not events,
     dense/steps saving or higher-order gradients.
