@@ -434,3 +434,13 @@ def test_float32_dopri8_interpolant_is_as_accurate_as_its_steps(path):
     # the solution's own error at the step ends is ~5e-6 (adaptive) and ~4e-6 on the grid of 0.5 (rounding
     # over 20 steps); before, the save times between step ends were off by 1e-4 (grid: 3e-5)
     assert err < (1e-5 if path == "grid" else 2e-5), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_save_times_from_a_list_are_the_state_dtypes_numbers(dtype):
+    """A list went through float32 first: a float64 solve saved at 0.10000000149 instead of 0.1, and a last
+    save time equal to t1 fell outside [t0, t1]."""
+    y0 = torch.ones(1, 1, dtype=dtype)
+    sol = de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 0.3, y0, saveat=de.SaveAt(ts=[0.1, 0.2, 0.3]))
+    assert sol.ts.dtype == dtype
+    assert torch.equal(sol.ts[0], torch.tensor([0.1, 0.2, 0.3], dtype=dtype))

@@ -66,7 +66,9 @@ class SaveAt:
                 raise TypeError(f"SaveAt: {name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.ts is not None and not isinstance(self.ts, Tensor):
             try:
-                self.ts = torch.as_tensor(self.ts, dtype=torch.get_default_dtype())
+                # float64: the solve casts to the state's dtype; through float32 a float64 solve's 0.1 became
+                # 0.10000000149 (and a last time equal to t1 fell outside [t0, t1])
+                self.ts = torch.as_tensor(self.ts, dtype=torch.float64)
             except Exception as exc:  # noqa: BLE001
                 raise TypeError(f"SaveAt: ts must be a tensor of times, got {type(self.ts).__name__}") from exc
         if not (self.t0 or self.t1 or self.steps or self.dense or self.ts is not None):
