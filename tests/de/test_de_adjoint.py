@@ -404,3 +404,13 @@ def test_backsolve_finds_trainable_tensors_however_the_field_reaches_them():
         got.append(torch.autograd.grad(sol.ys.sum(), [k, y0]))
     for d, b in zip(*got):
         torch.testing.assert_close(b, d, rtol=1e-7, atol=1e-10)
+
+
+def test_backsolve_second_derivatives_raise_clearly():
+    k = torch.tensor([0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(0.3, dtype=torch.float64)
+    sol = de.solve(decay, de.Tsit5(), 0.0, 1.0, y0, args=(k, w), adjoint=de.BacksolveAdjoint())
+    (g,) = torch.autograd.grad((sol.ys ** 2).sum(), k, create_graph=True)
+    with pytest.raises(RuntimeError, match="BacksolveAdjoint: second derivatives are not supported"):
+        torch.autograd.grad(g.sum(), k)

@@ -121,3 +121,21 @@ def test_event_bad_inputs():
     y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"cond_fn must return a tensor of shape \(B,\)"):
         de.solve(ball, de.Tsit5(), 0.0, 1.0, y0, event=de.Event(lambda t, y, a: y))
+
+
+@pytest.mark.parametrize("adjoint", [de.DirectAdjoint(), de.CheckpointAdjoint()], ids=["direct", "checkpoint"])
+def test_second_derivatives_through_an_event_time_raise(adjoint):
+    """The implicit-function gradient holds dg/dt constant: differentiating it again gave a wrong Hessian
+    ([[12.07, 0.615], [0.615, 0.031]] for v(t_e)^2, exact [[0, 0], [0, 2]]) without complaint. First derivatives
+    with create_graph=True still work."""
+    h0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    v0 = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    sol = de.solve(ball, de.Tsit5(), 0.0, 5.0, torch.stack([h0, v0], dim=-1),
+                   event=de.Event(lambda t, y, a: y[:, 0] - 0.2, direction=-1),
+                   controller=de.PIDController(1e-10, 1e-10), adjoint=adjoint)
+    loss = (sol.ys[:, -1, 1] ** 2).sum()  # = v0^2 + 2 G (h0 - 0.2)
+    gh, gv = torch.autograd.grad(loss, [h0, v0], create_graph=True)
+    assert torch.allclose(gh, torch.tensor([2 * G], dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(gv, 2 * v0, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="second derivatives through an event time are not supported"):
+        torch.autograd.grad(gv.sum(), [h0, v0])

@@ -7,7 +7,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from torchmech.de._tree import bcast
+from torchmech.de._tree import bcast, first_order_only
 from torchmech.de.controllers import AbstractController, ConstantStep, StepTo, _next_mark
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 
@@ -34,7 +34,7 @@ class DirectAdjoint(AbstractAdjoint):
     """Plain autograd through every operation of the stepping loop.
 
     Exact gradients of the discrete solution (step sizes are treated as constants); memory grows
-    with the number of steps; higher-order gradients work.
+    with the number of steps; higher-order gradients work (except through an event time, which raises).
     """
 
     def run(self, integ):
@@ -928,7 +928,10 @@ class _BacksolveFn(torch.autograd.Function):
             else:
                 a0, grads = ctx.adj.backward(ctx.integ, params, ts, ys, grad_ys)
             tgrads = _time_grads(ctx.integ, ts, ys, grad_ys, a0, n_saved) if ctx.n_times else ()
-        return (None, None, None, a0, *grads, *tgrads)
+        out = first_order_only((a0, *grads, *tgrads), (grad_ys, grad_y_final, *ctx.saved_tensors[5:]),
+                               "BacksolveAdjoint: second derivatives are not supported (its backward is an adjoint "
+                               "solve without a graph); use DirectAdjoint or CheckpointAdjoint")
+        return (None, None, None, *out)
 
 
 def _time_grads(integ, ts, ys, grad_ys, a0, n_saved) -> tuple:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchmech.de._tree import all_finite, bcast, tree_leaves, tree_map, where
+from torchmech.de._tree import FirstOrderOnly, all_finite, bcast, tree_leaves, tree_map, where
 from torchmech.de.adjoint import AbstractAdjoint, DirectAdjoint
 from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo
 from torchmech.de.events import Event, illinois
@@ -546,6 +546,12 @@ class _Integrator:
         g_val = ev(t_star, y_star, args)
         corr = (g_val - g_val.detach()) / torch.where(ok, dgdt, torch.ones_like(dgdt))
         t_e = t_star - torch.where(ok, corr, torch.zeros_like(corr))
+        # dg/dt above is a constant of the first derivative: a second derivative through the event time would
+        # miss its terms, so it raises instead
+        t_e = FirstOrderOnly.apply(
+            "second derivatives through an event time are not supported (its implicit-function gradient is first "
+            "order); differentiate once, or remove the event", t_e, t_star, y_star,
+            *[a for a in tree_leaves(args) if isinstance(a, Tensor)])
         theta_e = (t_e - t) / torch.where(hd != 0, hd, torch.ones_like(hd))
         y_e = self._interp(y, qs, theta_e)
         return t_e, y_e

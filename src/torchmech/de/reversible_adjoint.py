@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torchmech.de._tree import bcast, where
+from torchmech.de._tree import bcast, first_order_only, where
 from torchmech.de.adjoint import AbstractAdjoint, collect_params
 from torchmech.de.controllers import PIDController
 
@@ -246,7 +246,10 @@ class _ReversibleFn(torch.autograd.Function):
         if g_ts is not None:  # save times equal to t0
             at0 = (integ.ts == integ.t0[:, None]).to(g_ts.dtype)
             a0 = a0 + (bcast(at0, g_ts) * g_ts).sum(1)
-        return (None, None, a0, *grads)
+        out = first_order_only((a0, *grads), (grad_ys, grad_y_final, *params),
+                               "ReversibleAdjoint: second derivatives are not supported (its backward reverses the "
+                               "steps without a graph); use DirectAdjoint")
+        return (None, None, *out)
 
 
 def _detach(v):
