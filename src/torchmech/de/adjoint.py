@@ -7,7 +7,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from torchmech.de._tree import bcast, first_order_only
+from torchmech._autograd import first_order_only
+from torchmech.de._tree import bcast
 from torchmech.de.controllers import AbstractController, ConstantStep, StepTo, _next_mark
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchmech.de._tree import FirstOrderOnly, all_finite, bcast, tree_leaves, tree_map, where
+from torchmech._autograd import FirstOrderOnly
+from torchmech.de._tree import all_finite, bcast, tree_leaves, tree_map, where
 from torchmech.de.adjoint import AbstractAdjoint, DirectAdjoint
 from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo
 from torchmech.de.events import Event, illinois

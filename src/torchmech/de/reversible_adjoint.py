@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from torchmech.de._tree import bcast, first_order_only, where
+from torchmech._autograd import first_order_only
+from torchmech.de._tree import bcast, where
 from torchmech.de.adjoint import AbstractAdjoint, collect_params
 from torchmech.de.controllers import PIDController
 

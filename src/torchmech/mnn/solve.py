@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchmech._autograd import first_order_only
 from torchmech.mnn.linalg.blocktri import (_SMALL_MAX, _SMALL_MIN_BLOCKS, CyclicReduction, FactorizationError,
                                           SequentialCholesky)
 from torchmech.mnn.linalg.dense import solve_dense
@@ -296,20 +297,6 @@ def _promote(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    """Identity on a first derivative of solve_linear_ode; differentiating it again raises."""
-
-    @staticmethod
-    def forward(ctx, grad: Tensor, *inputs: Tensor) -> Tensor:
-        return grad.view_as(grad)
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(
-            "second derivatives through solve_linear_ode are not implemented for method='banded'/'parallel' "
-            "(its backward is an implicit-differentiation solve); use method='dense' on small problems")
-
-
 class _NeuRLPFunction(torch.autograd.Function):
     """u = argmin of the NeuRLP objective; backward by implicit differentiation."""
 
@@ -338,18 +325,16 @@ class _NeuRLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
-        create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             grads = _NeuRLPFunction._input_grads(ctx, grad_u)
-        if not create_graph:
-            return grads
-        # backward(create_graph=True): the gradients are correct, but their own derivatives are not
-        # implemented. Tie each one to the inputs through a node that raises when it is differentiated,
-        # so that a second derivative fails loudly instead of silently missing the solver's part. grad_u is one of
-        # them: the gradients are linear in it, and a derivative through it (a loss on dL/drhs differentiated
-        # for a parameter that reaches the gradients only via L's grad_u) would otherwise drop the solver's part.
-        inputs = [t for t in (grad_u, *ctx.saved_tensors[1:]) if t.requires_grad]
-        return tuple(g if g is None or not inputs else _NoSecondDerivative.apply(g, *inputs) for g in grads)
+        # backward(create_graph=True): the gradients are correct, but their own derivatives are not implemented;
+        # tied to the inputs they raise when differentiated. grad_u is one of them: the gradients are linear in it,
+        # and a derivative through it (a loss on dL/drhs differentiated for a parameter that reaches the gradients
+        # only via L's grad_u) would otherwise drop the solver's part silently.
+        return first_order_only(grads, (grad_u, *ctx.saved_tensors[1:]),
+                                "second derivatives through solve_linear_ode are not implemented for "
+                                "method='banded'/'parallel' (its backward is an implicit-differentiation solve); use "
+                                "method='dense' on small problems")
 
     @staticmethod
     def _input_grads(ctx, grad_u: Tensor) -> tuple:
