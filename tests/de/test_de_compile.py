@@ -74,3 +74,28 @@ def test_compile_options_reach_torch_compile(monkeypatch):
         sol = de.solve(vdp, de.Tsit5(), 0.0, 1.0, y0, compile=opts, **kw)
         torch.testing.assert_close(sol.ys, eager.ys, rtol=1e-12, atol=1e-12)
     assert seen == [{"cpp_wrapper": True}, {"cpp_wrapper": False}, {"cpp_wrapper": True, "max_autotune": False}]
+
+
+def test_a_vector_field_that_keeps_recompiling_warns():
+    """A Python call counter in the vector field makes every compile=True solve recompile (seconds each, ~100x
+    eager) until dynamo gives up; the fourth solve that compiles again warns."""
+    calls = [0]
+
+    def counted(t, y, args):
+        calls[0] += 1
+        return -y
+
+    y0 = torch.ones(2, 1)
+    with pytest.warns(RuntimeWarning, match="compiled again in 4 solves"):
+        for _ in range(4):
+            de.solve(counted, de.Euler(), 0.0, 1.0, y0, dt0=0.25, controller=de.ConstantStep(), compile=True)
+
+
+def test_grad_and_no_grad_solves_do_not_warn(recwarn):
+    """Alternating training (grad) and evaluation (no grad) solves compile two graphs once each: no warning."""
+    y0 = torch.ones(2, 1)
+    for i in range(6):
+        with torch.set_grad_enabled(i % 2 == 0):
+            de.solve(lambda t, y, a: -y, de.Euler(), 0.0, 1.0, y0.clone().requires_grad_(i % 2 == 0), dt0=0.25,
+                     controller=de.ConstantStep(), compile=True)
+    assert not [w for w in recwarn if "compiled again" in str(w.message)]

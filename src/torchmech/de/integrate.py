@@ -662,6 +662,41 @@ def _check_y0(y0: Any) -> Tensor:
     return y0
 
 
+def _compiled_frames() -> int:
+    """How many frames torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+_RECOMPILING: dict = {}  # problem structure -> number of compile=True solves that compiled something
+_RECOMPILE_WARN_AFTER = 4  # grad and no-grad modes and the first step's layout legitimately compile a few graphs
+
+
+def _watch_recompiles(integ, new_frames: int) -> None:
+    """Warn (once per problem structure) when compile=True solves of one problem keep compiling.
+
+    torch.compile specialises on the Python values a vector field reads; one that changes between solves (a call
+    counter, a float attribute, a list) recompiles the step on every solve, seconds each, until dynamo's
+    recompile limit, after which the step runs uncompiled: tens of solves silently ~100x slower than eager.
+    """
+    if new_frames <= 0:
+        return
+    f = integ.terms.fields()[0] if integ.terms.fields() else None
+    code = getattr(f, "__code__", None) or getattr(getattr(type(f), "forward", None), "__code__", None)
+    key = (code, type(integ.solver), tuple(integ.y0.shape), integ.y0.dtype, integ.y0.device.type)
+    n = _RECOMPILING[key] = _RECOMPILING.get(key, 0) + 1
+    if n == _RECOMPILE_WARN_AFTER:
+        import warnings
+
+        warnings.warn(
+            f"solve(compile=True): the step of this problem has been compiled again in {n} solves (seconds each). "
+            "torch.compile specialises on Python values the vector field reads or changes (a call counter, a float "
+            "or int attribute, a list) and recompiles when they change; after torch._dynamo's recompile limit the "
+            "step runs uncompiled. Keep such state out of the vector field (tensors are fine), or use "
+            "compile=False.", RuntimeWarning, stacklevel=3)
+
+
 def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | None = None,
           controller: AbstractController | None = None, adjoint: AbstractAdjoint | None = None,
           event: Event | None = None, max_steps: int = 4096, throw: bool = True,
@@ -704,7 +739,10 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
             the graph runs from Inductor's generated C++ wrapper (``cpp_wrapper``) instead of
             Python: ~20% faster per step on Van der Pol for ~10% more compile time. A dict instead
             of ``True`` adds or overrides Inductor options (``torch.compile(..., options=...)``),
-            e.g. ``{"cpp_wrapper": False}``. See benchmarks/RESULTS.md.
+            e.g. ``{"cpp_wrapper": False}``. See benchmarks/RESULTS.md. The vector field must not
+            read Python values that change between solves (a call counter, a float attribute):
+            ``torch.compile`` specialises on them and recompiles every solve; a ``RuntimeWarning``
+            says so after four such solves.
 
     Returns:
         :class:`Solution` with ``ts`` (B, T), ``ys`` (B, T, ...), ``stats``, ``status``.
@@ -775,12 +813,15 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         from tqdm.auto import tqdm
 
         integ.pbar = tqdm(total=1.0, desc="solve", unit="", bar_format="{l_bar}{bar}| {n:.3f}/1 [{elapsed}]")
+    compiles = _compiled_frames() if integ.compiled else None
     try:
         sol = adjoint.run(integ)
     finally:
         if integ.pbar is not None:
             integ.pbar.close()
             integ.pbar = None
+    if compiles is not None:
+        _watch_recompiles(integ, _compiled_frames() - compiles)
     if throw:
         bad = (sol.status != Status.SUCCESS) & (sol.status != Status.EVENT)
         if bool(bad.any()):
