@@ -140,3 +140,28 @@ def test_bad_inputs():
         systems.get("lorenz").vector_field(0.0, torch.zeros(4, 2))
     with pytest.raises(ValueError, match="already registered"):
         systems.register(systems.get("lorenz"))
+
+
+def test_registered_names_are_found_the_way_get_spells_them():
+    """register stored name.lower() while get also reads '-' and spaces as '_': a registered 'my-decay' was
+    listed but 'unknown'."""
+    s = systems.System(name="My-Decay Model", variables=("x",), rhs=("-k*x",), params={"k": 0.5},
+                       y0=((1.0,),), t_span=(0.0, 1.0))
+    try:
+        systems.register(s)
+        for spelling in ("My-Decay Model", "my_decay_model", "my-decay-model"):
+            assert systems.get(spelling) is s
+    finally:
+        systems.registry._REGISTRY.pop("my_decay_model", None)
+
+
+def test_register_checks_the_right_hand_side_and_translates_floor():
+    bad = systems.System(name="bad_rhs_test", variables=("x",), rhs=("-q*x",), params={}, y0=((1.0,),),
+                         t_span=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"unknown names \['q'\]"):
+        systems.register(bad)
+    assert "bad_rhs_test" not in systems.names()
+    fl = systems.System(name="floor_rhs_test", variables=("x",), rhs=("floor(x) - x",), params={}, y0=((1.5,),),
+                        t_span=(0.0, 1.0))
+    torch.testing.assert_close(fl.vector_field(0.0, torch.tensor([[1.5], [-0.5]], dtype=torch.float64)),
+                               torch.tensor([[-0.5], [-0.5]], dtype=torch.float64))

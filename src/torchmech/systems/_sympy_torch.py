@@ -41,6 +41,8 @@ _FUNCTIONS: dict[type, Callable] = {
     sympy.Abs: torch.abs,
     sympy.sign: torch.sign,
     sympy.erf: torch.erf,
+    sympy.floor: torch.floor,
+    sympy.ceiling: torch.ceil,
 }
 
 

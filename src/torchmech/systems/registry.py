@@ -137,14 +137,21 @@ _BUILTIN: list[System] = [
 _REGISTRY: dict[str, System] = {}
 
 
+def _key(name: str) -> str:
+    """The registry key of a name: case-insensitive, ``-`` and spaces read as ``_`` (register and get agree)."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
 def register(system: System, overwrite: bool = False) -> System:
-    """Add ``system`` to the registry under ``system.name`` (lower case) and return it."""
+    """Add ``system`` to the registry under ``system.name`` and return it; ``get`` finds it case-insensitively,
+    with ``-`` and spaces read as ``_``."""
     if not isinstance(system, System):
         raise TypeError(f"system: expected a System, got {type(system).__name__}")
     _ensure_loaded()
-    key = system.name.lower()
+    key = _key(system.name)
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"system: the name {system.name!r} is already registered (pass overwrite=True)")
+    system._compiled  # parse and translate the right-hand side now: an unknown name or function raises here
     _REGISTRY[key] = system
     return system
 
@@ -195,7 +202,7 @@ def _ensure_loaded() -> None:
     if _REGISTRY:
         return
     for s in _BUILTIN + _odebench_systems():
-        _REGISTRY[s.name.lower()] = s
+        _REGISTRY[_key(s.name)] = s
 
 
 def names(prefix: str | None = None) -> list[str]:
@@ -205,7 +212,7 @@ def names(prefix: str | None = None) -> list[str]:
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"prefix: expected None or a str, got {type(prefix).__name__}")
     if prefix is not None:
-        keys = [k for k in keys if k.startswith(prefix.lower())]
+        keys = [k for k in keys if k.startswith(_key(prefix))]
     return keys
 
 
@@ -221,7 +228,7 @@ def get(name: str | System) -> System:
     if not isinstance(name, str):
         raise TypeError(f"name: expected a system name (str), got {type(name).__name__}")
     _ensure_loaded()
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    key = _key(name)
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
         hint = f"; did you mean {close}?" if close else ""
