@@ -444,3 +444,22 @@ def test_save_times_from_a_list_are_the_state_dtypes_numbers(dtype):
     sol = de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 0.3, y0, saveat=de.SaveAt(ts=[0.1, 0.2, 0.3]))
     assert sol.ts.dtype == dtype
     assert torch.equal(sol.ts[0], torch.tensor([0.1, 0.2, 0.3], dtype=dtype))
+
+
+def test_times_too_fine_for_the_state_dtype_raise():
+    """float64 times 2.8e7 + [0, 0.5, ...] all round to one float32: a float32 solve returned its initial state
+    (and a NeuralODE a constant trajectory) without complaint."""
+    y0 = torch.ones(1, 1)
+    base = 2.8e7
+    with pytest.raises(ValueError, match=r"t0, t1: times given in torch.float64 are too fine for the state's "
+                                         r"torch.float32"):
+        de.solve(lambda t, y, a: -y, de.Tsit5(), base, base + 0.5, y0)
+    ts = base + torch.arange(4, dtype=torch.float64) * 0.5
+    with pytest.raises(ValueError, match="SaveAt.ts: times given in torch.float64 are too fine"):
+        de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, base + 2.0, y0, saveat=de.SaveAt(ts=ts))
+    grid = torch.cat([torch.zeros(1, dtype=torch.float64), ts])
+    with pytest.raises(ValueError, match="StepTo.ts: times given in torch.float64 are too fine"):
+        de.solve(lambda t, y, a: -y, de.RK4(), 0.0, float(ts[-1]), y0, controller=de.StepTo(grid))
+    # ordinary float64 grids cast to float32 pass
+    de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 10.0, y0, saveat=de.SaveAt(ts=torch.linspace(0, 10, 1001,
+                                                                                             dtype=torch.float64)))

@@ -34,6 +34,36 @@ def max_norm(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).abs().amax(dim=1)
 
 
+def check_time_cast(orig: Any, cast: Tensor, name: str) -> None:
+    """Raise if casting times (ordered along the last axis) to the state's dtype merged, reordered or shifted
+    them by more than a tenth of their smallest spacing (float64 times like 2.8e7 + [0, 0.5, 1] all become
+    2.8e7 in float32, and the solve would silently return the initial state)."""
+    if not isinstance(orig, Tensor) or orig.dtype == cast.dtype or not orig.is_floating_point() or \
+            orig.shape[-1] < 2:
+        return
+    with torch.no_grad():
+        o = orig.detach().to(device=cast.device, dtype=torch.float64).expand(cast.shape)
+        c = cast.detach().to(torch.float64)
+        gap = o.diff(dim=-1).abs()
+        gap = gap[gap > 0]
+        if gap.numel() == 0:
+            return
+        shift = (c - o).abs()
+        merged = torch.sign(o.diff(dim=-1)) != torch.sign(c.diff(dim=-1))
+        if bool(merged.any()) or float(shift.max()) > 0.1 * float(gap.min()):
+            if bool(merged.any()):  # the later of the two times that merged
+                j = torch.nonzero(merged)[0]
+                j[-1] += 1
+            else:
+                j = torch.nonzero(shift == shift.max())[0]
+            j = tuple(int(i) for i in j)
+            raise ValueError(
+                f"{name}: times given in {orig.dtype} are too fine for the state's {cast.dtype}: {o[j].item()!r} "
+                f"becomes {c[j].item()!r}, against a smallest spacing of {float(gap.min()):.3g} (rounding moves times "
+                f"by up to {float(shift.max()):.3g}); shift them towards 0 (e.g. t - t[0]) or compute in "
+                f"{orig.dtype}")
+
+
 def _as_times(x: Any, name: str, like: Tensor) -> Tensor:
     """Validate a 1-D or 2-D tensor of times and cast it to ``like``'s dtype/device."""
     if not isinstance(x, Tensor):
@@ -41,7 +71,9 @@ def _as_times(x: Any, name: str, like: Tensor) -> Tensor:
             x = torch.as_tensor(x, dtype=like.dtype)
         except Exception as exc:  # noqa: BLE001
             raise TypeError(f"{name}: expected a tensor or sequence of times, got {type(x).__name__}") from exc
+    orig = x
     x = x.to(dtype=like.dtype, device=like.device)
+    check_time_cast(orig, x, name)
     if x.dim() not in (1, 2):
         raise ValueError(f"{name}: expected shape (K,) or (B, K), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():

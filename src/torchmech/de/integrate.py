@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmech._autograd import FirstOrderOnly
 from torchmech.de._tree import all_finite, bcast, tree_leaves, tree_map, where
 from torchmech.de.adjoint import AbstractAdjoint, DirectAdjoint
-from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo
+from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo, check_time_cast
 from torchmech.de.events import Event, illinois
 from torchmech.de.solvers import explicit as _explicit
 from torchmech.de.solvers.rk import AbstractSolver
@@ -259,7 +259,9 @@ class _Integrator:
 
     def _check_ts(self, ts: Tensor) -> Tensor:
         B = self.B
+        orig = ts
         ts = ts.to(dtype=self.y0.dtype, device=self.y0.device)
+        check_time_cast(orig, ts, "SaveAt.ts")
         if ts.dim() not in (1, 2) or (ts.dim() == 2 and ts.shape[0] != B):
             raise ValueError(f"SaveAt.ts: expected shape (T,) or (B={B}, T), got {tuple(ts.shape)}")
         if ts.shape[-1] == 0:
@@ -764,8 +766,13 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
             raise TypeError(f"solve: terms must be an AbstractTerm (e.g. ODETerm(f)), got {type(terms).__name__}")
     y0 = _check_y0(y0)
     B = y0.shape[0]
+    t0_in, t1_in = t0, t1
     t0 = _per_sample_time(t0, "t0", B, y0)
     t1 = _per_sample_time(t1, "t1", B, y0)
+    if y0.dtype != torch.float64:  # t0 and t1 (floats or tensors) must stay apart in y0's dtype
+        pair = torch.stack([(x.detach() if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64))
+                            .to(device=y0.device, dtype=torch.float64).expand(B) for x in (t0_in, t1_in)], -1)
+        check_time_cast(pair, torch.stack([t0, t1], -1), "t0, t1")
     if saveat is None:
         saveat = SaveAt(t1=True)
     if not isinstance(saveat, SaveAt):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from torchmech.de.adjoint import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.controllers import check_time_cast
 from torchmech.de.solvers import (
     RK4,
     AbstractSolver,
@@ -159,7 +160,9 @@ def check_times(t: Any, name: str, owner: str, B: int, like: Tensor, strict: boo
                             f"got {type(t).__name__}") from exc
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{owner}: {name} must be real times, got dtype {t.dtype}")
+    orig = t
     t = t.to(dtype=like.dtype, device=like.device)
+    check_time_cast(orig, t, f"{owner}: {name}")
     if t.dim() not in (1, 2) or (t.dim() == 2 and t.shape[0] != B):
         raise ValueError(f"{owner}: {name} must have shape (T,) or (batch, T) = ({B}, T), got {tuple(t.shape)}")
     if t.shape[-1] < min_len:
