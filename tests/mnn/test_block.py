@@ -79,17 +79,22 @@ def test_bad_construction_and_call():
     with pytest.raises(ValueError, match="K = order \\+ 1 = 3"):
         MechanisticBlock(order=2)(c, r, i)
     # checked at construction, not at the first forward
-    with pytest.raises(ValueError, match="weight_smooth must be a positive finite float, got -1.0"):
+    with pytest.raises(ValueError, match="weight_smooth must be a positive finite float or a tensor, got -1.0"):
         MechanisticBlock(weight_smooth=-1.0)
-    with pytest.raises(ValueError, match="slack must be a finite float or None, got 'abc'"):
+    with pytest.raises(ValueError, match="slack must be a finite float or a tensor or None, got 'abc'"):
         MechanisticBlock(slack="abc")
+    # learnable weights and slack stay tensors (as in solve_linear_ode)
+    c, r, i = inputs((2,))
+    for kw in ({"weight_equation": torch.nn.Parameter(torch.tensor(2.0))}, {"slack": torch.tensor(0.1)}):
+        assert MechanisticBlock(**kw)(c, r, i).values.shape == (2, 12, 2)  # (B, T, D)
 
 
 def test_numpy_scalars_are_numbers():
     np = pytest.importorskip("numpy")
     c, r, i = inputs((2,))
     ref = MechanisticBlock(num_points=c.shape[-4], weight_smooth=0.5)(c, r, i).values
-    got = MechanisticBlock(num_points=np.int64(c.shape[-4]), weight_smooth=np.float32(0.5))(c, r, i).values
+    got = MechanisticBlock(np.int64(2), num_points=np.int64(c.shape[-4]), step=np.float32(0.1),
+                           weight_smooth=np.float32(0.5))(c, r, i).values
     torch.testing.assert_close(got, ref)
     u = solve_linear_ode(c, r, i, 0.1, weight_equation=np.float64(2.0), num_points=np.int32(c.shape[-4]))
     torch.testing.assert_close(u, solve_linear_ode(c, r, i, 0.1, weight_equation=2.0))

@@ -64,9 +64,10 @@ class MechanisticBlock(nn.Module):
                  slack: float | None = None, method: str = "auto", weight_equation: float = 1.0,
                  weight_init: float = 1.0, weight_smooth: float = 1.0):
         super().__init__()
-        if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        if not isinstance(order, numbers.Integral) or isinstance(order, bool) or order < 1:
             raise ValueError(f"order must be an int >= 1, got {order!r}")
-        if not (isinstance(step, (int, float)) and math.isfinite(step) and step > 0):
+        order = int(order)
+        if not (isinstance(step, numbers.Real) and not isinstance(step, bool) and math.isfinite(step) and step > 0):
             raise ValueError(f"step must be a positive finite number, got {step!r}")
         if step < torch.finfo(torch.float32).tiny:  # the block's tensors start in float32, where it would be 0
             raise ValueError(f"step must be at least float32's smallest normal number "
@@ -79,21 +80,22 @@ class MechanisticBlock(nn.Module):
                              "step per interval, T-1 of them")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        # checked here, not at the first forward: a float, positive (weights) and finite
+        # numbers are checked here rather than at the first forward; tensors (learnable weights) at each forward
         for name, val in (("weight_equation", weight_equation), ("weight_init", weight_init),
                           ("weight_smooth", weight_smooth), ("slack", slack)):
-            if name == "slack" and val is None:
+            if (name == "slack" and val is None) or isinstance(val, torch.Tensor):
                 continue
             ok = isinstance(val, numbers.Real) and not isinstance(val, bool) and math.isfinite(val)
             if not ok or (name != "slack" and val <= 0):
-                raise ValueError(f"{name} must be a {'positive ' if name != 'slack' else ''}finite float"
+                raise ValueError(f"{name} must be a {'positive ' if name != 'slack' else ''}finite float or a tensor"
                                  f"{' or None' if name == 'slack' else ''}, got {val!r}")
         self.order, self.num_points = order, None if num_points is None else int(num_points)
         self.central, self.slack, self.method = central, slack, method
         self.weight_equation, self.weight_init, self.weight_smooth = weight_equation, weight_init, weight_smooth
         size = (self.num_points - 1) if per_step_steps else 1
         # softplus^{-1}(h) so the initial step is exactly `step`.
-        raw = torch.full((size,), math.log(math.expm1(step)) if step < 30 else float(step))
+        step = float(step)
+        raw = torch.full((size,), math.log(math.expm1(step)) if step < 30 else step)
         if learn_steps:
             self.raw_steps = nn.Parameter(raw)
         else:
