@@ -43,5 +43,8 @@ class FirstOrderOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         saved = ctx.saved_tensors  # (once: checkpointing allows one unpack)
-        (g,) = first_order_only((g,), (g, *saved), ctx.message)
+        # no cotangent reaches x (e.g. the loss uses only samples without an event): the zero gradient's own
+        # derivative is zero, exactly, so it need not raise
+        if torch.is_grad_enabled() and bool((g != 0).any()):
+            (g,) = first_order_only((g,), (g, *saved), ctx.message)
         return (None, g) + (None,) * len(saved)

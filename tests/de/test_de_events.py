@@ -139,3 +139,16 @@ def test_second_derivatives_through_an_event_time_raise(adjoint):
     assert torch.allclose(gv, 2 * v0, rtol=1e-6)
     with pytest.raises(RuntimeError, match="second derivatives through an event time are not supported"):
         torch.autograd.grad(gv.sum(), [h0, v0])
+
+
+def test_second_derivatives_of_samples_without_an_event_still_work():
+    """Sample 0 stops at an event, sample 1 never does: the Hessian of a loss on sample 1 alone needs no event
+    derivative and must not raise (it did, the raising node covering the whole batch's event times)."""
+    k = torch.tensor([1.0, 0.3], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    sol = de.solve(lambda t, y, a: -a[:, None] * y, de.Tsit5(), 0.0, 2.0, y0, args=k,
+                   event=de.Event(lambda t, y, a: y[:, 0] - 0.5), controller=de.PIDController(1e-10, 1e-12))
+    assert sol.status.tolist() == [int(de.Status.EVENT), int(de.Status.SUCCESS)]
+    (g,) = torch.autograd.grad(sol.ys[1, -1, 0], k, create_graph=True)  # y1(2) = exp(-2 k1)
+    (h,) = torch.autograd.grad(g[1], k)
+    assert abs(h[1].item() - 4 * math.exp(-0.6)) < 1e-6 and h[0].item() == 0.0
