@@ -414,3 +414,87 @@ def test_backsolve_second_derivatives_raise_clearly():
     (g,) = torch.autograd.grad((sol.ys ** 2).sum(), k, create_graph=True)
     with pytest.raises(RuntimeError, match="BacksolveAdjoint: second derivatives are not supported"):
         torch.autograd.grad(g.sum(), k)
+
+
+def test_backsolve_graph_check_has_no_false_alarms_or_side_effects():
+    """Leaves a field makes for itself (an inner optimisation, y.detach().requires_grad_()) are not trainable
+    tensors it forgot to declare; the check evaluation leaves the RNG as it was; module fields are not evaluated
+    (an extra call would advance BatchNorm's statistics)."""
+    lin = torch.nn.Linear(2, 2).double()
+
+    def inner_opt(t, y, args, lin=lin):  # a plain function (lin as a default: only the graph walk sees it)
+        z = torch.zeros_like(y, requires_grad=True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(((z - lin(y)) ** 2).sum(), z, create_graph=True)
+        return -(z - 0.5 * g)
+
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    got = []
+    for adj in (de.DirectAdjoint(),
+                de.BacksolveAdjoint(rtol=1e-10, atol=1e-12, adjoint_params=list(lin.parameters()))):
+        sol = de.solve(inner_opt, de.Tsit5(), 0.0, 1.0, y0, adjoint=adj, controller=de.PIDController(1e-10, 1e-12))
+        got.append(torch.autograd.grad(sol.ys.sum(), [y0, lin.weight]))
+    for d, b in zip(*got):
+        torch.testing.assert_close(b, d, rtol=1e-7, atol=1e-10)
+    # no adjoint_params: the check evaluates the field; its inner leaf is no false alarm (lin's tensors are)
+    with pytest.raises(ValueError, match=r"depends on 2 tensor\(s\)"):
+        de.solve(inner_opt, de.Tsit5(), 0.0, 1.0, y0, adjoint=de.BacksolveAdjoint())
+
+    noisy = lambda t, y, args: -args * y + 0.0 * torch.rand_like(y)
+    k = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    de.solve(noisy, de.Tsit5(), 0.0, 1.0, y0, args=k, adjoint=de.DirectAdjoint())
+    after_direct = torch.rand(1)
+    torch.manual_seed(0)
+    de.solve(noisy, de.Tsit5(), 0.0, 1.0, y0, args=k, adjoint=de.BacksolveAdjoint())
+    assert torch.equal(torch.rand(1), after_direct)  # the forward solves drew the same numbers
+
+    class BNField(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(2).double()
+
+        def forward(self, t, y, args):
+            return -self.bn(y)
+
+    calls = []
+    for adj in (de.DirectAdjoint(), de.BacksolveAdjoint()):
+        f = BNField()
+        de.solve(f, de.Euler(), 0.0, 1.0, y0, dt0=0.25, controller=de.ConstantStep(), adjoint=adj)
+        calls.append(int(f.bn.num_batches_tracked))
+    assert calls[0] == calls[1]  # the solve's own calls only
+
+
+def test_backsolve_args_containers():
+    """A namedtuple in args was rebuilt from a generator (TypeError); a dataclass's tensors were never searched,
+    so an encoder feeding the field through it got no gradient."""
+    import collections
+    import dataclasses
+
+    enc = torch.nn.Linear(2, 3).double()
+    lin = torch.nn.Linear(3, 3).double()
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, t, y, args):
+            return 0.1 * self.lin(y) + 0.01 * args.z
+
+    NT = collections.namedtuple("NT", "z")
+    x, y0 = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    grads = []
+    for adj in (de.DirectAdjoint(), de.BacksolveAdjoint(rtol=1e-10, atol=1e-12)):
+        sol = de.solve(Field(), de.Tsit5(), 0.0, 1.0, y0, args=NT(enc(x)), adjoint=adj,
+                       controller=de.PIDController(1e-10, 1e-12))
+        grads.append(torch.autograd.grad(sol.ys.sum(), [enc.weight, lin.weight]))
+    for d, b in zip(*grads):
+        torch.testing.assert_close(b, d, rtol=1e-7, atol=1e-10)
+
+    @dataclasses.dataclass
+    class DC:
+        z: torch.Tensor
+
+    with pytest.raises(ValueError, match=r"args holds a DC whose tensors \['z'\] require grad"):
+        de.solve(Field(), de.Tsit5(), 0.0, 1.0, y0, args=DC(enc(x)), adjoint=de.BacksolveAdjoint())

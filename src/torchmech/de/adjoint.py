@@ -107,11 +107,13 @@ class BacksolveAdjoint(AbstractAdjoint):
         adjoint_params: tensors to differentiate with respect to. Default: the parameters of
             every ``nn.Module`` vector field in ``terms`` (for a bound method such as
             ``model.drift``, of its module). Tensors in ``args`` that require grad are always
-            included. Without ``adjoint_params``, one evaluation of each field at ``(t0, y0)`` is walked back
-            to the leaf tensors its output depends on: a trainable one outside those (reached through a
-            closure, a default argument, a container, an attribute, ``functools.partial``, ...) raises
-            ``ValueError`` rather than get no gradient; pass it here, through ``args``, or make it a parameter
-            of the field's ``nn.Module``. (That evaluation is one extra vector-field call per solve.)
+            included (as tensors, or in tuples, lists, namedtuples and dicts; a dataclass holding them
+            raises). Without ``adjoint_params``, one evaluation of each field that is a plain callable (not
+            a module or a module's method) at ``(t0, y0)`` is walked back to the persistent leaf tensors its
+            output depends on: a trainable one outside those (reached through a closure, a default argument,
+            a container, an attribute, ``functools.partial``, ...) raises ``ValueError`` rather than get no
+            gradient; pass it here, through ``args``, or make it a parameter of the field's ``nn.Module``.
+            (That evaluation is one extra call per solve; the RNG state is restored after it.)
         max_steps: step limit of the backward solve (default: the forward ``max_steps``).
         norm: ODEs: error norm of the backward solve's ``PIDController`` (default per-sample
             :func:`~torchmech.de.rms_norm`; :func:`~torchmech.de.batch_rms_norm` for one step
@@ -758,6 +760,8 @@ def _detached_args(args, params: list) -> tuple:
             if id(x) not in swap:
                 swap[id(x)] = x.detach().requires_grad_(True)
             return swap[id(x)]
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple takes its fields as arguments
+            return type(x)(*(go(v) for v in x))
         if isinstance(x, (tuple, list)):
             return type(x)(go(v) for v in x)
         if isinstance(x, dict):
@@ -809,6 +813,14 @@ def collect_params(integ, adjoint_params, owner: str) -> list:
     params = list(uniq.values())
     seen = set(uniq)
     for leaf in tree_leaves(integ.args):
+        # tensors inside other objects (a dataclass, a plain object) are not searched: they would get no gradient
+        inner = vars(leaf) if hasattr(leaf, "__dict__") and not isinstance(leaf, (torch.Tensor, torch.nn.Module)) else {}
+        hidden = [k for k, v in inner.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        if hidden and torch.is_grad_enabled():
+            raise ValueError(
+                f"{owner}: args holds a {type(leaf).__name__} whose tensors {hidden[:4]} require grad; a continuous "
+                "adjoint finds tensors in args only as tensors or in tuples, lists, namedtuples and dicts, so these "
+                "would get no gradient: pass them in one of those (e.g. a dict)")
         if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
             params.append(leaf)
             seen.add(id(leaf))
@@ -822,59 +834,73 @@ def collect_params(integ, adjoint_params, owner: str) -> list:
     return params
 
 
-def _detached_tree(tree):
-    """``tree`` with every tensor that requires grad replaced by a fresh leaf (dicts, tuples, lists)."""
-    if isinstance(tree, dict):
-        return {k: _detached_tree(v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_detached_tree(v) for v in tree)
-    if isinstance(tree, torch.Tensor) and tree.requires_grad:
-        return tree.detach().requires_grad_(True)
-    return tree
+def _hidden_leaves(f, t, y, args, seen: set, stops: set) -> list:
+    """(shape, description) of the persistent leaf tensors requiring grad that ``f(t, y, args)`` depends on,
+    other than ``y`` and those in ``seen``; the walk does not pass the nodes in ``stops``."""
+    import weakref
+
+    from torchmech.de._tree import tree_leaves
+
+    with torch.enable_grad():
+        out = f(t, y, args)
+    nodes = [o.grad_fn for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    del out
+    visited: set = set()
+    refs = []
+    node = None
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in visited or node in stops:
+            continue
+        visited.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if var is not None:
+            if var is not y and id(var) not in seen:
+                refs.append((weakref.ref(var), tuple(var.shape)))
+            del var
+            continue
+        nodes.extend(nxt for nxt, _ in node.next_functions)
+    del visited, node
+    # leaves the call made for itself (an inner optimisation's variables, y.detach().requires_grad_()) die with
+    # its graph; those that live on are held by the field (closure, default argument, attribute, container)
+    return [shape for ref, shape in refs if ref() is not None]
 
 
 def _check_graph(integ, params: list, owner: str) -> None:
-    """Raise if a vector field's output depends on a trainable leaf tensor that is not collected.
+    """Raise if a plain-callable vector field's output depends on a trainable tensor that is not collected.
 
     The name-based search of ``check_closure`` misses tensors reached through default arguments, containers,
-    callable objects, ``functools.partial`` or attributes; and a module's forward can use tensors outside its
-    parameters. One evaluation of each field at ``(t0, y0)`` with a graph, walked back to its leaves, finds
-    them all. (The state and the args enter as fresh leaves, so their own graphs are not searched.)
+    callable objects, ``functools.partial`` or attributes. One evaluation of each such field at ``(t0, y0)``
+    with a graph, walked back to its leaves, finds them. (The state and the args enter as fresh leaves, so their
+    own graphs are not searched; the RNG state is restored afterwards. Fields that are nn.Modules, or their
+    bound methods, are not evaluated: their parameters are collected, and an extra call would update their
+    BatchNorm statistics.)
     """
     from torchmech.de._tree import tree_leaves
+    from torchmech.de.terms import _module_of
 
+    fields = [f for f in integ.terms.fields() if _module_of(f) is None]
+    if not fields:
+        return
     seen = {id(p) for p in params}
     # a collected tensor that is not a leaf (e.g. interpolation coefficients computed from data): the walk
     # stops at its node, gradients reach what it was computed from through it
     stops = {p.grad_fn for p in params if p.grad_fn is not None}
     y = integ.y0.detach().requires_grad_(True)
-    args = _detached_tree(integ.args)
+    args = _detached_args(integ.args, [])[0]
     seen |= {id(a) for a in tree_leaves(args) if isinstance(a, torch.Tensor)}
-    for f in integ.terms.fields():
-        with torch.enable_grad():
-            out = f(integ.t0.detach(), y, args)
-        nodes = [o.grad_fn for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-        visited: set = set()
-        hidden = []
-        while nodes:
-            node = nodes.pop()
-            if node is None or node in visited or node in stops:
-                continue
-            visited.add(node)
-            var = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
-            if var is not None:
-                if var is not y and id(var) not in seen:
-                    hidden.append(var)
-                continue
-            nodes.extend(nxt for nxt, _ in node.next_functions)
+    devices = [y.device] if y.device.type == "cuda" else []
+    for f in fields:
+        with torch.random.fork_rng(devices=devices):  # a field drawing random numbers leaves the RNG as it was
+            hidden = _hidden_leaves(f, integ.t0.detach(), y, args, seen, stops)
         if hidden:
-            shapes = ", ".join(f"shape {tuple(v.shape)}" for v in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
+            shapes = ", ".join(f"shape {s}" for s in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
             raise ValueError(
                 f"{owner}: the vector field {getattr(f, '__qualname__', f)!r} depends on {len(hidden)} tensor(s) that "
-                f"require grad ({shapes}) and are not among the parameters it differentiates (the fields' module "
-                "parameters and the tensors in args), so they would get no gradient; pass them as "
-                "adjoint_params=[...] (with the others), pass them through args, or make them parameters of the "
-                "vector field's nn.Module")
+                f"require grad ({shapes}) and are not among the parameters it differentiates (nn.Module "
+                "parameters of the fields, and tensors in args given as tensors or tuples/lists/dicts of them), "
+                "so they would get no gradient; pass them as adjoint_params=[...] (with the others), pass them "
+                "through args, or make them parameters of the vector field's nn.Module")
 
 
 def check_closure(f, owner: str, seen=frozenset(), also: str = "", what: str = "the vector field") -> None:
