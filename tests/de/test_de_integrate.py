@@ -463,3 +463,11 @@ def test_times_too_fine_for_the_state_dtype_raise():
     # ordinary float64 grids cast to float32 pass
     de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 10.0, y0, saveat=de.SaveAt(ts=torch.linspace(0, 10, 1001,
                                                                                              dtype=torch.float64)))
+
+
+def test_step_to_a_list_of_times_in_float64():
+    """StepTo([0, 0.1, 0.3]) built its grid in float32 first: a float64 solve found t1 = 0.3 'not equal' to it."""
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    sol = de.solve(lambda t, y, a: -y, de.RK4(), 0.0, 0.3, y0, controller=de.StepTo([0.0, 0.1, 0.3]),
+                   saveat=de.SaveAt(ts=[0.1, 0.3]))
+    assert torch.equal(sol.ts[0], torch.tensor([0.1, 0.3], dtype=torch.float64))

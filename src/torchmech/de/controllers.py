@@ -151,8 +151,8 @@ class StepTo(AbstractController):
     """
 
     def __init__(self, ts: Tensor):
-        if not isinstance(ts, Tensor):
-            ts = torch.as_tensor(ts, dtype=torch.get_default_dtype())
+        if not isinstance(ts, Tensor):  # float64: the solve casts to the state's dtype (see SaveAt.ts)
+            ts = torch.as_tensor(ts, dtype=torch.float64)
         if ts.dim() not in (1, 2) or ts.shape[-1] < 2:
             raise ValueError(f"StepTo: ts must have shape (K,) or (B, K) with K >= 2, got {tuple(ts.shape)}")
         self.ts = ts
