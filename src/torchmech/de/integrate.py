@@ -686,7 +686,12 @@ def _watch_recompiles(integ, new_frames: int) -> None:
         return
     f = integ.terms.fields()[0] if integ.terms.fields() else None
     code = getattr(f, "__code__", None) or getattr(getattr(type(f), "forward", None), "__code__", None)
-    key = (code, type(integ.solver), tuple(integ.y0.shape), integ.y0.dtype, integ.y0.device.type)
+    # what legitimately makes a new graph: shapes and dtypes of the state, the save times, the fields' parameters
+    # (a sweep over model widths) and the args
+    shapes = lambda xs: tuple((tuple(x.shape), x.dtype) for x in xs if isinstance(x, Tensor))  # noqa: E731
+    key = (code, type(integ.solver), tuple(integ.y0.shape), integ.y0.dtype, integ.y0.device.type,
+           None if integ.ts is None else tuple(integ.ts.shape),
+           shapes(p for m in integ.terms.modules() for p in m.parameters()), shapes(tree_leaves(integ.args)))
     n = _RECOMPILING[key] = _RECOMPILING.get(key, 0) + 1
     if n == _RECOMPILE_WARN_AFTER:
         import warnings
@@ -744,7 +749,9 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
             e.g. ``{"cpp_wrapper": False}``. See benchmarks/RESULTS.md. The vector field must not
             read Python values that change between solves (a call counter, a float attribute):
             ``torch.compile`` specialises on them and recompiles every solve; a ``RuntimeWarning``
-            says so after four such solves.
+            says so after four such solves. Under autograd, a compiled step rejected because its stages
+            went non-finite stays in the graph and can make gradients NaN (the eager loop retakes such
+            steps with ``h = 0`` for those samples); train with ``compile=False`` if stages can overflow.
 
     Returns:
         :class:`Solution` with ``ts`` (B, T), ``ys`` (B, T, ...), ``stats``, ``status``.
