@@ -274,3 +274,18 @@ def test_ill_conditioned_long_grids_still_solve(method, dtype):
     init = torch.tensor([[[1.0, -1.0, 1.0]]], dtype=dtype)
     u = solve_linear_ode(c, torch.zeros(1, 1, dtype=dtype), init, steps, central=True, method=method)
     assert (u[:, 0, 0].double() - torch.exp(-t.double())).abs().max() < 1e-3  # measured 3.5e-4
+
+
+def test_ill_conditioned_solves_warn():
+    """Accepted, but with rounding errors that can show (smallest eigenvalue 2.1e-13 here): a RuntimeWarning
+    says so; a well-conditioned solve stays quiet."""
+    t, steps = grid(0.001, 3.0)  # T = 3001, no central rows
+    c = torch.tensor([1.0, 0.0, 1.0], dtype=f64).reshape(1, 1, 1, 3)
+    init = torch.tensor([[[1.0, 0.0]]], dtype=f64)
+    with pytest.warns(RuntimeWarning, match="ill-conditioned .* relative errors up to"):
+        solve_linear_ode(c, torch.zeros(1, 1, dtype=f64), init, steps, central=False, method="banded")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        oscillator(0.025, 0.1, 1.0, central=True)

@@ -10,7 +10,7 @@ from torchmech.mnn.linalg.blocktri import (_SMALL_MAX, _SMALL_MIN_BLOCKS, Cyclic
                                           SequentialCholesky)
 from torchmech.mnn.linalg.dense import solve_dense
 from torchmech.mnn.system import (SUSPECT_PIVOT, BandedSystem, Problem, assemble, check_solution, eigen_floor,
-                                  objective_cross, pivot_floor, prepare)
+                                  objective_cross, pivot_floor, prepare, warn_ill_conditioned)
 
 METHODS = ("auto", "dense", "banded", "parallel")
 
@@ -220,6 +220,8 @@ class _Factorised:
             grow = w.square().sum((-3, -2, -1), keepdim=True).sqrt()
             v = w / grow
         lam = (1 / grow).amin().item()
+        if lam >= eigen_floor(self.T):
+            warn_ill_conditioned(lam)
         if not lam >= eigen_floor(self.T):
             raise FactorizationError(
                 f"the NeuRLP normal matrix is numerically singular (smallest eigenvalue about {lam:.1e} of its "

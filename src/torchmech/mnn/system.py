@@ -224,6 +224,21 @@ def eigen_floor(T: int) -> float:
     return 32 * torch.finfo(torch.float64).eps
 
 
+ILL_CONDITIONED = 1e-12  # smallest eigenvalue (unit diagonal) below which a solve warns: relative errors ~eps/lam
+
+
+def warn_ill_conditioned(lam: float) -> None:
+    """Warn that a solve above the singularity floor may still carry visible rounding errors."""
+    if lam < ILL_CONDITIONED:
+        import warnings
+
+        warnings.warn(
+            f"solve_linear_ode: the NeuRLP normal matrix is ill-conditioned (smallest eigenvalue {lam:.1e} of its "
+            f"diagonal): float64 rounding can leave relative errors up to ~{torch.finfo(torch.float64).eps / lam:.0e} "
+            "in the solution; central=True, fewer grid points, or more equations/initial conditions condition it "
+            "better", RuntimeWarning, stacklevel=4)
+
+
 def check_solution(u: Tensor, dtype: torch.dtype) -> None:
     """Raise unless u (computed in the working precision) is finite and fits the caller's dtype.
 

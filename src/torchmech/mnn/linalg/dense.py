@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from torchmech.mnn.linalg.blocktri import FactorizationError
-from torchmech.mnn.system import SUSPECT_PIVOT, Problem, check_solution, eigen_floor, pivot_floor
+from torchmech.mnn.system import (SUSPECT_PIVOT, Problem, check_solution, eigen_floor, pivot_floor,
+                                  warn_ill_conditioned)
 
 
 def dense_rows(p: Problem) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,6 +123,8 @@ def solve_dense(p: Problem) -> Tensor:
             f"a pivot fell to <= {floor:.1e} of its diagonal"
     elif float(min_pivot) < SUSPECT_PIVOT:  # pivots do not tell singular from ill-conditioned here: eigenvalues do
         lam = torch.linalg.eigvalsh(Hs.detach()).amin()
+        if float(lam) >= eigen_floor(p.T):
+            warn_ill_conditioned(float(lam))
         if float(lam) < eigen_floor(p.T):
             where = f"its smallest eigenvalue is {float(lam):.1e} of the diagonal"
     if where is not None:
