@@ -279,8 +279,11 @@ def test_bad_inputs(probs):
         de.solve(f, de.Tsit5(), 0.0, 1.0, y0, max_steps=0)
     with pytest.raises(ValueError, match=r"increment must match y0 \(shape \(2, 2\)"):
         de.solve(lambda t, y, a: y[:, 0], de.Tsit5(), 0.0, 1.0, y0)
-    with pytest.raises(ValueError, match="dtype torch.float32"):
+    with pytest.raises(ValueError, match="returns torch.float64 for a torch.float32 state"):
         de.solve(lambda t, y, a: y.double(), de.Tsit5(), 0.0, 1.0, y0.float())
+    # the other way round the increment was promoted and passed, at float32 accuracy
+    with pytest.raises(ValueError, match="returns torch.float32 for a torch.float64 state"):
+        de.solve(lambda t, y, a: y.float(), de.Tsit5(), 0.0, 1.0, y0.double())
     with pytest.raises(ValueError, match="evaluate: solve with saveat=SaveAt\\(dense=True\\)"):
         de.solve(f, de.Tsit5(), 0.0, 1.0, y0).evaluate(0.5)
 
