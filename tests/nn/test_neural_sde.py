@@ -161,3 +161,20 @@ def test_wrongly_shaped_user_diffusion_is_named():
 
     with pytest.raises(ValueError, match=r"term 1 \(ControlTerm\) gives an increment of shape \(3,\)"):
         NeuralSDE(2, noise="general", diffusion=G())(torch.randn(3, 2), torch.linspace(0, 1, 3), seed=0)
+
+
+def test_reversible_adjoint_names_the_calculus_and_fine_dt_names_the_resolution():
+    with pytest.raises(ValueError, match="adjoint='reversible' solves with reversible_heun, a Stratonovich solver; "
+                                         "pass sde_type='stratonovich'"):
+        NeuralSDE(3, adjoint="reversible")
+    NeuralSDE(3, adjoint="reversible", sde_type="stratonovich")
+    model = NeuralSDE(2, dt=5e-5)  # float32: around t = 1000 the times are ~6e-5 apart
+    with pytest.raises(ValueError, match=r"NeuralSDE: dt = 5e-05 is finer than torch.float32 resolves the times"):
+        model(torch.zeros(2, 2), torch.tensor([1000.0, 1001.0]), seed=0)
+
+
+def test_an_activation_instance_is_copied_per_layer():
+    """A PReLU instance was one module (one learnable slope) shared by every layer, drift and diffusion."""
+    model = NeuralSDE(2, noise="general", depth=2, activation=torch.nn.PReLU())
+    prelus = [m for m in model.modules() if isinstance(m, torch.nn.PReLU)]
+    assert len(prelus) >= 4 and len({id(m) for m in prelus}) == len(prelus)

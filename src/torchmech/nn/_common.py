@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -43,8 +44,8 @@ def activation(act: Any, owner: str) -> nn.Module:
         return _ACTIVATIONS[key]()
     if isinstance(act, type) and issubclass(act, nn.Module):
         return act()
-    if isinstance(act, nn.Module):
-        return act
+    if isinstance(act, nn.Module):  # a copy per layer: a PReLU instance would otherwise share one weight everywhere
+        return copy.deepcopy(act)
     raise TypeError(f"{owner}: activation must be a name, an nn.Module class or instance, got {type(act).__name__}")
 
 
@@ -212,7 +213,7 @@ def ode_adjoint(adjoint: Any, owner: str, rtol: float = 1e-6, atol: float = 1e-8
     raise ValueError(f"{owner}: adjoint must be {accepted} or an AbstractAdjoint, got {adjoint!r}")
 
 
-def step_grid(t: Tensor, dt: float | None) -> Tensor:
+def step_grid(t: Tensor, dt: float | None, owner: str = "step_grid") -> Tensor:
     """Step times (B, K) through every time of ``t`` (B, T) (strictly increasing rows).
 
     Each interval ``[t_k, t_{k+1}]`` is cut into ``n_k = ceil(max over the batch of
@@ -231,6 +232,11 @@ def step_grid(t: Tensor, dt: float | None) -> Tensor:
     grid = t64[:, idx] + h[:, idx] * frac
     grid = torch.cat([grid, t64[:, -1:]], dim=1).to(t.dtype)
     # at j = 0 the grid value is t_k + 0 * h: the observation time itself, exactly
+    if bool((grid.diff(dim=1) <= 0).any()):
+        top = float(t64.abs().max())
+        ulp = float(torch.finfo(t.dtype).eps) * top
+        raise ValueError(f"{owner}: dt = {dt:g} is finer than {t.dtype} resolves the times (around {top:.3g} they are "
+                         f"~{ulp:.1g} apart): use a larger dt, shift the times towards 0, or a float64 model")
     return grid
 
 

@@ -61,8 +61,10 @@ class NeuralCDE(nn.Module):
             softplus is smooth, which keeps ``adjoint=True`` gradients accurate (a ReLU's kinks
             cost the continuous adjoint about three digits).
         interpolation: "cubic" (natural cubic spline, default), "hermite" (cubic Hermite with
-            backward differences: causal between knots), "linear", or "rectilinear" (causal, for
-            online use; it adds the time ``t`` (default ``0..T-1``) as a first channel).
+            backward differences: causal between knots when every value is observed; missing values
+            are filled by linear interpolation, which looks ahead to the next observation), "linear",
+            or "rectilinear" (causal, also with missing values; for online use; it adds the time ``t``
+            (default ``0..T-1``) as a first channel).
         intensity: append observational-intensity channels (``input_channels`` stays the raw count).
         return_sequences: readout at every observation time, output (B, T, output).
         method: "rk4" (default), "euler", "midpoint", "heun", "ralston" (fixed step) or "dopri5",
@@ -127,7 +129,7 @@ class NeuralCDE(nn.Module):
                              f"batch >= 1, got {tuple(x.shape)}")
         if x.shape[1] < 2:
             raise ValueError(f"NeuralCDE: x needs at least 2 time points (T >= 2), got T={x.shape[1]}")
-        if not x.is_floating_point():
+        if x.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"NeuralCDE: x must be float32 or float64, got {x.dtype}")
         check_like_module(x, "x", "NeuralCDE", self)
         if t is not None:

@@ -187,7 +187,7 @@ class LatentSDE(nn.Module):
 
     def _solve(self, terms, z0, ts, args):
         B = z0.shape[0]
-        grid = step_grid(ts.expand(B, ts.shape[-1]), self.dt)
+        grid = step_grid(ts.expand(B, ts.shape[-1]), self.dt, "LatentSDE")
         if ts.dim() == 1:
             grid = grid[0]
         return solve(terms, self.solver, ts[..., 0], ts[..., -1], z0, args=args, saveat=SaveAt(ts=ts),
@@ -200,8 +200,10 @@ class LatentSDE(nn.Module):
 
         Args:
             kl_weight: weight of the KL terms (anneal it from small to 1 for easier training).
-            seed: makes the estimate reproducible: seeds both ``z0``'s sample and the Brownian motion.
-            brownian: a Brownian motion of shape (B, latent_dim) covering ``ts`` (instead of ``seed``).
+            seed: makes the estimate reproducible: seeds both ``z0``'s sample and the Brownian motion
+                (a ``BrownianInterval``, whose path also depends on ``dt``; see ``NeuralSDE.forward``).
+            brownian: a Brownian motion of shape (B, latent_dim) covering ``ts``; ``seed`` then seeds only
+                ``z0``'s sample.
         """
         ts, xs = self._check(ts, xs)
         if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not math.isfinite(kl_weight) \

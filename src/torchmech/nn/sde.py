@@ -225,6 +225,10 @@ class NeuralSDE(nn.Module):
                                         self.time_dependent)
         if solver is None:
             if adjoint == "reversible":
+                if sde_type != "stratonovich" and noise != "additive":
+                    raise ValueError(f"{name}: adjoint='reversible' solves with reversible_heun, a Stratonovich "
+                                     "solver; pass sde_type='stratonovich' (read as Ito, the same networks define "
+                                     "another SDE)")
                 solver = "reversible_heun"
             else:
                 solver = "euler" if sde_type == "ito" else "heun"
@@ -259,7 +263,7 @@ class NeuralSDE(nn.Module):
             return solve(ODETerm(self.drift), Euler(), t[..., 0], t[..., 0], y0, saveat=SaveAt(ts=t), dt0=1.0)
         bm = make_brownian(brownian, seed, tb, (B, self.brownian_size), y0,
                            isinstance(self.solver, SRA1), "NeuralSDE")
-        grid = step_grid(tb, self.dt)
+        grid = step_grid(tb, self.dt, "NeuralSDE")
         if t.dim() == 1:
             grid = grid[0]
         return solve(self._terms(bm), self.solver, t[..., 0], t[..., -1], y0, saveat=SaveAt(ts=t),
@@ -273,7 +277,10 @@ class NeuralSDE(nn.Module):
             brownian: the driving Brownian motion, shape (B, brownian_size), covering the times of
                 ``t`` (e.g. ``BrownianInterval(t0, t1, (B, m), seed=0)``); reuse one to get the same
                 path again. Default: a new ``BrownianInterval``.
-            seed: seed of the new Brownian motion (default: drawn from torch's global generator).
+            seed: seed of the new Brownian motion (default: drawn from torch's global generator). A
+                ``BrownianInterval``'s path depends on the intervals it is asked for: the same seed with
+                another ``dt`` gives another path. To compare step sizes on one path, pass
+                ``brownian=VirtualBrownianTree(...)``.
         """
         return self.solve(y0, t, brownian, seed).ys
 
