@@ -284,3 +284,16 @@ def test_midpoint_general_noise_order_half_and_additive_order_one():
     errs = [(de.solve(terms, StochasticMidpoint(), 0.0, 1.0, y0, dt0=1 / N).ys[:, -1] - ref).abs().mean().item()
             for N in (4, 8, 16, 32)]
     assert 0.85 < _slope(errs, (4, 8, 16, 32)) < 1.7, errs
+
+
+def test_milstein_keeps_no_graph_when_nothing_requires_grad():
+    """The derivative of g came from a vjp on a helper leaf created with create_graph: with nothing requiring
+    grad the whole path kept an autograd graph (6.3 GB at B=2000, 5000 steps, vs 248 MB for Euler-Maruyama)."""
+    bm = de.BrownianInterval(0.0, 1.0, (4, 2), seed=0)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), de.DiagonalControlTerm(lambda t, y, a: 0.3 * torch.sin(y), bm))
+    sol = de.solve(terms, de.Milstein(), 0.0, 1.0, torch.ones(4, 2), dt0=0.01, controller=de.ConstantStep())
+    assert not sol.ys.requires_grad
+    sig = torch.tensor(0.3, requires_grad=True)  # a trainable diffusion: the graph is kept
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), de.DiagonalControlTerm(lambda t, y, a: sig * torch.sin(y), bm))
+    sol = de.solve(terms, de.Milstein(), 0.0, 1.0, torch.ones(4, 2), dt0=0.01, controller=de.ConstantStep())
+    assert sol.ys.requires_grad and torch.autograd.grad(sol.ys.sum(), sig)[0] != 0

@@ -118,10 +118,13 @@ class Milstein(AbstractSDESolver):
         with torch.enable_grad():
             yy = y0 if y0.requires_grad else y0.detach().requires_grad_(True)
             g = diff.vf(t0, yy, args)
+            # keep a graph only if the solve needs one: y0 carries one, or g depends on a trainable tensor. (With
+            # create_graph on the helper leaf yy alone, every later step, and the whole path, kept a graph.)
+            create = grad and g.requires_grad and (y0.requires_grad or _depends_on_leaves_other_than(g, yy))
             # g built without y (a constant, additive noise) has no graph at all: its derivative is zero
-            gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=grad,
+            gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=create,
                                       allow_unused=True)[0] if g.requires_grad else None
-        if not grad:
+        if not create:
             g = g.detach()  # the graph was only for gdg
         if gdg is None:  # g independent of y
             gdg = torch.zeros_like(y0)
@@ -131,6 +134,23 @@ class Milstein(AbstractSDESolver):
         y1 = y0 + drift.prod(f0, h) + diff.prod(g, dW) + 0.5 * gdg * corr
         vf1 = _DriftOnly((drift.vf(t1, y1, args),))
         return StepResult(y1, None, vf1, (y1 - y0,), 2)
+
+
+def _depends_on_leaves_other_than(out: Tensor, leaf: Tensor) -> bool:
+    """Whether ``out``'s autograd graph reaches a leaf that requires grad other than ``leaf``."""
+    nodes, seen = [out.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            if var is not leaf:
+                return True
+            continue
+        nodes.extend(nxt for nxt, _ in node.next_functions)
+    return False
 
 
 class _DriftOnly(tuple):
