@@ -519,6 +519,11 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
                              f"one of {sorted(set(_ADJOINT_SOLVERS) | {'euler', 'milstein', 'checkpoint'})} "
                              "or 'adjoint_reversible_heun' with method 'reversible_heun'")
         cls = _ADJOINT_SOLVERS[name]
+        if name == "srk" and getattr(sde, "noise_type", None) != "additive":
+            # torchsde's srk for diagonal noise is SRI2; here it is SRA1, for additive noise only: the adjoint
+            # SDE of a y-dependent diffusion has y-dependent noise, and SRA1's gradients came out ~25% off
+            raise ValueError(f"sdeint_adjoint: adjoint_method 'srk' (SRA1) needs additive noise, got noise_type "
+                             f"{getattr(sde, 'noise_type', None)!r}; use 'midpoint', 'heun' or 'euler_heun'")
         controller = None
         if adjoint_adaptive:
             if cls not in _adaptive_solver_classes():

@@ -331,6 +331,9 @@ class _Integrator:
                                                  lambda t, y: self.deriv(t, y))
         dt = torch.where(done, torch.zeros_like(dt), dt)
         nfev = torch.where(done & finite0, zeros_i, zeros_i + 1 + extra)
+        check_terms = getattr(self.solver, "check_terms", None)  # solvers with conditions on the terms (SRA1)
+        if check_terms is not None:
+            check_terms(self.terms, t0, y0, self.args)
         init_vf = getattr(self.solver, "init_vf", None)  # solvers with extra state (ReversibleHeun)
         if init_vf is not None:
             vf0 = init_vf(y0, vf0)

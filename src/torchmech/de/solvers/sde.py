@@ -295,6 +295,24 @@ class SRA1(AbstractSDESolver):
     weak_order = 2.0
     uses_levy_area = True  # the fixed-step loop hands the step its increment with the Levy area
 
+    @staticmethod
+    def check_terms(terms, t0: Tensor, y0: Tensor, args: Any) -> None:
+        """Raise if the diffusion depends on y (called once per solve): SRA1's formula assumes it does not,
+        and on multiplicative noise it silently converged to neither the Ito nor the Stratonovich solution."""
+        _, diff = sde_terms(terms, "SRA1")
+        with torch.enable_grad():
+            yy = y0.detach().requires_grad_(True)
+            g = diff.vf(t0, yy, args)
+            if not g.requires_grad:
+                return
+            # a fixed, uneven cotangent: sums of partial derivatives cannot cancel by symmetry
+            w = torch.linspace(1.0, 2.0, g.numel(), dtype=g.dtype, device=g.device).reshape(g.shape)
+            (dg,) = torch.autograd.grad(g, yy, grad_outputs=w, allow_unused=True)
+        if dg is not None and bool((dg != 0).any()):
+            raise ValueError("SRA1: the diffusion g depends on y, but SRA1 is for additive noise (g(t) only); for "
+                             "y-dependent noise use EulerMaruyama or Milstein (Ito), or StochasticHeun, "
+                             "StochasticMidpoint or ReversibleHeun (Stratonovich)")
+
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "SRA1")
         bm = diff.control
