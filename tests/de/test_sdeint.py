@@ -257,3 +257,11 @@ def test_torchsde_conventions_logqp_brownian_1d_area_and_attributes():
     assert A.shape == (3,) and bool((A == 0).all())
     assert bm.levy_area_approximation == "foster" and bm.entropy == 1 and bm.dt == 0.1
     assert torchsde.BrownianInterval(0.0, 1.0, size=(2, 2)).levy_area_approximation == "none"
+
+
+@pytest.mark.parametrize("dt", [-0.1, 0.0, float("nan"), float("inf")])
+def test_sdeint_rejects_a_bad_dt(dt):
+    """dt <= 0 looped for ever building the step grid (as torchsde does); nan took one step per output interval."""
+    with pytest.raises(ValueError, match="sdeint: dt must be a positive finite number"):
+        torchsde.sdeint(GBM(), torch.ones(4, 1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                        dt=dt)

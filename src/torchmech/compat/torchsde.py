@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -315,6 +317,9 @@ class _LogQP(torch.nn.Module):
 
 
 def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0:
+        # (dt <= 0 looped for ever building the step grid, as in torchsde; nan took one step per output interval)
+        raise ValueError(f"sdeint: dt must be a positive finite number, got {dt!r}")
     if not isinstance(sde, torch.nn.Module):
         raise TypeError(f"sdeint: sde must be an nn.Module with f and g, got {type(sde).__name__}")
     sde_type = getattr(sde, "sde_type", None)
