@@ -300,3 +300,30 @@ def test_compat_batch_shaped_cdeint_checks_the_plain_function_too():
     X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(torch.randn(2, 3, 5, 2, dtype=DT).cumsum(-2), t), t)
     with pytest.raises(ValueError, match=r"uses tensors that require grad \(W\)"):
         torchcde.cdeint(X, lambda s, z: torch.tanh(z)[..., None] * W, torch.ones(2, 3, 2, dtype=DT), t[[0, -1]])
+
+
+@pytest.mark.parametrize("kind", ["natural_cubic_coeffs", "hermite_cubic_coefficients_with_backward_differences"])
+def test_packed_coefficients_are_torchcdes(kind):
+    """torchcde packs [a, b, 2c, 3d]; ours packed [a, b, c, d], so coefficients made by torchcde (cached to disk,
+    say) gave another path in torchmech's CubicSpline without an error (max path error 3.3)."""
+    peer = pytest.importorskip("torchcde")
+    import torchmech.compat.torchcde as ours
+
+    g = torch.Generator().manual_seed(0)
+    ts = torch.linspace(0, 2, 7, dtype=DT)
+    x = torch.randn(2, 7, 3, generator=g, dtype=DT)
+    theirs = getattr(peer, kind)(x, ts)
+    torch.testing.assert_close(getattr(ours, kind)(x, ts), theirs)
+    X, Xp = ours.CubicSpline(theirs, ts), peer.CubicSpline(theirs, ts)
+    for q in (0.0, 0.33, 1.0, 1.71, 2.0):
+        torch.testing.assert_close(X.evaluate(q), Xp.evaluate(torch.tensor(q, dtype=DT)))
+        torch.testing.assert_close(X.derivative(q), Xp.derivative(torch.tensor(q, dtype=DT)))
+
+
+def test_packed_coefficients_layout_without_the_peer():
+    import torchmech.compat.torchcde as ours
+
+    ts = torch.linspace(0, 2, 7, dtype=DT)
+    x = torch.randn(2, 7, 3, dtype=DT)
+    S = de.NaturalCubicSpline(ts, x)
+    torch.testing.assert_close(ours.natural_cubic_coeffs(x, ts), torch.cat([S.a, S.b, 2 * S.c, 3 * S.d], dim=-1))

@@ -2,8 +2,9 @@
 
 Coefficient functions return packed tensors as torchcde does, and the interpolation classes take
 them back: ``X = CubicSpline(natural_cubic_coeffs(x, t), t)``; then ``cdeint(X, func, z0, X.interval)``.
-Packed layouts: linear -> the NaN-filled data (..., T, C); cubic -> (..., T-1, 4C) holding the
-per-piece polynomial coefficients ``a, b, c, d`` of ``a + b u + c u^2 + d u^3``.
+Packed layouts: linear -> the NaN-filled data (..., T, C); cubic -> (..., T-1, 4C) holding, as torchcde
+packs them, ``[a, b, 2c, 3d]`` for the per-piece polynomial ``a + b u + c u^2 + d u^3``, so coefficients made
+by either library (e.g. cached to disk) give the same path in both.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
 
 
 def _pack(X: AbstractInterpolation) -> Tensor:
-    return torch.cat([X.a, X.b, X.c, X.d], dim=-1)
+    return torch.cat([X.a, X.b, 2 * X.c, 3 * X.d], dim=-1)  # torchcde's packing
 
 
 def _spline_through_observed(ts: Tensor, x: Tensor) -> Tensor:
@@ -134,7 +135,8 @@ def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
     out = torch.stack([S.a, S.b, S.c, S.d], dim=2)  # (series, T-1, 4, C)
     for s_, c_ in missing.nonzero().tolist():
         out[s_, :, :, c_] = _spline_through_observed(ts, flat[s_, :, c_])
-    # packed as torchcde: (..., T-1, 4C) = [a | b | c | d], each C wide
+    # packed as torchcde: (..., T-1, 4C) = [a | b | 2c | 3d], each C wide
+    out = out * torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=out.dtype, device=out.device)[:, None]
     return out.reshape(x.shape[:-2] + (T - 1, 4 * C))
 
 
@@ -184,4 +186,5 @@ class CubicSpline(AbstractInterpolation):
         if ts.shape != (T,):
             raise ValueError(f"CubicSpline: t must have shape ({T},), got {tuple(ts.shape)}")
         self.ts = ts
-        self.a, self.b, self.c, self.d = coeffs.chunk(4, dim=-1)
+        a, b, two_c, three_d = coeffs.chunk(4, dim=-1)  # torchcde's packing
+        self.a, self.b, self.c, self.d = a, b, two_c / 2, three_d / 3
