@@ -327,3 +327,30 @@ def test_packed_coefficients_layout_without_the_peer():
     x = torch.randn(2, 7, 3, dtype=DT)
     S = de.NaturalCubicSpline(ts, x)
     torch.testing.assert_close(ours.natural_cubic_coeffs(x, ts), torch.cat([S.a, S.b, 2 * S.c, 3 * S.d], dim=-1))
+
+
+def test_torchcde_api_rectilinear_backend_adjoint_method_and_interval():
+    """torchcde's rectilinear coefficients, cdeint's backend/adjoint_method/adjoint_options and a tensor
+    X.interval (they raised TypeError or differed)."""
+    import torchmech.compat.torchcde as tcde
+
+    x = torch.tensor([[[0.0, 1.0], [1.0, float("nan")], [2.0, 3.0]]], dtype=DT)  # time channel 0
+    rect = tcde.linear_interpolation_coeffs(x, rectilinear=0)
+    expect = torch.tensor([[[0.0, 1.0], [1.0, 1.0], [1.0, 1.0], [2.0, 1.0], [2.0, 3.0]]], dtype=DT)
+    torch.testing.assert_close(rect, expect)  # forward-filled; time moves first, then the values
+    with pytest.raises(ValueError, match="rectilinear must be the index of the time channel"):
+        tcde.linear_interpolation_coeffs(x, rectilinear=2)
+    ts = torch.linspace(0, 1, 5, dtype=DT)
+    X = tcde.CubicSpline(tcde.natural_cubic_coeffs(torch.randn(2, 5, 2, dtype=DT), ts), ts)
+    assert isinstance(X.interval, torch.Tensor) and X.interval.tolist() == [0.0, 1.0]
+    f = torch.nn.Linear(3, 6).double()
+    func = lambda t, z: f(z).reshape(2, 3, 2)  # noqa: E731
+    z0 = torch.zeros(2, 3, dtype=DT)
+    ref = tcde.cdeint(X, func, z0, X.interval, adjoint=False)
+    got = tcde.cdeint(X, func, z0, X.interval, backend="torchdiffeq", adjoint_method="tsit5",
+                      adjoint_options={"norm": "seminorm"}, adjoint_params=list(f.parameters()))
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="backend must be 'torchdiffeq'"):
+        tcde.cdeint(X, func, z0, X.interval, backend="torchsde")
+    with pytest.raises(ValueError, match="adjoint_method must be an adaptive method"):
+        tcde.cdeint(X, func, z0, X.interval, adjoint_method="rk4", adjoint_params=list(f.parameters()))

@@ -20,6 +20,7 @@ from torchmech.de.interpolation import (
     CubicHermiteInterpolation,
     NaturalCubicSpline,
     _check_data,
+    fill_forward,
     fill_missing,
 )
 from torchmech.de.interpolation import LinearInterpolation as _Linear
@@ -31,8 +32,8 @@ __all__ = [
 
 
 def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tensor, adjoint: bool = True,
-           method: str | None = None, rtol: float = 1e-4, atol: float = 1e-6, options: dict | None = None,
-           norm=batch_rms_norm, **kwargs) -> Tensor:
+           backend: str = "torchdiffeq", method: str | None = None, rtol: float = 1e-4, atol: float = 1e-6,
+           options: dict | None = None, norm=batch_rms_norm, **kwargs) -> Tensor:
     """:func:`torchmech.de.cdeint` with torchcde's stepping: one step size for the whole batch.
 
     torchcde (through torchdiffeq) steps a batch together and calls ``func(t, z)`` with a scalar ``t``; so
@@ -40,8 +41,13 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     steps, under which ``func`` receives a (B,) ``t`` whenever the samples' times differ. As in torchcde,
     ``z0`` may have any batch shape ``(..., hidden)`` (none included) equal to the path's (``X``'s data
     ``(..., T, C)``); ``func`` gets ``z`` in that shape and returns ``(..., hidden, C)``; the result is
-    ``(..., len(t), hidden)``. The other arguments are those of :func:`torchmech.de.cdeint`.
+    ``(..., len(t), hidden)``. ``backend="torchdiffeq"`` (torchcde's default) is accepted: torchmech's solvers
+    take its place; "torchsde" raises. The other arguments (``adjoint_method``, ``adjoint_rtol``,
+    ``adjoint_options``, ...) are those of :func:`torchmech.de.cdeint`.
     """
+    if backend != "torchdiffeq":
+        raise ValueError(f"cdeint: backend must be 'torchdiffeq' (torchmech's own ODE solvers stand in for it), got "
+                         f"{backend!r}; torchcde's 'torchsde' backend is not supported")
     if isinstance(z0, Tensor) and isinstance(X, AbstractInterpolation) and z0.dim() != 2 and z0.dim() >= 1:
         batch = tuple(z0.shape[:-1])
         if tuple(X.a.shape[:-2]) != batch:
@@ -86,8 +92,26 @@ def _times(t, x):
     return torch.arange(T, dtype=x.dtype, device=x.device) if t is None else torch.as_tensor(t).to(x)
 
 
-def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
-    """(..., T, C) data with NaNs filled by linear interpolation (the linear path's coefficients)."""
+def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear: int | None = None) -> Tensor:
+    """(..., T, C) data with NaNs filled by linear interpolation (the linear path's coefficients).
+
+    ``rectilinear``: the index of a time channel in ``x``. The result is then torchcde's rectilinear data
+    (..., 2T-1, C): every value forward-filled (causal), and between two observations first the time channel
+    moves to the next time, then the other channels move to the next values. Use it with
+    ``LinearInterpolation(coeffs)`` (times ``0..2T-2``).
+    """
+    if rectilinear is not None:
+        C = x.shape[-1] if isinstance(x, Tensor) and x.dim() >= 1 else 0
+        if isinstance(rectilinear, bool) or not isinstance(rectilinear, int) or not 0 <= rectilinear < C:
+            raise ValueError(f"linear_interpolation_coeffs: rectilinear must be the index of the time channel, an int "
+                             f"in [0, {C - 1}], got {rectilinear!r}")
+        _check_data(_times(t, x), x, "linear_interpolation_coeffs")
+        if bool(torch.isnan(x[..., rectilinear]).any()):
+            raise ValueError("linear_interpolation_coeffs: the time channel (rectilinear) must not contain NaN; "
+                             "forward-fill padded final times")
+        rep = fill_forward(x, "linear_interpolation_coeffs").repeat_interleave(2, dim=-2)
+        rep[..., :-1, rectilinear] = rep[..., 1:, rectilinear].clone()  # time moves first
+        return rep[..., :-1, :]
     ts, x = _check_data(_times(t, x), x, "linear_interpolation_coeffs")
     return fill_missing(ts, x)
 
@@ -148,7 +172,15 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
     return _pack(CubicHermiteInterpolation(_times(t, x), x))
 
 
-class LinearInterpolation(_Linear):
+class _TensorInterval:
+    """``interval`` as torchcde gives it: a tensor ``[t0, t1]`` (torchmech's own classes give floats)."""
+
+    @property
+    def interval(self) -> Tensor:
+        return torch.stack([self.ts[0], self.ts[-1]])
+
+
+class LinearInterpolation(_TensorInterval, _Linear):
     """torchcde's ``LinearInterpolation(coeffs, t=None)`` from :func:`linear_interpolation_coeffs`.
 
     As torchcde's: times outside the interval use the first or last piece, and the derivative at a
@@ -164,7 +196,7 @@ class LinearInterpolation(_Linear):
         super().__init__(_times(t, coeffs), coeffs)
 
 
-class CubicSpline(AbstractInterpolation):
+class CubicSpline(_TensorInterval, AbstractInterpolation):
     """torchcde's ``CubicSpline(coeffs, t=None)`` from packed cubic coefficients (..., T-1, 4C).
 
     As torchcde's: times outside the interval extrapolate the first or last piece's polynomial, and at a

@@ -104,7 +104,8 @@ def _knot_grid(knots: Tensor, t0: float, t1: float, dt: float) -> Tensor:
 def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tensor, adjoint: bool = True,
            method: str | None = None, rtol: float = 1e-4, atol: float = 1e-6, options: dict | None = None,
            adjoint_rtol: float | None = None, adjoint_atol: float | None = None, adjoint_params=None,
-           max_steps: int = 100000, norm=None, **kwargs) -> Tensor:
+           max_steps: int = 100000, norm=None, adjoint_method: str | None = None, adjoint_options: dict | None = None,
+           **kwargs) -> Tensor:
     """Solve the CDE ``dz = func(t, z) dX(t)``, ``z(t[0]) = z0``, at times ``t`` (torchcde semantics).
 
     Args:
@@ -124,6 +125,9 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
             override the jump times.
         adjoint_params: tensors to differentiate in the adjoint (default: ``func``'s parameters and
             the path's coefficients when they require grad).
+        adjoint_method: adaptive solver of the backward solve ("dopri5", "tsit5", "bosh3", "dopri8";
+            default: ``method`` when adaptive, else Tsit5). adjoint_options: ``{"norm": "seminorm"}`` (the
+            default here) is accepted; other keys raise.
         norm: error norm of adaptive methods, forward and backward: None = per sample (every
             sample steps on its own error), or :func:`torchmech.de.batch_rms_norm` for one step
             size shared by the batch, as torchcde/torchdiffeq step (fewer steps when one sample is
@@ -147,7 +151,7 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     t = torch.as_tensor(t, dtype=z0.dtype, device=z0.device)
     if t.dim() != 1 or t.shape[0] < 1:
         raise ValueError(f"cdeint: t must have shape (K,) with K >= 1, got {tuple(t.shape)}")
-    lo, hi = X.interval
+    lo, hi = (float(v) for v in X.interval)
     if float(t.min()) < lo or float(t.max()) > hi:
         raise ValueError(f"cdeint: t must lie in X.interval = ({lo}, {hi}), got [{float(t.min())}, {float(t.max())}]")
     options = dict(options or {})
@@ -184,10 +188,20 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     # cannot take gradients with respect to views of the data inside a backward pass
     coeffs = tuple(c.clone() if c.requires_grad else c for c in (X.a, X.b, X.c, X.d))
     check_plain_func(func, adjoint, adjoint_params)
+    back = None
+    if adjoint_method is not None:
+        am = str(adjoint_method).lower()
+        if am not in _SOLVER_NAMES or am in _FIXED:
+            raise ValueError(f"cdeint: adjoint_method must be an adaptive method ('dopri5', 'tsit5', 'bosh3', "
+                             f"'dopri8'), got {adjoint_method!r}")
+        back = _SOLVER_NAMES[am]()
+    extra = {k: v for k, v in (adjoint_options or {}).items() if not (k == "norm" and v == "seminorm")}
+    if extra:
+        raise ValueError(f"cdeint: unsupported adjoint_options {sorted(extra)} (only norm='seminorm', the default)")
     if adjoint:
         adj = BacksolveAdjoint(rtol=rtol if adjoint_rtol is None else adjoint_rtol,
                                atol=atol if adjoint_atol is None else adjoint_atol, adjoint_params=adjoint_params,
-                               norm=norm)
+                               norm=norm, solver=back)
     else:
         adj = DirectAdjoint()
     if t.shape[0] == 1 or float(t[0]) == float(t[-1]):

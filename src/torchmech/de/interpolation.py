@@ -203,6 +203,21 @@ class LinearInterpolation(AbstractInterpolation):
         self.d = self.c
 
 
+def fill_forward(x: Tensor, owner: str) -> Tensor:
+    """(..., T, C) with each NaN replaced by the last observed value of its channel (causal); NaNs before a
+    channel's first observation take that observation. A channel with no observation raises."""
+    if not bool(torch.isnan(x).any()):
+        return x
+    T = x.shape[-2]
+    obs = ~torch.isnan(x)
+    if not bool(obs.any(dim=-2).all()):
+        raise ValueError(f"{owner}: some (series..., channel) have no observed value")
+    idx = torch.arange(T, device=x.device).view(T, 1).expand_as(x)
+    prev = torch.where(obs, idx, torch.full_like(idx, -1)).cummax(dim=-2).values
+    first = torch.where(obs, idx, torch.full_like(idx, T)).amin(dim=-2, keepdim=True).expand_as(prev)
+    return torch.where(obs, x, 0.0).gather(-2, torch.where(prev < 0, first, prev))
+
+
 class RectilinearInterpolation(LinearInterpolation):
     """Rectilinear ("time first, then value") path of ``[t, x]``, parametrised by a virtual time.
 
@@ -220,16 +235,7 @@ class RectilinearInterpolation(LinearInterpolation):
 
     def __init__(self, ts: Tensor | None, x: Tensor):
         ts, x = _check_data(ts, x, "RectilinearInterpolation")
-        if bool(torch.isnan(x).any()):
-            # forward fill (causal), leading NaNs back-filled
-            T = x.shape[-2]
-            obs = ~torch.isnan(x)
-            if not bool(obs.any(dim=-2).all()):
-                raise ValueError("RectilinearInterpolation: some (series..., channel) have no observed value")
-            idx = torch.arange(T, device=x.device).view(T, 1).expand_as(x)
-            prev = torch.where(obs, idx, torch.full_like(idx, -1)).cummax(dim=-2).values
-            first = torch.where(obs, idx, torch.full_like(idx, T)).amin(dim=-2, keepdim=True).expand_as(prev)
-            x = torch.where(obs, x, 0.0).gather(-2, torch.where(prev < 0, first, prev))
+        x = fill_forward(x, "RectilinearInterpolation")
         T = x.shape[-2]
         tt = ts.expand(x.shape[:-2] + (T,)).unsqueeze(-1)
         # times  t0, t1, t1, t2, t2, ..., t_{T-1}; values x0, x0, x1, x1, ..., x_{T-1}
