@@ -306,3 +306,17 @@ def test_sra1_refuses_a_diffusion_that_depends_on_y():
     terms = de.MultiTerm(de.ODETerm(lambda t, y, a: 0.1 * y), DiagonalControlTerm(lambda t, y, a: 0.5 * y, bm))
     with pytest.raises(ValueError, match="SRA1: the diffusion g depends on y"):
         de.solve(terms, SRA1(), 0.0, 1.0, torch.ones(3, 1, dtype=DT), dt0=0.1)
+
+
+def test_a_brownian_motion_of_another_dtype_and_a_bad_backward_solver_raise_early():
+    """A float32 Brownian motion drove a float64 state silently (increments at float32 precision);
+    BacksolveAdjoint(solver=Milstein()) raised only in backward()."""
+    bm32 = de.BrownianInterval(0.0, 1.0, (3, 2), seed=0)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), DiagonalControlTerm(lambda t, y, a: 0.3 * y, bm32))
+    with pytest.raises(ValueError, match="gives torch.float32 increments for a torch.float64 state"):
+        de.solve(terms, de.EulerMaruyama(), 0.0, 1.0, torch.ones(3, 2, dtype=DT), dt0=0.1)
+    bm = de.BrownianInterval(0.0, 1.0, (3, 2), seed=0, dtype=DT)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), DiagonalControlTerm(lambda t, y, a: 0.3 * y, bm))
+    with pytest.raises(ValueError, match="solver must be a Stratonovich SDE solver"):
+        de.solve(terms, de.StochasticHeun(), 0.0, 1.0, torch.ones(3, 2, dtype=DT, requires_grad=True), dt0=0.1,
+                 adjoint=de.BacksolveAdjoint(solver=de.Milstein()))

@@ -256,7 +256,8 @@ class _StepDoubling(AbstractSDESolver):
 
 
 def _grid(ts: Tensor, dt: float, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Steps of size dt from each ts[i] to ts[i+1] (the last one shortened), as torchsde does.
+    """Steps of size dt from each ts[i] to ts[i+1] (the last one shortened), so that every output time is a step
+    end. (torchsde instead steps a uniform grid from ts[0] and interpolates the outputs linearly between steps.)
 
     Built in float64; a point that would land within a few units of round-off of ``dtype`` below
     the next output time is dropped (so no zero-length step appears once cast to ``dtype``).

@@ -175,6 +175,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         from torchmech.de.terms import ODETerm
 
         sde = _sde_parts(integ) if not isinstance(integ.terms, ODETerm) else None
+        if sde is not None:
+            self._sde_backward_setup(integ)  # a bad backward solver or controller raises now, not at backward()
         if integ.event is not None:
             raise ValueError("BacksolveAdjoint: events are not supported; use DirectAdjoint or CheckpointAdjoint")
         if integ.saveat.dense or integ.saveat.steps:

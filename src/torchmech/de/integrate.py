@@ -303,10 +303,15 @@ class _Integrator:
             raise ValueError(f"solve: ODETerm f(t, y, args) must return a tensor of y's shape {tuple(y0.shape)}, "
                              f"got {type(vf0).__name__} (for a tuple or nested state, stack it into one tensor)")
         other = [x.dtype for x in tree_leaves(vf0) if isinstance(x, Tensor) and x.dtype != y0.dtype]
+        c00 = self.terms.contr(t0, t0)  # (a zero-length query: it leaves a Brownian motion's path as it is)
+        ctl = [x.dtype for x in tree_leaves(c00) if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != y0.dtype]
+        if ctl:  # e.g. a float32 Brownian motion driving a float64 state: increments at float32 precision
+            raise ValueError(f"solve: the control (Brownian motion or path) gives {ctl[0]} increments for a {y0.dtype} "
+                             "state; build it in the state's dtype")
         if other:  # a float32 field on a float64 state: the increments would be promoted, the accuracy not
             raise ValueError(f"solve: the vector field returns {other[0]} for a {y0.dtype} state; it must return "
                              "the state's dtype (cast its parameters, e.g. model.to(y0.dtype), or y0)")
-        inc = self.terms.prod(vf0, self.terms.contr(t0, t0))
+        inc = self.terms.prod(vf0, c00)
         if not isinstance(inc, Tensor) or inc.shape != y0.shape or inc.dtype != y0.dtype:
             got = (tuple(inc.shape), inc.dtype) if isinstance(inc, Tensor) else type(inc).__name__
             raise ValueError(
