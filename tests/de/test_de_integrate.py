@@ -454,9 +454,12 @@ def test_times_too_fine_for_the_state_dtype_raise():
     (and a NeuralODE a constant trajectory) without complaint."""
     y0 = torch.ones(1, 1)
     base = 2.8e7
-    with pytest.raises(ValueError, match=r"t0, t1: times given in torch.float64 are too fine for the state's "
+    with pytest.raises(ValueError, match=r"t0, t1: 28000000.0 and 28000000.5 are the same number in the state's "
                                          r"torch.float32"):
         de.solve(lambda t, y, a: -y, de.Tsit5(), base, base + 0.5, y0)
+    with pytest.raises(ValueError, match=r"t0, t1: times given in torch.float64 are too fine for the state's "
+                                         r"torch.float32"):
+        de.solve(lambda t, y, a: -y, de.Tsit5(), torch.tensor(base, dtype=torch.float64), base + 0.5, y0)
     ts = base + torch.arange(4, dtype=torch.float64) * 0.5
     with pytest.raises(ValueError, match="SaveAt.ts: times given in torch.float64 are too fine"):
         de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, base + 2.0, y0, saveat=de.SaveAt(ts=ts))

@@ -789,9 +789,15 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
     t0 = _per_sample_time(t0, "t0", B, y0)
     t1 = _per_sample_time(t1, "t1", B, y0)
     if y0.dtype != torch.float64:  # t0 and t1 (floats or tensors) must stay apart in y0's dtype
-        pair = torch.stack([(x.detach() if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64))
-                            .to(device=y0.device, dtype=torch.float64).expand(B) for x in (t0_in, t1_in)], -1)
-        check_time_cast(pair, torch.stack([t0, t1], -1), "t0, t1")
+        if not isinstance(t0_in, Tensor) and not isinstance(t1_in, Tensor):  # (numbers: checked without tensors)
+            a, b = float(t0_in), float(t1_in)
+            if a != b and float(t0[0]) == float(t1[0]):
+                raise ValueError(f"t0, t1: {a!r} and {b!r} are the same number in the state's {y0.dtype}; shift the "
+                                 f"times towards 0 or compute in torch.float64")
+        elif any(isinstance(x, Tensor) and x.dtype != y0.dtype for x in (t0_in, t1_in)):
+            pair = torch.stack([(x.detach() if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64))
+                                .to(device=y0.device, dtype=torch.float64).expand(B) for x in (t0_in, t1_in)], -1)
+            check_time_cast(pair, torch.stack([t0, t1], -1), "t0, t1")
     if saveat is None:
         saveat = SaveAt(t1=True)
     if not isinstance(saveat, SaveAt):
