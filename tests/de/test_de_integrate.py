@@ -477,3 +477,16 @@ def test_step_to_a_list_of_times_in_float64():
     sol = de.solve(lambda t, y, a: -y, de.RK4(), 0.0, 0.3, y0, controller=de.StepTo([0.0, 0.1, 0.3]),
                    saveat=de.SaveAt(ts=[0.1, 0.3]))
     assert torch.equal(sol.ts[0], torch.tensor([0.1, 0.3], dtype=torch.float64))
+
+
+def test_times_spread_over_many_scales_are_not_too_fine():
+    """The resolution check compares each time's rounding with its own neighbours: log-spaced float64 times on a
+    float32 state (moved by ~1e-6 of their local spacing) raised, compared with the smallest spacing anywhere."""
+    y0 = torch.ones(2, 1)
+    ts = torch.logspace(-3, 4, 100, dtype=torch.float64)
+    de.solve(lambda t, y, a: -1e-4 * y, de.Tsit5(), 0.0, 1e4, y0, saveat=de.SaveAt(ts=ts))
+    rows = torch.stack([torch.linspace(0, 0.01, 5, dtype=torch.float64),
+                        torch.linspace(0.1, 1e4 + 0.1, 5, dtype=torch.float64)])
+    de.solve(lambda t, y, a: -1e-4 * y, de.Tsit5(), rows[:, 0], rows[:, -1], y0, saveat=de.SaveAt(ts=rows))
+    with pytest.raises(ValueError, match="SaveAt.ts: expected shape"):  # a 0-d tensor: the shape message
+        de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=torch.tensor(0.5, dtype=torch.float64)))

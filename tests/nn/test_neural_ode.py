@@ -145,7 +145,7 @@ def test_float64_times_too_fine_for_a_float32_model_raise():
     """Minutes since the epoch (~2.8e7, 0.5 apart) all round to one float32: the model returned y0 at every time."""
     t = torch.tensor([1.7e9, 1.7e9 + 30.0, 1.7e9 + 60.0], dtype=torch.float64) / 60.0
     with pytest.raises(ValueError, match=r"NeuralODE: t: times given in torch.float64 are too fine for the state's "
-                                         r"torch.float32.*shift them towards 0"):
+                                         r"torch.float32.*shift the times towards 0"):
         NeuralODE(state=1)(torch.ones(2, 1), t)
     out = NeuralODE(state=1)(torch.ones(2, 1), t - t[0])  # shifted: fine
     assert out.shape == (2, 3, 1)

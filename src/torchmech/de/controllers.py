@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import torch
@@ -39,29 +41,29 @@ def check_time_cast(orig: Any, cast: Tensor, name: str) -> None:
     them by more than a tenth of their smallest spacing (float64 times like 2.8e7 + [0, 0.5, 1] all become
     2.8e7 in float32, and the solve would silently return the initial state)."""
     if not isinstance(orig, Tensor) or orig.dtype == cast.dtype or not orig.is_floating_point() or \
-            orig.shape[-1] < 2:
+            orig.dim() == 0 or orig.shape[-1] < 2 or cast.shape[-1:] != orig.shape[-1:]:
         return
     with torch.no_grad():
         o = orig.detach().to(device=cast.device, dtype=torch.float64).expand(cast.shape)
         c = cast.detach().to(torch.float64)
         gap = o.diff(dim=-1).abs()
-        gap = gap[gap > 0]
-        if gap.numel() == 0:
-            return
+        gap = torch.where(gap > 0, gap, torch.full_like(gap, math.inf))  # repeated times: no spacing to keep
+        inf = torch.full_like(gap[..., :1], math.inf)
+        local = torch.minimum(torch.cat([inf, gap], -1), torch.cat([gap, inf], -1))  # each time's nearest gap
         shift = (c - o).abs()
         merged = torch.sign(o.diff(dim=-1)) != torch.sign(c.diff(dim=-1))
-        if bool(merged.any()) or float(shift.max()) > 0.1 * float(gap.min()):
+        moved = shift > 0.1 * local
+        if bool(merged.any()) or bool(moved.any()):
             if bool(merged.any()):  # the later of the two times that merged
                 j = torch.nonzero(merged)[0]
                 j[-1] += 1
             else:
-                j = torch.nonzero(shift == shift.max())[0]
+                j = torch.nonzero(moved)[0]
             j = tuple(int(i) for i in j)
             raise ValueError(
                 f"{name}: times given in {orig.dtype} are too fine for the state's {cast.dtype}: {o[j].item()!r} "
-                f"becomes {c[j].item()!r}, against a smallest spacing of {float(gap.min()):.3g} (rounding moves times "
-                f"by up to {float(shift.max()):.3g}); shift them towards 0 (e.g. t - t[0]) or compute in "
-                f"{orig.dtype}")
+                f"becomes {c[j].item()!r}, against a spacing of {float(local[j]):.3g} to its neighbour; shift the "
+                f"times towards 0 (e.g. t - t[0]) or compute in {orig.dtype}")
 
 
 def _as_times(x: Any, name: str, like: Tensor) -> Tensor:
