@@ -498,3 +498,31 @@ def test_backsolve_args_containers():
 
     with pytest.raises(ValueError, match=r"args holds a DC whose tensors \['z'\] require grad"):
         de.solve(Field(), de.Tsit5(), 0.0, 1.0, y0, args=DC(enc(x)), adjoint=de.BacksolveAdjoint())
+
+
+def test_backsolve_module_fields_using_outside_tensors_raise():
+    """A module whose forward reads a trainable tensor that is not its parameter (a global, a plain attribute)
+    left it without gradient; the graph check covers module fields too, in eval mode (BatchNorm unmoved)."""
+    scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2).double()
+            self.bn = torch.nn.BatchNorm1d(2).double()
+
+        def forward(self, t, y, args):
+            return -scale * self.bn(self.lin(y))
+
+    f = F()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"depends on 1 tensor\(s\) that require grad \(shape \(\)\)"):
+        de.solve(f, de.Tsit5(), 0.0, 1.0, y0, adjoint=de.BacksolveAdjoint())
+    assert int(f.bn.num_batches_tracked) == 0 and f.training and f.bn.training  # modes restored
+    params = list(f.parameters()) + [scale]
+    got = []
+    for adj in (de.DirectAdjoint(), de.BacksolveAdjoint(rtol=1e-10, atol=1e-12, adjoint_params=params)):
+        f.eval()  # (BatchNorm's batch statistics would differ between the adjoints' evaluations)
+        sol = de.solve(f, de.Tsit5(), 0.0, 1.0, y0, adjoint=adj, controller=de.PIDController(1e-10, 1e-12))
+        got.append(torch.autograd.grad(sol.ys.sum(), [scale]))
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-6, atol=1e-9)

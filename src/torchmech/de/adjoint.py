@@ -108,12 +108,13 @@ class BacksolveAdjoint(AbstractAdjoint):
             every ``nn.Module`` vector field in ``terms`` (for a bound method such as
             ``model.drift``, of its module). Tensors in ``args`` that require grad are always
             included (as tensors, or in tuples, lists, namedtuples and dicts; a dataclass holding them
-            raises). Without ``adjoint_params``, one evaluation of each field that is a plain callable (not
-            a module or a module's method) at ``(t0, y0)`` is walked back to the persistent leaf tensors its
-            output depends on: a trainable one outside those (reached through a closure, a default argument,
-            a container, an attribute, ``functools.partial``, ...) raises ``ValueError`` rather than get no
+            raises). Without ``adjoint_params``, one evaluation of each field at ``(t0, y0)`` is walked back
+            to the persistent leaf tensors its output depends on: a trainable one outside those (reached
+            through a closure, a default argument, a container, an attribute, ``functools.partial``, or
+            used by a module's forward without being its parameter) raises ``ValueError`` rather than get no
             gradient; pass it here, through ``args``, or make it a parameter of the field's ``nn.Module``.
-            (That evaluation is one extra call per solve; the RNG state is restored after it.)
+            (That evaluation is one extra call per solve, with the fields' modules in eval mode and the RNG
+            state restored after it.)
         max_steps: step limit of the backward solve (default: the forward ``max_steps``).
         norm: ODEs: error norm of the backward solve's ``PIDController`` (default per-sample
             :func:`~torchmech.de.rms_norm`; :func:`~torchmech.de.batch_rms_norm` for one step
@@ -175,8 +176,12 @@ class BacksolveAdjoint(AbstractAdjoint):
         from torchmech.de.terms import ODETerm
 
         sde = _sde_parts(integ) if not isinstance(integ.terms, ODETerm) else None
-        if sde is not None:
-            self._sde_backward_setup(integ)  # a bad backward solver or controller raises now, not at backward()
+        if sde is not None and torch.is_grad_enabled():
+            # a bad backward solver or controller raises now, not at backward() (inference without grad is fine)
+            back, _, _ = self._sde_backward_setup(integ)
+            check = getattr(back, "check_terms", None)  # SRA1 backwards needs additive forward noise
+            if check is not None:
+                check(integ.terms, integ.t0, integ.y0, integ.args)
         if integ.event is not None:
             raise ValueError("BacksolveAdjoint: events are not supported; use DirectAdjoint or CheckpointAdjoint")
         if integ.saveat.dense or integ.saveat.steps:
@@ -818,7 +823,7 @@ def collect_params(integ, adjoint_params, owner: str) -> list:
         # tensors inside other objects (a dataclass, a plain object) are not searched: they would get no gradient
         inner = vars(leaf) if hasattr(leaf, "__dict__") and not isinstance(leaf, (torch.Tensor, torch.nn.Module)) else {}
         hidden = [k for k, v in inner.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-        if hidden and torch.is_grad_enabled():
+        if hidden and torch.is_grad_enabled() and adjoint_params is None:
             raise ValueError(
                 f"{owner}: args holds a {type(leaf).__name__} whose tensors {hidden[:4]} require grad; a continuous "
                 "adjoint finds tensors in args only as tensors or in tuples, lists, namedtuples and dicts, so these "
@@ -869,19 +874,18 @@ def _hidden_leaves(f, t, y, args, seen: set, stops: set) -> list:
 
 
 def _check_graph(integ, params: list, owner: str) -> None:
-    """Raise if a plain-callable vector field's output depends on a trainable tensor that is not collected.
+    """Raise if a vector field's output depends on a trainable tensor that is not collected.
 
     The name-based search of ``check_closure`` misses tensors reached through default arguments, containers,
-    callable objects, ``functools.partial`` or attributes. One evaluation of each such field at ``(t0, y0)``
-    with a graph, walked back to its leaves, finds them. (The state and the args enter as fresh leaves, so their
-    own graphs are not searched; the RNG state is restored afterwards. Fields that are nn.Modules, or their
-    bound methods, are not evaluated: their parameters are collected, and an extra call would update their
-    BatchNorm statistics.)
+    callable objects, ``functools.partial`` or attributes, and a module's forward can use trainable tensors that
+    are not its parameters (a global, a plain attribute, a network in a list). One evaluation of each field at
+    ``(t0, y0)`` with a graph, walked back to its leaves, finds them. (The state and the args enter as fresh
+    leaves, so their own graphs are not searched; the RNG state is restored afterwards, and the fields' modules
+    run in eval mode for it, so BatchNorm statistics do not move.)
     """
     from torchmech.de._tree import tree_leaves
-    from torchmech.de.terms import _module_of
 
-    fields = [f for f in integ.terms.fields() if _module_of(f) is None]
+    fields = integ.terms.fields()
     if not fields:
         return
     seen = {id(p) for p in params}
@@ -892,17 +896,29 @@ def _check_graph(integ, params: list, owner: str) -> None:
     args = _detached_args(integ.args, [])[0]
     seen |= {id(a) for a in tree_leaves(args) if isinstance(a, torch.Tensor)}
     devices = [y.device] if y.device.type == "cuda" else []
-    for f in fields:
-        with torch.random.fork_rng(devices=devices):  # a field drawing random numbers leaves the RNG as it was
-            hidden = _hidden_leaves(f, integ.t0.detach(), y, args, seen, stops)
-        if hidden:
-            shapes = ", ".join(f"shape {s}" for s in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
-            raise ValueError(
-                f"{owner}: the vector field {getattr(f, '__qualname__', f)!r} depends on {len(hidden)} tensor(s) that "
-                f"require grad ({shapes}) and are not among the parameters it differentiates (nn.Module "
-                "parameters of the fields, and tensors in args given as tensors or tuples/lists/dicts of them), "
-                "so they would get no gradient; pass them as adjoint_params=[...] (with the others), pass them "
-                "through args, or make them parameters of the vector field's nn.Module")
+    modes = [(m, m.training) for top in integ.terms.modules() for m in top.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for f in fields:
+            with torch.random.fork_rng(devices=devices):  # a field drawing random numbers leaves the RNG as it was
+                hidden = _hidden_leaves(f, integ.t0.detach(), y, args, seen, stops)
+            _raise_hidden(owner, f, hidden)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _raise_hidden(owner: str, f, hidden: list) -> None:
+    """Raise for the shapes in ``hidden`` of trainable tensors ``f`` depends on that get no gradient."""
+    if hidden:
+        shapes = ", ".join(f"shape {s}" for s in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
+        raise ValueError(
+            f"{owner}: the vector field {getattr(f, '__qualname__', f)!r} depends on {len(hidden)} tensor(s) that "
+            f"require grad ({shapes}) and are not among the parameters it differentiates (nn.Module "
+            "parameters of the fields, and tensors in args given as tensors or tuples/lists/dicts of them), "
+            "so they would get no gradient; pass them as adjoint_params=[...] (with the others), pass them "
+            "through args, or make them parameters of the vector field's nn.Module")
 
 
 def check_closure(f, owner: str, seen=frozenset(), also: str = "", what: str = "the vector field") -> None:

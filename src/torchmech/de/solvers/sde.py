@@ -303,7 +303,8 @@ class SRA1(AbstractSDESolver):
         with torch.enable_grad():
             yy = y0.detach().requires_grad_(True)
             g = diff.vf(t0, yy, args)
-            if not g.requires_grad:
+            # (a tuple: a continuous adjoint's backward terms, checked on the forward terms instead)
+            if not isinstance(g, Tensor) or not g.requires_grad:
                 return
             # a fixed, uneven cotangent: sums of partial derivatives cannot cancel by symmetry
             w = torch.linspace(1.0, 2.0, g.numel(), dtype=g.dtype, device=g.device).reshape(g.shape)
