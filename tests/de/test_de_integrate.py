@@ -490,3 +490,11 @@ def test_times_spread_over_many_scales_are_not_too_fine():
     de.solve(lambda t, y, a: -1e-4 * y, de.Tsit5(), rows[:, 0], rows[:, -1], y0, saveat=de.SaveAt(ts=rows))
     with pytest.raises(ValueError, match="SaveAt.ts: expected shape"):  # a 0-d tensor: the shape message
         de.solve(lambda t, y, a: -y, de.Tsit5(), 0.0, 1.0, y0, saveat=de.SaveAt(ts=torch.tensor(0.5, dtype=torch.float64)))
+
+
+def test_a_lower_precision_field_under_autocast_is_allowed():
+    lin = torch.nn.Linear(2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = de.solve(lambda t, y, a: lin(y), de.RK4(), 0.0, 1.0, torch.ones(3, 2), dt0=0.1,
+                       controller=de.ConstantStep())
+    assert sol.ys.dtype == torch.float32

@@ -165,3 +165,14 @@ def test_register_checks_the_right_hand_side_and_translates_floor():
                         t_span=(0.0, 1.0))
     torch.testing.assert_close(fl.vector_field(0.0, torch.tensor([[1.5], [-0.5]], dtype=torch.float64)),
                                torch.tensor([[-0.5], [-0.5]], dtype=torch.float64))
+
+
+def test_register_accepts_functions_only_numpy_simulates():
+    """register translated the right-hand side to torch: a Max (simulated through numpy) could not be registered."""
+    s = systems.System(name="max_rhs_test", variables=("x",), rhs=("Max(x, 0) - x",), params={}, y0=((1.0,),),
+                       t_span=(0.0, 1.0))
+    try:
+        systems.register(s)
+        assert systems.get("max_rhs_test") is s
+    finally:
+        systems.registry._REGISTRY.pop("max_rhs_test", None)

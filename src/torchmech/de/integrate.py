@@ -209,6 +209,13 @@ _SOLVER_NAMES = {
 }
 
 
+def _autocast(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
+
+
 def _per_sample_time(x: Any, name: str, B: int, like: Tensor) -> Tensor:
     if isinstance(x, Tensor):
         t = x.to(dtype=like.dtype, device=like.device)
@@ -308,7 +315,9 @@ class _Integrator:
         if ctl:  # e.g. a float32 Brownian motion driving a float64 state: increments at float32 precision
             raise ValueError(f"solve: the control (Brownian motion or path) gives {ctl[0]} increments for a {y0.dtype} "
                              "state; build it in the state's dtype")
-        if other:  # a float32 field on a float64 state: the increments would be promoted, the accuracy not
+        # a float32 field on a float64 state: the increments would be promoted, the accuracy not (under autocast a
+        # lower-precision field is the point)
+        if other and not _autocast(y0.device.type):
             raise ValueError(f"solve: the vector field returns {other[0]} for a {y0.dtype} state; it must return "
                              "the state's dtype (cast its parameters, e.g. model.to(y0.dtype), or y0)")
         inc = self.terms.prod(vf0, c00)

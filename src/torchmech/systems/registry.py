@@ -151,7 +151,8 @@ def register(system: System, overwrite: bool = False) -> System:
     key = _key(system.name)
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"system: the name {system.name!r} is already registered (pass overwrite=True)")
-    system._compiled  # parse and translate the right-hand side now: an unknown name or function raises here
+    system.symbolic_rhs  # parse the right-hand side now: an unknown name raises here (the torch translation,
+    # which not every sympy function has, waits for vector_field: simulate runs through numpy)
     _REGISTRY[key] = system
     return system
 
