@@ -235,8 +235,9 @@ def step_grid(t: Tensor, dt: float | None, owner: str = "step_grid") -> Tensor:
     if bool((grid.diff(dim=1) <= 0).any()):
         top = float(t64.abs().max())
         ulp = float(torch.finfo(t.dtype).eps) * top
-        raise ValueError(f"{owner}: dt = {dt:g} is finer than {t.dtype} resolves the times (around {top:.3g} they are "
-                         f"~{ulp:.1g} apart): use a larger dt, shift the times towards 0, or a float64 model")
+        raise ValueError(f"{owner}: the step grid is finer than {t.dtype} resolves the times (around {top:.3g} they are "
+                         f"~{ulp:.1g} apart): dt = {dt:g}, and each interval is cut into as many steps as the batch's "
+                         "longest one needs; use a larger dt, shift the times towards 0, or a float64 model")
     return grid
 
 

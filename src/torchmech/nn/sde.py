@@ -275,8 +275,8 @@ class NeuralSDE(nn.Module):
 
         Args:
             brownian: the driving Brownian motion, shape (B, brownian_size), covering the times of
-                ``t`` (e.g. ``BrownianInterval(t0, t1, (B, m), seed=0)``); reuse one to get the same
-                path again. Default: a new ``BrownianInterval``.
+                ``t`` (e.g. ``BrownianInterval(t0, t1, (B, m), seed=0, dtype=y0.dtype)``, in the model's dtype);
+                reuse one to get the same path again. Default: a new ``BrownianInterval``.
             seed: seed of the new Brownian motion (default: drawn from torch's global generator). A
                 ``BrownianInterval``'s path depends on the intervals it is asked for: the same seed with
                 another ``dt`` gives another path. To compare step sizes on one path, pass
