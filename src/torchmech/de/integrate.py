@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from torchmech._autograd import FirstOrderOnly
+from torchmech._stack import caller_level
 from torchmech.de._tree import all_finite, bcast, tree_leaves, tree_map, where
 from torchmech.de.adjoint import AbstractAdjoint, DirectAdjoint
 from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo, check_time_cast
@@ -722,7 +723,7 @@ def _watch_recompiles(integ, new_frames: int) -> None:
             "torch.compile specialises on Python values the vector field reads or changes (a call counter, a float "
             "or int attribute, a list) and recompiles when they change; after torch._dynamo's recompile limit the "
             "step runs uncompiled. Keep such state out of the vector field (tensors are fine), or use "
-            "compile=False.", RuntimeWarning, stacklevel=3)
+            "compile=False.", RuntimeWarning, stacklevel=caller_level())
 
 
 def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | None = None,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchmech._stack import caller_level
 from torchmech.mnn.linalg.blocktri import FactorizationError
 
 
@@ -236,7 +237,7 @@ def warn_ill_conditioned(lam: float) -> None:
             f"solve_linear_ode: the NeuRLP normal matrix is ill-conditioned (smallest eigenvalue {lam:.1e} of its "
             f"diagonal): float64 rounding can leave relative errors up to ~{torch.finfo(torch.float64).eps / lam:.0e} "
             "in the solution; central=True, fewer grid points, or more equations/initial conditions condition it "
-            "better", RuntimeWarning, stacklevel=4)
+            "better", RuntimeWarning, stacklevel=caller_level())
 
 
 def check_solution(u: Tensor, dtype: torch.dtype) -> None:
