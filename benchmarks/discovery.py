@@ -283,11 +283,11 @@ def ceiling_rate(rows, paths, true_of):
 
 def print_table(title, tables, walls):
     print(f"\n{title}")
-    print(f"{'method':<14} {'noise':>6} {'n':>4} {'exact %':>8} {'F1':>6} {'med coef err %':>15} {'med held-out R2':>16}"
-          f" {'fit wall s':>11}")
+    print(f"{'method':<15} {'noise':>6} {'n':>4} {'exact %':>8} {'F1':>6} {'med coef err %':>15} {'med held-out R2':>16}"
+          f" {'fit wall s (all noise levels)':>30}")
     for name, table in tables.items():
         for noise, (ex, f1, err, r2, n) in table.items():
-            print(f"{name:<14} {noise:>6.2f} {n:>4d} {ex:>8.1f} {f1:>6.3f} {err:>15.3f} {r2:>16.4f} {walls[name]:>11.2f}")
+            print(f"{name:<15} {noise:>6.2f} {n:>4d} {ex:>8.1f} {f1:>6.3f} {err:>15.3f} {r2:>16.4f} {walls[name]:>30.2f}")
 
 
 def main() -> None:

@@ -357,7 +357,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.repeat = 3
+        args.repeat = min(args.repeat, 3)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
