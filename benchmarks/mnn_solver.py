@@ -196,6 +196,94 @@ def fmt_m(r):
     return f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
 
 
+def peer_scipy(Bs, Ts, repeat, threads):
+    """The outside peer: LAPACK's banded Cholesky (scipy.linalg ``cholesky_banded`` / ``cho_solve_banded``) on the
+    same normal equations, one sample at a time, float64, CPU, in this process.
+
+    scipy has no gradients, so it gets the linear algebra of each pass: forward = factor + one solve, forward and
+    backward = factor + two solves (the implicit backward's extra solve). The normal matrix is assembled by
+    torchmech and copied into LAPACK's upper band storage beforehand (not timed): the peer's times leave out the
+    assembly that torchmech's include. torchmech: ``solve_linear_ode(method="parallel")`` without grad (forward)
+    and with every input requiring grad (forward + backward of a random functional). Solutions are compared.
+    """
+    import numpy as np
+    import scipy.linalg as sl
+    import torch
+
+    from torchmech.mnn import solve_linear_ode
+    from torchmech.mnn.system import assemble, prepare
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def med(fn):
+        fn()
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    print("\nPeer: LAPACK banded Cholesky via scipy.linalg (cholesky_banded + cho_solve_banded), one sample at a "
+          "time, float64, on the normal equations torchmech assembles (assembly not timed for the peer); "
+          f"torchmech parallel with its assembly; median of {repeat} after a warm-up\n")
+    print("| B | T | torchmech fwd | scipy fwd: factor+solve (with assembly and band copy) | fwd ratio (with) | "
+          "torchmech fwd+bwd | scipy factor+2 solves | fwd+bwd ratio | max rel diff of u |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B in Bs:
+        for T in Ts:
+            (c, rhs, init, steps), w = _problem(B, T, torch.float64, "cpu")
+            inputs = [x.detach() for x in (c, rhs, init, steps)]
+
+            def band():
+                """torchmech's assembly, copied into LAPACK's upper band storage: (ab (B, u+1, T n), rhs)."""
+                sysm = assemble(prepare(*inputs))
+                blocks = [sysm.diag, sysm.off1] + ([sysm.off2] if sysm.off2 is not None else [])
+                u = len(blocks) * N - 1  # upper bandwidth in scalars
+                ab = np.zeros((B, u + 1, T * N))
+                for k, blk in enumerate(blocks):  # block (t, t+k), entry (a, b) -> M[t n + a, (t + k) n + b]
+                    blk = blk.detach().numpy()
+                    for a in range(N):
+                        for b in range(N):
+                            if k * N + b >= a:  # upper triangle only
+                                ab[:, u + a - k * N - b, k * N + b::N][:, :T - k] = blk[:, :, a, b]
+                return ab, sysm.b.detach().reshape(B, T * N).numpy()
+
+            ab, rhs_b = band()
+            n = N
+            g = w.reshape(B, T * n).numpy()
+
+            def scipy_fwd(two=False):
+                for s_ in range(B):
+                    cb = sl.cholesky_banded(ab[s_], lower=False, check_finite=False)
+                    x = sl.cho_solve_banded((cb, False), rhs_b[s_], check_finite=False)
+                    if two:
+                        sl.cho_solve_banded((cb, False), g[s_], check_finite=False)
+                return x
+
+            def ours_fwd():
+                with torch.no_grad():
+                    return solve_linear_ode(*inputs, method="parallel")
+
+            leaves = [x.clone().requires_grad_() for x in inputs]
+
+            def ours_fb():
+                out = solve_linear_ode(*leaves, method="parallel")
+                torch.autograd.grad((out * w).sum(), leaves)
+
+            u_ours = ours_fwd().reshape(B, T * n)[-1].numpy()
+            x = scipy_fwd()
+            diff = float(np.abs(u_ours - x).max() / np.abs(x).max())
+            t_of, t_sf = med(ours_fwd), med(scipy_fwd)
+            t_ob, t_sb = med(ours_fb), med(lambda: scipy_fwd(True))
+            t_band = med(band)
+            print(f"| {B} | {T} | {t_of * 1e3:.2f} ms | {t_sf * 1e3:.2f} ms ({(t_sf + t_band) * 1e3:.2f}) | "
+                  f"{t_sf / t_of:.2f}x ({(t_sf + t_band) / t_of:.2f}x) | {t_ob * 1e3:.2f} ms | {t_sb * 1e3:.2f} ms | "
+                  f"{t_sb / t_ob:.2f}x | {diff:.1e} |", flush=True)
+    print("(ratio = scipy time / torchmech time: > 1 means torchmech is faster)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="B in {1, 64}, T in {100, 1000}, repeat 2")
@@ -213,6 +301,8 @@ def main():
     ap.add_argument("--in-process", action="store_true",
                     help="measure every configuration in this process (the default on CUDA; on CPU the peak "
                          "memory then counts pages earlier configurations left resident)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the scipy (LAPACK banded Cholesky) peer table")
+    ap.add_argument("--peer-only", action="store_true", help="only the scipy peer table (B, T from --Bs/--Ts)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -227,6 +317,10 @@ def main():
     Bs = tuple(int(x) for x in args.Bs.split(",")) if args.Bs else Bs
     Ts = tuple(int(x) for x in args.Ts.split(",")) if args.Ts else Ts
     repeat = min(args.repeat, 2) if args.quick else args.repeat
+    peer_Bs = tuple(b for b in Bs if b <= 64) or Bs[:1]  # the peer loops over samples in Python: small batches
+    peer_Ts = tuple(t for t in Ts if t <= 10000)
+    if args.peer_only:
+        return peer_scipy(peer_Bs, peer_Ts, max(repeat, 1), args.threads)
     dtypes = args.dtypes.split(",")
     methods = args.methods.split(",")
     results: dict = {}
@@ -338,6 +432,8 @@ def main():
     print("Peak memory below ~1 MB is at the noise floor of RSS accounting (pages already resident get reused).")
     print(f"Dense: only where T*n <= 3000 and its matrices fit in ~4 GB ('n/a' otherwise).")
     print("Skipped: " + ("; ".join(skipped) if skipped else "none"))
+    if not args.no_peer and args.device == "cpu":
+        peer_scipy(peer_Bs, peer_Ts, max(repeat, 1), args.threads)
     print(f"Total wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
