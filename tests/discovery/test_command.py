@@ -267,3 +267,21 @@ def test_constant_data_report_is_strict_json_and_small_coefficients_print(tmp_pa
     assert report["methods"]["sindy"]["trajectory_r2"] is None
     lines = format_equations(torch.tensor([[0.8, -0.0004, 0.0], [123456.0, 0.05, 2.0]]), ["N", "N^2", "1"], ["a", "b"])
     assert lines == ["a' = 0.800 N - 4.000e-04 N^2", "b' = 1.235e+05 N + 0.050 N^2 + 2.000"]
+
+
+def test_numeric_column_names_are_refused(tmp_path, capsys):
+    """A header t,0,1 (pandas' to_csv) printed "1' = -4.000 0 - 0.400": the term in variable "1" read as a
+    constant."""
+    t = np.linspace(0, 10, 400)
+    rows = [(ti, np.cos(2 * ti), -2 * np.sin(2 * ti)) for ti in t]
+    path = write_csv(tmp_path / "num.csv", ["t", "0", "1"], rows)
+    assert main(["discover", path, "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    assert "'0' reads as a number" in capsys.readouterr().err
+
+
+def test_an_equation_emptied_by_the_threshold_gets_a_note(tmp_path, capsys):
+    """logistic growth x' = x - 0.1 x^2 at the default threshold lost every term silently."""
+    code = main(["discover", "--system", "logistic", "--method", "sindy", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "x' = 0" in out and "note: every term of x' fell below the threshold" in out

@@ -266,6 +266,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\n{method}: discovered in {seconds:.1f} s ({chosen})")
         for line in lines:
             print("  " + line)
+        empty = [v for v, row in zip(variables, coef.tolist()) if not any(row)]
+        if empty and threshold != "cv":
+            # every term of an equation removed: usually the threshold is at or above its true coefficients
+            print(f"  note: every term of {', '.join(v + chr(39) for v in empty)} fell below the threshold "
+                  f"{threshold:g}; if these variables do change, try a smaller --threshold or --threshold cv")
         if true is not None:
             m = _support_metrics(coef, true)
             entry["metrics"] = m

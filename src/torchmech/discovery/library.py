@@ -87,6 +87,14 @@ class Library:
             raise ValueError(f"variable_names: expected {n_variables} names, got {len(names)}")
         if len(set(names)) != len(names):
             raise ValueError(f"variable_names: expected distinct names, got {names}")
+        for n in names:
+            try:
+                float(n)
+            except ValueError:
+                continue
+            # a variable named "1" or "0" would print x' = 2.0 1 as "x' = 2.0", read as a constant
+            raise ValueError(f"variable_names: {n!r} reads as a number, which the printed equations would confuse "
+                             f"with constants; name the variables (e.g. x0, x1), got {names}")
         return names
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
