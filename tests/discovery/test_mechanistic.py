@@ -239,3 +239,22 @@ def test_a_state_that_stays_at_zero_does_not_spoil_the_fit():
         assert not fit.coefficients[:3].abs()[:, [k for k in range(len(names)) if k not in keep]].any()
         assert not fit.coefficients[3].any()
     assert torch.equal(fits[0].coefficients, fits[1].coefficients)
+
+
+def test_the_time_unit_does_not_change_the_fit():
+    """The NeuRLP rows weigh equation against Taylor rows through the step: Lorenz with time in milliseconds
+    (step 10) came back as y' = 39.0 x - 3.2 y - 1.32 x z. The windows are now solved in a unit with steps ~0.01."""
+    t, x = lorenz_data(0.0)
+    ref = fit_mechanistic([x], [t], LIB, threshold=0.5, cycles=3, progress=False).coefficients
+    ms = fit_mechanistic([x], [t * 1000.0], LIB, threshold=0.5e-3, cycles=3, progress=False).coefficients * 1000.0
+    torch.testing.assert_close(ms, ref, rtol=1e-6, atol=1e-8)
+    check_lorenz(ref, 0.01)
+
+
+def test_a_gap_in_the_samples_splits_the_trajectory():
+    """Rows dropped for 1 time unit: windows across the gap integrated over it as if the samples were
+    neighbours, and the fit came back with spurious terms. The trajectory is cut at such gaps."""
+    t, x = lorenz_data(0.0, n=2000)
+    keep = (t < 4.0) | (t > 5.0)
+    fit = fit_mechanistic([x[keep]], [t[keep]], LIB, threshold=0.5, cycles=3, progress=False)
+    check_lorenz(fit.coefficients, 0.01)
