@@ -128,7 +128,10 @@ def fit_mechanistic(xs: list[Tensor], ts: list[Tensor], library, *, threshold: f
       recovery stayed the same at 1% (12/12) and at 5% (1-2/12: spurious terms, not bias, limit it).
 
     Args:
-        xs, ts: trajectories ``(T_i, D)`` and their increasing times ``(T_i,)``.
+        xs, ts: trajectories ``(T_i, D)`` and their increasing times ``(T_i,)``. Any time unit: the windows
+            are solved in one whose median step is 0.01 (when the data's is outside [1e-3, 0.1]) and the
+            coefficients come back per the data's unit. A trajectory is cut where a step exceeds 10x its
+            median step (a gap in the recording); pieces shorter than ``window`` are left out.
         library: a :class:`torchmech.discovery.library.Library`, evaluated on ``[x, u]``.
         threshold: magnitude below which a coefficient is removed.
         us: optional control inputs ``(T_i, M)`` per trajectory (known, not denoised).
