@@ -1,5 +1,6 @@
 """Sparse regression: exact recovery on noise-free problems, batching, ensembles and input checks."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,18 @@ def test_auto_ridge_bad_inputs():
         STLSQ(0.1, alpha="ridge")
     with pytest.raises(ValueError, match="prior_scale"):
         STLSQ(0.1, alpha="auto", prior_scale=0.0)
+
+
+def test_sr3_default_recovers_clean_lotka_volterra():
+    """With nu = 1 on the unit-RMS problem the relaxation dominated: clean Lotka-Volterra gave x' = 0, y' = 0."""
+    from scipy.integrate import solve_ivp
+
+    from torchmech.discovery import SINDy
+    from torchmech.discovery.differentiation import FiniteDifference
+    from torchmech.discovery.library import PolynomialLibrary
+
+    t = np.linspace(0, 30, 1500)
+    f = lambda _t, s: [s[0] - 0.5 * s[0] * s[1], -1.5 * s[1] + 0.75 * s[0] * s[1]]  # noqa: E731
+    xs = [torch.tensor(solve_ivp(f, (0, 30), y0, t_eval=t, rtol=1e-10, atol=1e-10).y.T) for y0 in ([2, 1], [1, 3])]
+    model = SINDy(PolynomialLibrary(2), FiniteDifference(2), SR3(threshold=0.2)).fit(xs, [torch.tensor(t)] * 2)
+    assert model.equations() == ["x' = 1.000 x - 0.500 x*y", "y' = -1.500 y + 0.750 x*y"]

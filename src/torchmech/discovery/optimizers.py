@@ -362,7 +362,9 @@ class SR3(SparseOptimizer):
 
     Args:
         threshold: see above; a number or a tensor shaped as for :class:`STLSQ`.
-        nu: relaxation parameter (> 0) on the unit-RMS-column problem.
+        nu: relaxation parameter (> 0) on the unit-RMS-column problem. The default 100 keeps the relaxation
+            weak there; at 1 (pysindy's default, on unnormalised columns) ``I / nu`` is as large as the Gram
+            matrix itself and clean Lotka-Volterra came back as x' = 0, y' = 0 (10: x' = 2.0 - 1.0 y).
         thresholder: ``"l0"`` or ``"l1"``.
         max_iter: maximal iterations; tol: stop when max |w change| (normalised units) < tol.
         unbias: refit the final support by least squares.
@@ -371,7 +373,7 @@ class SR3(SparseOptimizer):
     def __init__(
         self,
         threshold: float = 0.1,
-        nu: float = 1.0,
+        nu: float = 100.0,
         thresholder: str = "l0",
         max_iter: int = 1000,
         tol: float = 1e-10,
