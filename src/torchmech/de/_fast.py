@@ -182,9 +182,11 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
         # parameters' gradients sum over the batch. So the graph takes the step again with h = 0 for those
         # samples (stages at their accepted state); the other samples' values are unchanged, and every decision
         # (acceptance, next dt) stays the one taken above. (Eager only: compiled steps keep the graph as is.)
-        h = torch.where(finite | done, h, torch.zeros_like(h))
+        keep = finite | done
+        h = torch.where(keep, h, torch.zeros_like(h))
         hb = bcast(h, y)
-        fs, y1, f1 = _stages(P, f, args, t, t + h, h, hb, y, f0)
+        # (t_next itself for the others: t + h may differ from it in the last bit)
+        fs, y1, f1 = _stages(P, f, args, t, torch.where(keep, t_next, t), h, hb, y, f0)
     if P.adaptive:
         accept, dt_new, underflow, cst = ctrl.adapt(t, t_next, dt, y, y1, err, {"e1": e1, "e2": e2},
                                                    integ.solver.error_order)
