@@ -947,7 +947,8 @@ class _BacksolveFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ys, grad_y_final):
-        ts, ys, status, t_final, y_final, *params = ctx.saved_tensors
+        ts, ys, status, t_final, y_final, *params = ctx.saved_tensors  # (unpacked once: checkpoint hooks allow one)
+        inputs = list(params)
         if ctx.n_times:  # the times ride along as the last inputs; only their gradients are returned for them
             params = params[:len(params) - ctx.n_times]
         grad_ys = torch.nan_to_num(grad_ys) if grad_ys is not None else torch.zeros_like(ys)
@@ -973,7 +974,7 @@ class _BacksolveFn(torch.autograd.Function):
             else:
                 a0, grads = ctx.adj.backward(ctx.integ, params, ts, ys, grad_ys)
             tgrads = _time_grads(ctx.integ, ts, ys, grad_ys, a0, n_saved) if ctx.n_times else ()
-        out = first_order_only((a0, *grads, *tgrads), (grad_ys, grad_y_final, *ctx.saved_tensors[5:]),
+        out = first_order_only((a0, *grads, *tgrads), (grad_ys, grad_y_final, *inputs),
                                "BacksolveAdjoint: second derivatives are not supported (its backward is an adjoint "
                                "solve without a graph); use DirectAdjoint or CheckpointAdjoint")
         return (None, None, None, *out)
