@@ -285,3 +285,16 @@ def test_an_equation_emptied_by_the_threshold_gets_a_note(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "x' = 0" in out and "note: every term of x' fell below the threshold" in out
+
+
+def test_a_variable_named_like_an_id_column(tmp_path, capsys):
+    """A drain current "Id" was taken as the trajectory id by its name, with an error about 1-sample trajectories
+    that did not say why; --id-column none reads every column but time as a variable."""
+    t = np.linspace(0, 10, 400)
+    rows = [(ti, np.cos(2 * ti), -2 * np.sin(2 * ti)) for ti in t]
+    path = write_csv(tmp_path / "dev.csv", ["t", "Vd", "Id"], rows)
+    assert main(["discover", path, "--method", "sindy", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    assert "column 'Id' was taken as the trajectory id by its name" in capsys.readouterr().err
+    code = main(["discover", path, "--method", "sindy", "--id-column", "none", "--no-progress", "--out",
+                 str(tmp_path / "o")])
+    assert code == 0 and "Id' = -4.000 Vd" in capsys.readouterr().out

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-column", default=None, help="name of the time column in CSV input")
     p.add_argument("--id-column", default=None, help="name of the trajectory-id column in CSV input (numeric ids; "
-                   "default: a column named 'trajectory', 'traj', 'id' or 'trajectory_id')")
+                   "default: a column named 'trajectory', 'traj', 'id' or 'trajectory_id'; 'none': no id column)")
     p.add_argument("--quick", action="store_true", help="a reduced budget (for tests and smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -80,7 +80,10 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
             found = exact
         ti = found[0]
     ii = None
-    if id_column is not None:
+    guessed = False
+    if id_column is not None and id_column.lower() == "none":  # every column but time is a variable
+        pass
+    elif id_column is not None:
         if id_column not in header:
             raise DataError(f"{path}: no trajectory-id column {id_column!r}; columns are {header}")
         ii = header.index(id_column)
@@ -90,6 +93,7 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
     else:
         found = [i for i, h in enumerate(lower) if h in ID_COLUMNS]
         ii = found[0] if found else None
+        guessed = ii is not None
     var_idx = [i for i in range(len(header)) if i not in (ti, ii)]
     if not var_idx:
         raise DataError(f"{path}: no variable columns besides time{'' if ii is None else ' and trajectory id'}")
@@ -118,7 +122,13 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
     for g in groups:
         where = path if ii is None else f"{path} (trajectory {values[g[0], ii]:g})"
         t, x = values[g, ti], values[g][:, var_idx]
-        _check_trajectory(t, x, where, min_samples)
+        try:
+            _check_trajectory(t, x, where, min_samples)
+        except DataError as exc:
+            if guessed:  # e.g. a drain current "Id" read as the trajectory id by its name
+                raise DataError(f"{exc}; column {header[ii]!r} was taken as the trajectory id by its name: if it is "
+                                "a variable, pass --id-column none") from None
+            raise
         out.append((t, x))
     return out, [header[i] for i in var_idx]
 
