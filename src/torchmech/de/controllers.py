@@ -37,9 +37,10 @@ def max_norm(x: Tensor) -> Tensor:
 
 
 def check_time_cast(orig: Any, cast: Tensor, name: str) -> None:
-    """Raise if casting times (ordered along the last axis) to the state's dtype merged, reordered or shifted
-    them by more than a tenth of their smallest spacing (float64 times like 2.8e7 + [0, 0.5, 1] all become
-    2.8e7 in float32, and the solve would silently return the initial state)."""
+    """Raise if casting times (ordered along the last axis) to the state's dtype merged or reordered them, or
+    moved one by more than a tenth of its spacing to its nearest neighbour (float64 times like 2.8e7 + [0, 0.5, 1]
+    all become 2.8e7 in float32, and the solve would silently return the initial state). Repeated times are
+    allowed."""
     if not isinstance(orig, Tensor) or orig.dtype == cast.dtype or not orig.is_floating_point() or \
             orig.dim() == 0 or orig.shape[-1] < 2 or cast.shape[-1:] != orig.shape[-1:]:
         return
