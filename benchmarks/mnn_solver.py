@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("dense", "banded", "parallel", "auto")
+METHODS = ("dense", "banded", "parallel", "lapack", "auto")
 K, D, E, T0, K0 = 3, 1, 1, 1, 2
 N = D * K
 

@@ -9,10 +9,11 @@ from torchmech._autograd import first_order_only
 from torchmech.mnn.linalg.blocktri import (_SMALL_MAX, _SMALL_MIN_BLOCKS, CyclicReduction, FactorizationError,
                                           SequentialCholesky)
 from torchmech.mnn.linalg.dense import solve_dense
+from torchmech.mnn.linalg.lapack import LapackBanded
 from torchmech.mnn.system import (SUSPECT_PIVOT, BandedSystem, Problem, assemble, check_solution, eigen_floor,
                                   objective_cross, pivot_floor, prepare, warn_ill_conditioned)
 
-METHODS = ("auto", "dense", "banded", "parallel")
+METHODS = ("auto", "dense", "banded", "parallel", "lapack")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class _Factorised:
 
     def __init__(self, sys: BandedSystem, method: str, low: torch.dtype):
         self.sys, self.low, self.hi = sys, low, sys.diag.dtype
+        if method == "lapack":  # LAPACK factorises in float64 (the working precision on the CPU)
+            self.low = low = self.hi
         self.T = sys.diag.shape[-3]
         self.method = method
         try:
@@ -192,6 +195,13 @@ class _Factorised:
         sys, low = self.sys, self.low
         s = sys.diag.diagonal(dim1=-2, dim2=-1).rsqrt()  # (..., T, n)
         self.s = s
+        if self.method == "lapack":  # LAPACK's banded Cholesky per sample, on the unpaired scaled blocks
+            diag = (sys.diag * s.unsqueeze(-1) * s.unsqueeze(-2)).to(low)
+            off1 = (sys.off1 * s[..., :-1, :, None] * s[..., 1:, None, :]).to(low)
+            off2 = None if sys.off2 is None else (sys.off2 * s[..., :-2, :, None] * s[..., 2:, None, :]).to(low)
+            self.paired = self.pad = False
+            self.factor = LapackBanded(diag, off1, off2, min_pivot=pivot_floor(low, self.T))
+            return
         if self.method == "parallel" and sys.off2 is not None and _soa_pairs(sys):
             # Many small paired blocks: build them scaled, paired and in the unrolled kernels' layout in one go.
             D2, U2 = _paired_soa(sys, s, low)
@@ -424,13 +434,22 @@ def _keep_factor(p: Problem) -> bool:
     return size <= _KEEP_FACTOR_BYTES
 
 
+_LAPACK_MAX_BATCH = 8  # "auto" on CPU: LAPACK's banded sweep up to this many samples
+
+
 def _choose(method: str, p: Problem) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "lapack" and p.device.type != "cpu":
+        raise ValueError(f"method='lapack' runs on the CPU (scipy's LAPACK); the inputs are on {p.device}")
     if method != "auto":
         return method
-    # Measured on CPU (benchmarks/mnn_solver.py): for short grids the sequential sweep has fewer, larger
-    # operations and wins; from a few dozen points on, cyclic reduction's O(log T) depth pays off.
+    # Measured on CPU (benchmarks/mnn_solver.py, forward + backward): for a few samples LAPACK's compiled banded
+    # sweep wins (B = 1, T = 1000: 1.8 vs 3.5 ms; B = 64 is a tie, B = 1024 favours parallel by ~10%). Otherwise,
+    # for short grids the sequential sweep has fewer, larger operations; from a few dozen points on, cyclic
+    # reduction's O(log T) depth pays off.
+    if p.device.type == "cpu" and p.batch_shape.numel() <= _LAPACK_MAX_BATCH:
+        return "lapack"
     return "banded" if p.T < 24 else "parallel"
 
 
@@ -458,8 +477,9 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
         slack: ``gamma_alpha`` to reproduce the seed paper's exact relaxation with one shared slack variable
             (objective ``1/2 sum r^2 - gamma_alpha * eps``); ``None`` leaves the slack out.
         method: ``"parallel"`` (cyclic reduction, O(T) work, O(log T) depth), ``"banded"`` (sequential block
-            Cholesky), ``"dense"`` (dense normal equations differentiated by autograd; reference for tests)
-            or ``"auto"``.
+            Cholesky), ``"lapack"`` (CPU only: LAPACK's banded Cholesky through scipy, one sample at a time, a
+            compiled sequential sweep), ``"dense"`` (dense normal equations differentiated by autograd;
+            reference for tests) or ``"auto"``.
         num_points: the number of grid points T, needed only when every input has a size-1 time axis.
 
     Returns:
