@@ -394,7 +394,10 @@ class BaseDiscovery:
         Args:
             x, t, u: data in any layout accepted by ``fit`` (see :func:`as_trajectories`).
             metric: ``"r2"`` (derivative R2: model derivatives vs ``x_dot`` or the estimator's
-                ``differentiation`` of ``x``), ``"mse"`` (derivative mean squared error) or
+                ``differentiation`` of ``x``; with a smoothing differentiation such as ``WeakForm`` the
+                reference is that smoothed derivative, so even the exact model scores below 1: 0.88 on clean
+                Lorenz; compare models with ``"trajectory_r2"`` or known ``x_dot`` instead),
+                ``"mse"`` (derivative mean squared error) or
                 ``"trajectory_r2"`` (R2 of the model simulated from each trajectory's first
                 state; needs a callable or sampled ``u`` when there are controls).
             x_dot: optional known derivatives, same layout as ``x``.
