@@ -294,3 +294,18 @@ def test_empty_batch(method):
     assert u.shape == (0, 6, 1, 3)
     grads = torch.autograd.grad(u.sum(), (c, r, i, s), allow_unused=True)
     assert all(g is None or g.shape == x.shape for g, x in zip(grads, (c, r, i, s)))
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+def test_empty_inner_batch_axis_and_inference_mode(method):
+    """Batch (2, 0) divided by zero in the CPU chunking; a first solve under inference_mode cached an inference
+    tensor that broke every later backward in the process."""
+    from torchmech.mnn import system
+
+    c, r, i, s = random_problem(6, B=(2, 0), T=7)
+    assert solve_linear_ode(c, r, i, s, method=method).shape == (2, 0, 7, 1, 3)
+    system._TAYLOR_CONST.clear()
+    with torch.inference_mode():
+        solve_linear_ode(*random_problem(7, T=7), method=method)
+    xs = random_problem(8, T=7, requires_grad=True)
+    torch.autograd.grad(solve_linear_ode(*xs, method=method).sum(), xs)

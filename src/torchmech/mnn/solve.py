@@ -345,8 +345,8 @@ class _NeuRLPFunction(torch.autograd.Function):
         # only via L's grad_u) would otherwise drop the solver's part silently.
         return first_order_only(grads, (grad_u, *ctx.saved_tensors[1:]),
                                 "second derivatives through solve_linear_ode are not implemented for "
-                                "method='banded'/'parallel' (its backward is an implicit-differentiation solve); use "
-                                "method='dense' on small problems")
+                                "method='banded'/'parallel'/'lapack' (its backward is an implicit-differentiation "
+                                "solve); use method='dense' on small problems")
 
     @staticmethod
     def _input_grads(ctx, grad_u: Tensor) -> tuple:
@@ -394,6 +394,8 @@ def _chunk_size(p: Problem, method: str) -> int | None:
     per_sample = p.T * p.n * p.n
     for b in p.batch_shape[1:]:
         per_sample *= b
+    if per_sample == 0:  # an empty batch axis after the first: nothing to chunk
+        return None
     chunk = max(1, _CHUNK_TARGET // per_sample)
     if method == "banded":
         chunk = max(chunk, _BANDED_MIN_CHUNK)

@@ -326,7 +326,8 @@ def taylor_constant(K: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (K, dtype, device)
     C = _TAYLOR_CONST.get(key)
     if C is None:
-        C = taylor_stencil(torch.ones(1, dtype=dtype, device=device), K)[0]
+        with torch.inference_mode(False):  # a cached inference tensor would break every later backward
+            C = taylor_stencil(torch.ones(1, dtype=dtype, device=device), K)[0]
         _TAYLOR_CONST[key] = C
     return C
 
