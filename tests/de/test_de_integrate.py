@@ -498,3 +498,22 @@ def test_a_lower_precision_field_under_autocast_is_allowed():
         sol = de.solve(lambda t, y, a: lin(y), de.RK4(), 0.0, 1.0, torch.ones(3, 2), dt0=0.1,
                        controller=de.ConstantStep())
     assert sol.ys.dtype == torch.float32
+
+
+def test_inference_mode_solves_do_not_poison_later_training():
+    """Solver coefficient caches and Brownian increments made under torch.inference_mode were inference tensors:
+    a later solve with autograd on the same solver instance or Brownian path failed in backward."""
+    solver, ctrl = de.Tsit5(), de.PIDController(1e-6, 1e-6)
+    lin = torch.nn.Linear(2, 2)
+    f = lambda t, y, a: torch.tanh(lin(y))  # noqa: E731
+    ev = de.Event(lambda t, y, a: y[:, 0] + 10.0)  # never fires; keeps the generic loop
+    bm = de.BrownianInterval(0.0, 1.0, (3, 2), seed=0)
+    sig = torch.tensor(0.3, requires_grad=True)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: -y), de.DiagonalControlTerm(lambda t, y, a: sig * torch.sin(y), bm))
+    y0 = torch.randn(3, 2)
+    with torch.inference_mode():
+        de.solve(f, solver, 0.0, 1.0, y0, controller=ctrl, event=ev)
+        de.solve(terms, de.EulerMaruyama(), 0.0, 1.0, y0, dt0=0.1)
+    de.solve(f, solver, 0.0, 1.0, y0.clone().requires_grad_(), controller=ctrl, event=ev).ys.sum().backward()
+    de.solve(terms, de.EulerMaruyama(), 0.0, 1.0, y0, dt0=0.1).ys.sum().backward()
+    assert lin.weight.grad is not None and sig.grad is not None

@@ -238,12 +238,19 @@ class AbstractBrownian:
     def evaluate(self, t0: Any, t1: Any = None, levy_area: bool = False):
         """Increment ``W(t1) - W(t0)`` (``W(t0) - W(self.t0)`` if ``t1`` is None), of ``shape``.
 
+        Queries run outside ``torch.inference_mode`` (the increments are cached: an inference tensor in the
+        cache would break the backward pass of a later solve on the same path).
+
         Args:
             t0, t1: floats, 0-d tensors or per-sample (B,) tensors with ``B == shape[0]``.
             levy_area: also return the space-time Levy area; needs ``levy_area`` at construction.
                 Returns a :class:`BrownianIncrement` ``(W, H)`` then, with the approximate
                 space-space Levy area as its ``A`` for ``levy_area="davie"``/``"foster"``.
         """
+        with torch.inference_mode(False):
+            return self._evaluate(t0, t1, levy_area)
+
+    def _evaluate(self, t0: Any, t1: Any, levy_area: bool):
         if levy_area and not self.has_levy_area:
             raise ValueError(f"{type(self).__name__}: Levy area requested but the Brownian motion was built "
                              "with levy_area=None; pass levy_area='space-time' (or 'davie'/'foster')")

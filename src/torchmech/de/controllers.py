@@ -253,7 +253,8 @@ class PIDController(AbstractController):
         cache = self.__dict__.setdefault("_tol_cache", {})
         if key in cache and cache[key][0] is val:
             return cache[key][1]
-        v = torch.as_tensor(val, dtype=y.dtype, device=y.device)
+        with torch.inference_mode(False):  # cached: never an inference tensor (later solves may record autograd)
+            v = torch.as_tensor(val, dtype=y.dtype, device=y.device)
         try:
             torch.broadcast_shapes(v.shape, y.shape)
         except RuntimeError:

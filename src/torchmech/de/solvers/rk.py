@@ -178,7 +178,8 @@ class ExplicitRK(AbstractSolver):
                 rows = [list(tab.b)] + ([list(tab.b_error)] if tab.b_error is not None else [])
             else:
                 rows = [[r[m] for r in tab.dense] for m in range(len(tab.dense[0]))]
-            cache[key] = torch.tensor(rows, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+            with torch.inference_mode(False):  # a cached inference tensor would break later backward passes
+                cache[key] = torch.tensor(rows, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
         return cache[key]
 
     def error_estimate(self, ks: Sequence[Tensor]) -> Tensor | None:
