@@ -81,16 +81,15 @@ def _read_csv(path: str, time_column: str | None, id_column: str | None, min_sam
         ti = found[0]
     ii = None
     guessed = False
-    if id_column is not None and id_column.lower() == "none":  # every column but time is a variable
-        pass
-    elif id_column is not None:
+    no_ids = id_column is not None and id_column.lower() == "none"  # every column but time is a variable
+    if id_column is not None and not no_ids:
         if id_column not in header:
             raise DataError(f"{path}: no trajectory-id column {id_column!r}; columns are {header}")
         ii = header.index(id_column)
         if ii == ti:
             raise DataError(f"{path}: the time column and the trajectory-id column must differ, both are "
                             f"{id_column!r}")
-    else:
+    elif not no_ids:
         found = [i for i, h in enumerate(lower) if h in ID_COLUMNS]
         ii = found[0] if found else None
         guessed = ii is not None
