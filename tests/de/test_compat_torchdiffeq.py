@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,9 +191,19 @@ def test_step_t_and_jump_t():
 
 def test_max_num_steps_raises():
     stiff = lambda t, y: -1e6 * (y - torch.cos(t))  # noqa: E731
-    with pytest.raises(RuntimeError, match="MAX_STEPS"):
+    with pytest.raises(RuntimeError, match=r"odeint: dopri5 stopped at t=.*max_num_steps'\]=50 per output interval"):
         tdq.odeint(stiff, torch.zeros(1, dtype=D), torch.tensor([0.0, 10.0], dtype=D),
                    options={"max_num_steps": 50})
+
+
+def test_max_num_steps_is_per_output_interval():
+    """torchdiffeq counts the steps of each output interval: 100 intervals of a few steps each pass."""
+    t = torch.linspace(0, 5, 101, dtype=D)
+    for m in (10, np.int64(10), torch.tensor(10)):
+        out = tdq.odeint(decay, torch.ones(2, dtype=D), t, options={"max_num_steps": m})
+        torch.testing.assert_close(out[-1], torch.full((2,), math.exp(-5.0), dtype=D), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"options\['max_num_steps'\] must be a positive int"):
+        tdq.odeint(decay, torch.ones(2, dtype=D), t, options={"max_num_steps": 2.5})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -245,7 +256,7 @@ def test_bad_inputs():
         tdq.odeint(decay, y0, torch.tensor([0.0, 1.0, 0.5], dtype=D))
     with pytest.raises(ValueError, match="1-D tensor"):
         tdq.odeint(decay, y0, torch.zeros(2, 2, dtype=D))
-    with pytest.raises(TypeError, match="y0 must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="y0 must be a floating-point or complex tensor"):
         tdq.odeint(decay, torch.ones(2, dtype=torch.int64), t)
     with pytest.raises(TypeError, match="y0 must be a torch.Tensor or a tuple"):
         tdq.odeint(decay, [1.0, 2.0], t)
@@ -466,11 +477,14 @@ def test_fixed_grid_gradients_with_respect_to_t(method, options):
 
 def test_adams_refuses_gradients_with_respect_to_t():
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="gradients with respect to t are not supported by the Adams"):
-        torchmech.odeint(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t, method="explicit_adams")
-    out = torchmech.odeint(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t.detach(),
-                           method="explicit_adams")
-    assert out.shape == (3, 1)
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    out = torchmech.odeint(lambda t, y: -y, y0, t, method="explicit_adams")
+    with pytest.raises(RuntimeError, match="gradients with respect to t are not supported by the Adams"):
+        out.sum().backward()
+    # a t that requires grad does not stop the gradient of y0 alone (as torchdiffeq)
+    out = torchmech.odeint(lambda t, y: -y, y0, t, method="explicit_adams")
+    ref = torchmech.odeint(lambda t, y: -y, y0, t.detach(), method="explicit_adams")
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), y0)[0], torch.autograd.grad(ref.sum(), y0)[0])
 
 
 def test_odeint_adjoint_reuses_jump_t_backwards():
@@ -541,3 +555,130 @@ def test_odeint_event_runs_one_solve_to_the_event():
                                 atol=1e-7)
     assert abs(float(t_ev) - math.sqrt(2 * 100.0 / 9.81)) < 1e-6
     assert calls[0] <= 35  # (26; over the spans [0, 1], [1, 3], [3, 7]: 60)
+
+
+def test_adjoint_leaves_out_frozen_parameters():
+    """Default adjoint_params are func.parameters(); frozen ones get no gradient, as torchdiffeq."""
+    func = _MLP()
+    func.net[0].weight.requires_grad_(False)
+    y0 = torch.tensor([[0.5, -1.0]], dtype=D, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=D)
+    tdq.odeint_adjoint(func, y0, t, rtol=1e-10, atol=1e-10).sum().backward()
+    g_adj = (y0.grad.clone(), func.net[2].weight.grad.clone())
+    assert func.net[0].weight.grad is None
+    y0.grad = None
+    func.zero_grad()
+    tdq.odeint(func, y0, t, rtol=1e-10, atol=1e-10).sum().backward()
+    torch.testing.assert_close(g_adj, (y0.grad, func.net[2].weight.grad), rtol=1e-6, atol=1e-8)
+
+
+def _step_at_half(t, y):
+    """dy/dt jumps from 0 to 5 at t = 0.5."""
+    return torch.where(t >= 0.5, torch.full_like(y, 5.0), torch.zeros_like(y))
+
+
+def test_perturb_cubic_interpolant_stays_inside_each_step():
+    """A jump on a grid point: the exact solution is 0 up to 0.5, then 5 (t - 0.5)."""
+    t = torch.tensor([0.0, 0.2, 0.4, 0.5, 0.8, 1.0], dtype=D)
+    out = tdq.odeint(_step_at_half, torch.zeros(1, dtype=D), t, method="rk4",
+                     options={"step_size": 0.5, "perturb": True, "interp": "cubic"})
+    torch.testing.assert_close(out[:, 0], 5 * (t - 0.5).clamp(min=0), rtol=0, atol=1e-12)
+
+
+def test_odeint_adjoint_perturbs_the_backward_steps_too():
+    """Fixed-grid backward solve on the forward grid with perturb: the gradient of the perturbed problem."""
+    w = torch.tensor([1.5], dtype=D, requires_grad=True)
+
+    def f(t, y):  # a jump at the grid point 0.5 scaled by w, plus a decay
+        return w * _step_at_half(t, y) - y
+
+    class F(torch.nn.Module):
+        def forward(self, t, y):
+            return f(t, y)
+
+    y0 = torch.ones(1, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    opts = {"step_size": 0.25, "perturb": True}
+    direct = torch.autograd.grad(tdq.odeint(f, y0, t, method="rk4", options=opts)[-1].sum(), (y0, w))
+    adj = torch.autograd.grad(tdq.odeint_adjoint(F(), y0, t, method="rk4", options=opts,
+                                                 adjoint_params=(w,))[-1].sum(), (y0, w))
+    torch.testing.assert_close(adj, direct, rtol=1e-3, atol=1e-6)
+    # the exact gradient in w: the forcing acts over [0.5, 1]: dy1/dw = 5 (1 - e^{-0.5})
+    torch.testing.assert_close(adj[1], torch.tensor([5 * (1 - math.exp(-0.5))], dtype=D), rtol=1e-3, atol=0)
+
+
+def test_step_callbacks_are_refused():
+    class F(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+        def callback_step(self, t0, y0, dt):
+            raise AssertionError("never reached")
+
+    with pytest.raises(ValueError, match="func defines callback_step.*does not support step callbacks"):
+        tdq.odeint(F(), torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_single_time_output_is_a_copy(method):
+    y0 = torch.ones(2, dtype=D)
+    out = tdq.odeint(decay, y0, torch.tensor([0.0], dtype=D), method=method)
+    assert out.shape == (1, 2)
+    out[0, 0] = 5.0
+    assert y0[0] == 1.0
+
+
+def test_grid_constructor_gets_the_flattened_tuple_state():
+    seen = []
+
+    def gc(func, y0, t):
+        seen.append((tuple(y0.shape), tuple(func(t[0], y0).shape)))
+        return torch.linspace(float(t[0]), float(t[-1]), 11, dtype=D)
+
+    y0 = (torch.ones(2, dtype=D), torch.ones(3, dtype=D))
+    out = tdq.odeint(lambda t, y: (-y[0], -2 * y[1]), y0, torch.tensor([0.0, 1.0], dtype=D), method="euler",
+                     options={"grid_constructor": gc})
+    assert seen == [((5,), (5,))]
+    torch.testing.assert_close(out[1][-1], torch.full((3,), 0.8 ** 10, dtype=D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_states(dtype):
+    seen = []
+
+    def f(t, y):
+        seen.append(y.dtype)
+        return -y
+
+    out = tdq.odeint(f, torch.ones(3, dtype=dtype), torch.tensor([0.0, 1.0]), rtol=1e-5, atol=1e-5)
+    assert out.dtype == dtype and set(seen) == {dtype}
+    torch.testing.assert_close(out[-1].float(), torch.full((3,), math.exp(-1.0)), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_complex_state(method):
+    """y' = i w y: y(t) = exp(i w t) y0; tolerances act on the real and imaginary parts."""
+    w = 2.0
+    y0 = torch.tensor([1.0 + 0.5j, -0.3j], dtype=torch.complex128)
+    t = torch.linspace(0, 1, 5, dtype=D)
+    opts = {"step_size": 0.01} if method == "rk4" else None
+    out = tdq.odeint(lambda t, y: 1j * w * y, y0, t, method=method, rtol=1e-10,
+                     atol=torch.tensor([1e-10, 1e-12], dtype=D), options=opts)
+    assert out.dtype == torch.complex128 and out.shape == (5, 2)
+    exact = torch.exp(1j * w * t.to(torch.complex128))[:, None] * y0
+    torch.testing.assert_close(out, exact, rtol=1e-8, atol=1e-8)
+
+
+def test_tuple_state_with_mixed_dtypes_and_numpy_tolerances():
+    y0 = (torch.ones(2, dtype=torch.float32), torch.ones(1, dtype=D))
+    out = tdq.odeint(lambda t, y: (-y[0], -2 * y[1]), y0, torch.tensor([0.0, 1.0], dtype=D),
+                     rtol=np.array([1e-9, 1e-9]), atol=np.float64(1e-10))
+    assert out[0].dtype == torch.float32 and out[1].dtype == D
+    torch.testing.assert_close(out[1][-1], torch.tensor([math.exp(-2.0)], dtype=D), rtol=1e-7, atol=0)
+    torch.testing.assert_close(out[0][-1], torch.full((2,), math.exp(-1.0)), rtol=1e-6, atol=0)
+
+
+def test_tolerance_requiring_grad_message():
+    with pytest.raises(ValueError, match=r"^odeint: atol must not require grad$"):
+        tdq.odeint(decay, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
+                   atol=torch.tensor(1e-8, dtype=D, requires_grad=True))

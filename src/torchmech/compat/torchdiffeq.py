@@ -20,7 +20,19 @@ Differences worth knowing: values between steps of the adaptive methods come fro
 interpolants (Dopri5/Tsit5 fourth-order continuous extensions, cubic Hermite otherwise), so they
 agree with torchdiffeq to the tolerance, not bit for bit; times are held in the state's dtype
 (torchdiffeq keeps float64 time internally); failures raise ``RuntimeError`` (torchdiffeq:
-``AssertionError``); ``scipy_solver`` is not provided. Adams methods: ``max_order`` defaults to 4
+``AssertionError``); ``scipy_solver`` is not provided. ``options['max_num_steps']`` bounds the steps
+(accepted and rejected) of each output interval as torchdiffeq, but is enforced over the whole solve:
+``len(t) - 1`` intervals may take ``max_num_steps * (len(t) - 1)`` steps in all, however they are
+shared out. float16/bfloat16 states are integrated in float32 (``func`` still sees, and the result
+has, the state's dtype); complex states are integrated as their real views (as torchdiffeq); a tuple
+state may mix dtypes (each part keeps its own; the solve runs in the widest). torchdiffeq's step
+callbacks (``func.callback_step`` and the like) are not supported: a ``func`` defining them is
+refused rather than silently not called. ``adaptive_heun`` evaluates ``func`` at each new state where
+torchdiffeq reuses the last stage (taken at the Euler predictor, not the new state): on Van der Pol
+at rtol = atol = 1e-5 it takes about twice torchdiffeq's steps and is about 6x more accurate.
+``fehlberg2`` likewise spends one more evaluation per step than torchdiffeq's. With
+``perturb=True`` and ``interp='cubic'``, the derivative at the end of a step is taken just inside
+the step (torchdiffeq takes it on the grid point, the far side of a discontinuity there). Adams methods: ``max_order`` defaults to 4
 (torchdiffeq: 12, whose Adams-Bashforth formulas are stable only for very small steps) and means
 what torchdiffeq's documentation says: the order of the Adams-Bashforth formula for
 ``explicit_adams`` (torchdiffeq 0.2.5 is observed to step with order ``max_order - 1``: its
@@ -34,6 +46,7 @@ so ``implicit_adams`` agrees with torchdiffeq to the tolerance (to rounding once
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any, Callable
 
@@ -93,8 +106,19 @@ ADAMS_MAX_ORDER = 12
 
 # --- state flattening --------------------------------------------------------------------------
 
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex32: torch.float16, torch.complex64: torch.float32,
+            torch.complex128: torch.float64}.get(dtype, dtype)
+
+
 class _Layout:
-    """Maps a tensor or tuple-of-tensors state to one flat vector (N,) and back."""
+    """Maps a tensor or tuple-of-tensors state to one flat real vector (N,) and back.
+
+    The flat vector has the *compute dtype*: float64 if any part is (complex) float64, else float32
+    (the solvers run in float32 or float64; float16/bfloat16 states are integrated in float32 and
+    handed to ``func`` and returned in their own dtype). A complex part is flattened as its real
+    view (real and imaginary parts interleaved), so tolerances and norms act on both, as torchdiffeq.
+    """
 
     def __init__(self, y0: Any):
         if isinstance(y0, Tensor):
@@ -112,18 +136,32 @@ class _Layout:
             raise TypeError(f"odeint: y0 must be a torch.Tensor or a tuple of tensors, got {type(y0).__name__}")
         for i, p in enumerate(parts):
             where = "y0" if self.shapes is None else f"y0[{i}]"
-            if not p.is_floating_point():
-                raise TypeError(f"odeint: {where} must be a floating-point tensor, got dtype {p.dtype}")
-            if p.dtype != parts[0].dtype or p.device != parts[0].device:
-                raise TypeError(f"odeint: all tensors of a tuple y0 must share dtype and device; y0[0] is "
-                                f"{parts[0].dtype} on {parts[0].device}, {where} is {p.dtype} on {p.device}")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"odeint: {where} must be a floating-point or complex tensor, got dtype {p.dtype}")
+            if p.device != parts[0].device:
+                raise TypeError(f"odeint: all tensors of a tuple y0 must be on one device; y0[0] is on "
+                                f"{parts[0].device}, {where} is on {p.device}")
         self.shape = parts[0].shape if self.shapes is None else None
-        self.sizes = [p.numel() for p in parts]
-        self.dtype, self.device = parts[0].dtype, parts[0].device
+        self.dtypes = [p.dtype for p in parts]
+        self.complex = [p.is_complex() for p in parts]
+        self.sizes = [p.numel() * (2 if c else 1) for p, c in zip(parts, self.complex)]
+        wide = any(_real_dtype(d) == torch.float64 for d in self.dtypes)
+        self.dtype = torch.float64 if wide else torch.float32
+        self.device = parts[0].device
 
     @property
     def is_tuple(self) -> bool:
         return self.shapes is not None
+
+    def part_shapes(self) -> list:
+        """The shapes of the flattened parts' elements: a complex part's shape gets a trailing 2."""
+        shapes = [self.shape] if self.shapes is None else self.shapes
+        return [tuple(s) + ((2,) if c else ()) for s, c in zip(shapes, self.complex)]
+
+    def _flat_part(self, p: Tensor, i: int) -> Tensor:
+        if self.complex[i]:
+            p = torch.view_as_real(p.to(self.dtypes[i]))
+        return p.to(self.dtype).reshape(-1)
 
     def flatten(self, y: Any, what: str = "func") -> Tensor:
         """State-like value -> (N,). Each tensor must have exactly its part's shape: an output with the
@@ -132,7 +170,7 @@ class _Layout:
             if not (isinstance(y, Tensor) and y.shape == self.shape):
                 got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"odeint: {what} must return a tensor shaped like y0 {tuple(self.shape)}, got {got}")
-            return y.reshape(-1)
+            return self._flat_part(y, 0)
         if not isinstance(y, (tuple, list)) or len(y) != len(self.shapes):
             raise ValueError(f"odeint: {what} must return a tuple of {len(self.shapes)} tensors (like y0), "
                              f"got {type(y).__name__}")
@@ -140,14 +178,19 @@ class _Layout:
             if not (isinstance(p, Tensor) and p.shape == s):
                 got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"odeint: {what} output [{i}] must have shape {tuple(s)}, got {got}")
-        return torch.cat([p.reshape(-1) for p in y])
+        return torch.cat([self._flat_part(p, i) for i, p in enumerate(y)])
 
     def unflatten(self, flat: Tensor) -> Any:
-        """(..., N) -> state with the leading axes kept: (..., *shape) or a tuple of those."""
-        lead = flat.shape[:-1]
-        if self.shapes is None:
-            return flat.reshape(lead + tuple(self.shape))
-        return tuple(p.reshape(lead + tuple(s)) for p, s in zip(flat.split(self.sizes, dim=-1), self.shapes))
+        """(..., N) -> state with the leading axes kept: (..., *shape) or a tuple of those, each part in
+        its own dtype."""
+        lead = tuple(flat.shape[:-1])
+        out = []
+        for i, (p, s) in enumerate(zip(flat.split(self.sizes, dim=-1), self.part_shapes())):
+            p = p.reshape(lead + s)
+            if self.complex[i]:
+                p = torch.complex(p[..., 0], p[..., 1])
+            out.append(p.to(self.dtypes[i]))
+        return out[0] if self.shapes is None else tuple(out)
 
 
 class _FlatFunc(torch.nn.Module):
@@ -164,6 +207,20 @@ class _FlatFunc(torch.nn.Module):
 
 
 # --- argument checking -------------------------------------------------------------------------
+
+_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step", "callback_step_adjoint",
+              "callback_accept_step_adjoint", "callback_reject_step_adjoint")
+
+
+def _refuse_callbacks(func: Any) -> None:
+    """torchdiffeq calls these hooks of ``func`` around each step; torchmech's solve loop has none to call."""
+    found = [name for name in _CALLBACKS if callable(getattr(func, name, None))]
+    if found:
+        raise ValueError(f"odeint: func defines {', '.join(found)}; torchdiffeq calls these around each step, "
+                         "torchmech does not support step callbacks. Remove them (or call odeint on a wrapper "
+                         "without them), or use torchmech.solve(..., saveat=SaveAt(steps=True)) to get every "
+                         "step's time and state")
+
 
 def _check_t(t: Any, layout: _Layout, min_len: int = 1) -> Tensor:
     if not isinstance(t, Tensor):
@@ -189,27 +246,33 @@ def _tol(name: str, tol: Any, layout: _Layout) -> float | Tensor:
     """Tolerance as a float or a (1, N) tensor over the flattened state."""
     if isinstance(tol, Tensor) and tol.requires_grad:
         raise ValueError(f"odeint: {name} must not require grad")
+    if isinstance(tol, np.ndarray) or isinstance(tol, np.generic):
+        tol = torch.as_tensor(tol)
+
+    def spread(v: Tensor, i: int, shape: tuple, where: str) -> Tensor:
+        """``v`` broadcast over part ``i`` (shape ``shape``), repeated for the real and imaginary parts."""
+        if v.is_complex():
+            raise TypeError(f"odeint: {where} must be real, got dtype {v.dtype}")
+        v = v.to(dtype=layout.dtype, device=layout.device)
+        try:
+            v = v.expand(shape)
+        except RuntimeError:
+            raise ValueError(f"odeint: {where} of shape {tuple(v.shape)} does not broadcast to "
+                             f"{'y0' if len(layout.sizes) == 1 else f'y0[{i}]'}'s shape {tuple(shape)}") from None
+        if layout.complex[i]:
+            v = v.unsqueeze(-1).expand(*shape, 2)
+        return v.reshape(-1)
+
     if layout.is_tuple and (isinstance(tol, (tuple, list)) or (isinstance(tol, Tensor) and tol.dim() > 0)):
         tols = list(tol)
         if len(tols) != len(layout.shapes):
             raise ValueError(f"odeint: a per-tensor {name} must have one entry per tensor of y0 "
                              f"({len(layout.shapes)}), got {len(tols)}")
-        parts = []
-        for i, (v, s) in enumerate(zip(tols, layout.shapes)):
-            v = torch.as_tensor(v, dtype=layout.dtype, device=layout.device)
-            try:
-                parts.append(v.expand(s).reshape(-1))
-            except RuntimeError:
-                raise ValueError(f"odeint: {name}[{i}] of shape {tuple(v.shape)} does not broadcast to "
-                                 f"y0[{i}]'s shape {tuple(s)}") from None
-        out = torch.cat(parts)[None]
+        out = torch.cat([spread(torch.as_tensor(np.asarray(v) if isinstance(v, np.ndarray) else v), i,
+                                tuple(s), f"{name}[{i}]")
+                         for i, (v, s) in enumerate(zip(tols, layout.shapes))])[None]
     elif isinstance(tol, Tensor) and tol.numel() > 1:
-        v = tol.to(dtype=layout.dtype, device=layout.device)
-        try:
-            out = v.expand(layout.shape).reshape(1, -1)
-        except RuntimeError:
-            raise ValueError(f"odeint: {name} of shape {tuple(v.shape)} does not broadcast to y0's shape "
-                             f"{tuple(layout.shape)}") from None
+        out = spread(tol, 0, tuple(layout.shape), name)[None]
     else:
         try:
             out = float(tol)
@@ -314,6 +377,8 @@ class _Setup:
         self.adams = self.method in _ADAMS
         self.fixed = self.method in _FIXED or self.adams
         self.max_steps = 2 ** 31 - 1
+        self.max_num_steps = None
+        _refuse_callbacks(func)
         o = self.options
         if self.fixed:
             self.solver = None if self.adams else _FIXED[self.method]()
@@ -347,15 +412,23 @@ class _Setup:
             dtmax = None if math.isinf(float(max_step)) else _positive(max_step, "max_step")
             if "max_num_steps" in o:
                 m = o["max_num_steps"]
-                if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                    raise ValueError(f"odeint: options['max_num_steps'] must be a positive int, got {m!r}")
-                self.max_steps = m
+                try:
+                    m = operator.index(m) if not isinstance(m, bool) else 0
+                except TypeError:
+                    m = 0
+                if m < 1:
+                    raise ValueError(f"odeint: options['max_num_steps'] must be a positive int, "
+                                     f"got {o['max_num_steps']!r}")
+                # torchdiffeq's limit holds per output interval; one solve over all of them gets the sum
+                self.max_num_steps = m
+                self.max_steps = m * max(1, self.t.shape[0] - 1)
             self.first_step = None
             if o.get("first_step") is not None:
                 self.first_step = _positive(o["first_step"], "first_step")
+            rtol_, atol_ = _tol("rtol", rtol, self.layout), _tol("atol", atol, self.layout)
             try:
                 self.controller = PIDController(
-                    rtol=_tol("rtol", rtol, self.layout), atol=_tol("atol", atol, self.layout),
+                    rtol=rtol_, atol=atol_,
                     dtmin=dtmin, dtmax=dtmax, force_dtmin=dtmin is not None,
                     safety=float(o.get("safety", 0.9)), factormax=float(o.get("ifactor", 10.0)),
                     factormin=float(o.get("dfactor", 0.2)), norm=_norm(o.get("norm"), self.layout),
@@ -376,8 +449,11 @@ class _Setup:
             gc = o["grid_constructor"]
             if not callable(gc):
                 raise TypeError("odeint: options['grid_constructor'] must be callable (func, y0, t) -> grid")
-            y0 = self.layout.unflatten(self.y0_flat[0])
-            g = gc(self.func, y0, t)
+            if self.layout.is_tuple:  # as torchdiffeq: the flattened state and a func on it
+                g = gc(lambda tt, y: self.layout.flatten(self.func(tt, self.layout.unflatten(y))),
+                       self.y0_flat[0], t)
+            else:
+                g = gc(self.func, self.layout.unflatten(self.y0_flat[0]), t)
             if not isinstance(g, Tensor) or g.dim() != 1:
                 raise ValueError("odeint: grid_constructor must return a 1-D tensor of times")
             g = g.to(dtype=t.dtype, device=t.device)
@@ -420,16 +496,21 @@ def _interp_fixed(setup: _Setup, grid: Tensor, Y: Tensor) -> Tensor:
     if setup.interp == "linear":
         val = ya + s * (yb - ya)
     else:
-        need = sorted(set((k - 1).tolist()) | set(k.tolist()))
-        fs = {}
+        # derivatives at the step ends; with perturb each is taken inside its step (just after the start,
+        # just before the end), so a discontinuity on a grid point never leaks into the neighbouring step
+        # (torchdiffeq evaluates the end one exactly on the grid point, i.e. on the far side)
         perturb = isinstance(setup.solver, Perturbed)
-        for i in need:
-            ti = g[i]
-            if perturb and i + 1 < g.shape[0]:
-                ti = torch.nextafter(ti, g[i + 1])
-            fs[i] = setup.f(ti.reshape(1), Y[i:i + 1], None)[0]
-        fa = torch.stack([fs[int(i)] for i in (k - 1)])
-        fb = torch.stack([fs[int(i)] for i in k])
+        fs: dict = {}
+
+        def deriv(i: int, towards: int) -> Tensor:
+            key = (i, towards if perturb else i)
+            if key not in fs:
+                ti = torch.nextafter(g[i], g[towards]) if perturb else g[i]
+                fs[key] = setup.f(ti.reshape(1), Y[i:i + 1], None)[0]
+            return fs[key]
+
+        fa = torch.stack([deriv(int(i), int(i) + 1) for i in (k - 1)])
+        fb = torch.stack([deriv(int(i), int(i) - 1) for i in k])
         h = (tb - ta)[:, None]
         h00 = (1 + 2 * s) * (1 - s) ** 2
         h10 = s * (1 - s) ** 2
@@ -599,21 +680,50 @@ def _run(setup: _Setup, adjoint) -> Tensor:
     if setup.fixed:
         grid = setup.grid()
         if grid.shape[0] == 1:
-            return y0.expand(t.shape[0], y0.shape[1])
+            return y0.expand(t.shape[0], y0.shape[1]).clone()
         if setup.adams:
             if torch.is_grad_enabled() and grid.requires_grad:
-                raise ValueError(
-                    "odeint: gradients with respect to t are not supported by the Adams methods (their "
-                    "per-step weights are computed once, outside autograd); pass t.detach(), or use an RK method")
+                # the per-step weights are computed once, outside autograd: a gradient with respect to t
+                # cannot be had, but one with respect to y0 or parameters alone can
+                grid = _NoTimeGrad.apply(grid)
             return _interp_fixed(setup, grid, _adams(setup, grid, isinstance(adjoint, CheckpointAdjoint)))
         sol = solve(setup.f, setup.solver, grid[0], grid[-1], y0, saveat=SaveAt(ts=grid),
                     controller=StepTo(grid), adjoint=adjoint, max_steps=grid.shape[0] + 1)
         return _interp_fixed(setup, grid, sol.ys[0])
     if t.shape[0] == 1:
-        return y0
+        return y0.clone()
     sol = solve(setup.f, setup.solver, t[0], t[-1], y0, dt0=setup.first_step, saveat=SaveAt(ts=t),
-                controller=setup.controller, adjoint=adjoint, max_steps=setup.max_steps)
+                controller=setup.controller, adjoint=adjoint, max_steps=setup.max_steps, throw=False)
+    status = Status(int(sol.status[0]))
+    if status != Status.SUCCESS:
+        where = f"t={float(sol.t_final[0]):.6g} (solving from t={float(t[0]):.6g} to {float(t[-1]):.6g})"
+        if status == Status.MAX_STEPS:
+            if setup.max_num_steps is None:
+                cause = f"{setup.max_steps} steps taken"
+            else:
+                cause = (f"options['max_num_steps']={setup.max_num_steps} per output interval exceeded "
+                         f"({setup.max_steps} steps over the {t.shape[0] - 1} intervals)")
+            hint = "raise options['max_num_steps'], loosen rtol/atol, or check for stiffness"
+        elif status == Status.DT_UNDERFLOW:
+            cause, hint = "step size underflow", "loosen rtol/atol or lower options['min_step']"
+        else:
+            cause, hint = "the state became non-finite (NaN or inf)", "check func for a blow-up"
+        raise RuntimeError(f"odeint: {setup.method} stopped at {where}: {cause}; {hint}")
     return sol.ys[0]
+
+
+class _NoTimeGrad(torch.autograd.Function):
+    """Identity on a time grid whose backward refuses: the Adams weights do not carry gradients to t."""
+
+    @staticmethod
+    def forward(ctx, grid):
+        return grid.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("odeint: gradients with respect to t are not supported by the Adams methods (their "
+                           "per-step weights are computed once, outside autograd); pass t.detach(), ask for the "
+                           "gradients of y0 or parameters only (torch.autograd.grad), or use an RK method")
 
 
 def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tensor]:
@@ -736,15 +846,18 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
         adjoint_rtol, adjoint_atol: scalar tolerances of the backward solve (default ``rtol``/``atol``;
             per-component tolerances are not supported for the backward solve).
         adjoint_method: method of the backward solve (default ``method``). After a fixed-grid ``method``
-            the backward solve runs a fixed-grid method backwards on the forward grid (as torchdiffeq), or
-            an adaptive one if named; after an Adams method the default is ``'tsit5'``; after an adaptive
+            the backward solve runs a fixed-grid method backwards on the forward grid (with
+            ``perturb=True`` it is perturbed too), or an adaptive one if named. torchdiffeq instead lays
+            a fresh grid of ``step_size`` backwards from the end of each output interval; the two grids
+            are the same when ``step_size`` is not given or divides every interval. After an adaptive
             method it must be adaptive.
         adjoint_options: ``{'norm': 'seminorm'}`` leaves the parameter adjoint out of the error norm
             (Kidger et al. 2021, fewer backward steps); ``{'max_num_steps': n}`` bounds the backward
             solve. Other keys raise ``ValueError``. Of the forward ``options``, the backward solve reuses
             ``step_t`` and ``jump_t`` (it steps onto the same marks, as torchdiffeq), no others.
         adjoint_params: tensors to differentiate with respect to; default ``func.parameters()``
-            (``func`` must then be an ``nn.Module``; pass ``adjoint_params=()`` for none).
+            (``func`` must then be an ``nn.Module``; pass ``adjoint_params=()`` for none). Tensors that do
+            not require grad (frozen parameters) are left out, as torchdiffeq.
 
     Gradients flow to ``y0``, ``adjoint_params`` and ``t`` (as torchdiffeq: from the adjoint identities
     ``dL/dt_i = <f(t_i, y_i), dL/dy_i>`` and ``dL/dt_0 = -<f(t_0, y_0), a(t_0)>``). With ``event_fn`` the solve is
@@ -767,6 +880,8 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     for i, p in enumerate(adjoint_params):
         if not isinstance(p, Tensor):
             raise TypeError(f"odeint_adjoint: adjoint_params[{i}] must be a tensor, got {type(p).__name__}")
+    # frozen parameters get no gradient (as torchdiffeq), and asking autograd for one would fail
+    adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
     setup = _Setup(func, y0, t, rtol, atol, method, options)
     if event_fn is not None:
         event_t, ys = _run_event(setup, event_fn, CheckpointAdjoint())
@@ -824,6 +939,8 @@ def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: A
     max_steps = ao.get("max_num_steps", setup.max_steps)
     if grid_back:
         solver, controller = _FIXED[a_method](), _MarksTo(setup.grid().detach())
+        if isinstance(setup.solver, Perturbed):  # the backward steps keep off the same discontinuities
+            solver = Perturbed(solver)
     else:
         solver, controller = _ADAPTIVE[a_method](), None
     adjoint = BacksolveAdjoint(rtol=max(a_rtol, torch.finfo(setup.layout.dtype).tiny), atol=a_atol,
