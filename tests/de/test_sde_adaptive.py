@@ -136,3 +136,28 @@ class _SDEParam(_SDE):
 
     def f(self, t, y):
         return self.a * y
+
+
+@pytest.mark.parametrize("adaptive,adjoint_adaptive", [(True, False), (False, True), (True, True)])
+def test_sdeint_adjoint_adaptive_forward_or_backward_alone(adaptive, adjoint_adaptive):
+    """torchsde's flags are independent: an adaptive forward with a backward on steps of dt, or a fixed forward
+    with an adaptive backward. Both give the continuous gradient: against sdeint's on a fine grid (same path)."""
+    B = 4
+    bm = de.BrownianInterval(0.0, 1.0, (B, 1), dtype=DT, seed=3)
+    y0 = torch.full((B, 1), 0.7, dtype=DT)
+    ts = torch.linspace(0, 1, 5, dtype=DT)
+    sde_p = _SDEParam()
+    g_ref = torch.autograd.grad(torchsde.sdeint(sde_p, y0, ts, bm=bm, dt=1 / 1024).sum(), sde_p.a)[0]
+    out = torchsde.sdeint_adjoint(sde_p, y0, ts, bm=bm, dt=0.01, adaptive=adaptive, rtol=1e-4, atol=1e-4,
+                                  adjoint_adaptive=adjoint_adaptive, adjoint_rtol=1e-4, adjoint_atol=1e-4)
+    g = torch.autograd.grad(out.sum(), sde_p.a)[0]
+    assert abs(g - g_ref) < 2e-2 * abs(g_ref), (g, g_ref)
+
+
+def test_automatic_initial_step_keeps_brownian_queries_inside_the_span():
+    """The initial-step estimate used to query the control over [t, t + (t1 - t0)], past t1 for t > t0."""
+    B = 3
+    bm = de.BrownianInterval(0.0, 1.0, (B, 1), dtype=DT, seed=1)
+    sol = de.solve(_gbm(bm), de.StochasticHeun(adaptive=True), 0.0, 1.0, torch.ones(B, 1, dtype=DT),
+                   controller=de.PIDController(rtol=1e-3, atol=1e-3), saveat=de.SaveAt(t1=True))
+    assert bool((sol.status == 0).all())

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from torchmech.de.adjoint import BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint, _MarksTo
 from torchmech.de import brownian as _bm
 from torchmech.de.brownian import AbstractBrownian
 from torchmech.de.controllers import PIDController, StepTo, batch_rms_norm
@@ -411,7 +411,11 @@ class _Padded:
 
 
 def _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint, rtol=None, atol=None, dt_min=None):
+    """``adjoint``: an adjoint, or a function ``(grid, ts) -> adjoint`` for one that needs the fixed step grid
+    (steps of ``dt`` landing on every output time) or the checked output times."""
     terms, solver, y0a, ts, grid = _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp)
+    if callable(adjoint):
+        adjoint = adjoint(grid, ts)
     if adaptive:
         controller = _adaptive_controller(rtol, atol, dt_min, ts)
         sol = solve(terms, solver, float(ts[0]), float(ts[-1]), y0a, dt0=float(dt), controller=controller,
@@ -489,9 +493,11 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
       "reversible_heun" ("srk" for additive noise); default: torchsde's, "midpoint" for
       Stratonovich SDEs. The adjoint SDE is solved in Stratonovich form, so for Ito SDEs (diagonal
       noise only; the drift gets the correction ``-1/2 g dg/dy``) torchsde's Ito names "euler" and
-      "milstein" (and the default) use "heun" on that form. Backward steps follow the forward grid,
-      or with ``adjoint_adaptive=True`` a ``PIDController(adjoint_rtol, adjoint_atol,
-      dtmin=dt_min)`` ("midpoint"/"heun"/"euler_heun").
+      "milstein" (and the default) use "heun" on that form. Backward steps are steps of ``dt``
+      landing on every output time (as the fixed-step forward grid, also after an adaptive forward
+      solve), or with ``adjoint_adaptive=True`` a ``PIDController(adjoint_rtol, adjoint_atol,
+      dtmin=dt_min)`` ("midpoint"/"heun"/"euler_heun"); ``adaptive`` and ``adjoint_adaptive`` are
+      independent, as in torchsde.
     - ``adjoint_method="checkpoint"`` (not in torchsde): autograd through the forward solve with
       recomputed segments (exact gradients of the discrete solve, O(sqrt(steps)) memory); the
       option for Ito SDEs with general noise.
@@ -530,7 +536,6 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
             # SDE of a y-dependent diffusion has y-dependent noise, and SRA1's gradients came out ~25% off
             raise ValueError(f"sdeint_adjoint: adjoint_method 'srk' (SRA1) needs additive noise, got noise_type "
                              f"{getattr(sde, 'noise_type', None)!r}; use 'midpoint', 'heun' or 'euler_heun'")
-        controller = None
         if adjoint_adaptive:
             if cls not in _adaptive_solver_classes():
                 raise ValueError(f"sdeint_adjoint: adjoint_adaptive=True needs adjoint_method in {list(_ADAPTIVE)}, "
@@ -538,8 +543,18 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
             controller = _adaptive_controller(adjoint_rtol, adjoint_atol, dt_min)
             backward = cls(adaptive=True)
         else:
+            controller = None
             backward = cls()
-        adjoint = BacksolveAdjoint(solver=backward, controller=controller, adjoint_params=adjoint_params)
+
+        def adjoint(grid, ts):
+            # as torchsde, the backward solve steps by dt unless adjoint_adaptive, whatever the forward did:
+            # after adaptive forward steps, by the fixed grid (steps of dt onto every output time)
+            ctrl = controller
+            if ctrl is None and adaptive:
+                ctrl = _MarksTo(grid)
+            steps = _adaptive_max_steps(ts, dt_min) if adjoint_adaptive else grid.shape[0] + 1
+            return BacksolveAdjoint(solver=backward, controller=ctrl, adjoint_params=adjoint_params,
+                                    max_steps=steps)
     return _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint, rtol, atol, dt_min)
 
 

@@ -293,13 +293,17 @@ class _Integrator:
 
     # -- loop -----------------------------------------------------------------------------
     def deriv(self, t: Tensor, y: Tensor, vf: Any = None) -> Tensor:
-        """dy/dt estimate (B, ...) for initial step selection: prod(vf, contr over [t, t+H]) / H."""
+        """dy/dt estimate (B, ...) for initial step selection: prod(vf, contr over [t0, t1]) / (t1 - t0).
+
+        The control's increment is always the one over the whole span: the same for every call (so the
+        difference of two estimates reflects the vector field's change), and never outside the span (a
+        Brownian motion or path defined on [t0, t1] only would refuse the query)."""
         H = torch.where(self.direction != 0, self.t1 - self.t0, torch.ones_like(self.t0))
         if vf is None:
             vf = self.terms.vf(t, y, self.args)
         if isinstance(self.terms, ODETerm):
             return vf
-        inc = self.terms.prod(vf, self.terms.contr(t, t + H))
+        inc = self.terms.prod(vf, self.terms.contr(self.t0, self.t1))
         return inc / bcast(H, inc)
 
     def init_state(self) -> dict:
