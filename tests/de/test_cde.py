@@ -354,3 +354,157 @@ def test_torchcde_api_rectilinear_backend_adjoint_method_and_interval():
         tcde.cdeint(X, func, z0, X.interval, backend="torchsde")
     with pytest.raises(ValueError, match="adjoint_method must be an adaptive method"):
         tcde.cdeint(X, func, z0, X.interval, adjoint_method="rk4", adjoint_params=list(f.parameters()))
+
+
+def test_compat_evaluate_and_derivative_take_times_of_any_shape():
+    """torchcde: a time tensor of shape S gives (..., *S, C); a (K,) tensor is K times for every series
+    (torchmech's own classes read (B,) times as one per sample: with K == B the two differ)."""
+    import torchmech.compat.torchcde as torchcde
+
+    ts = torch.linspace(0, 4, 5, dtype=DT)
+    x = torch.randn(3, 5, 2, dtype=DT)
+    X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, ts), ts)
+    ref = de.NaturalCubicSpline(ts, x)
+    q = torch.tensor([0.5, 1.5, 3.25], dtype=DT)
+    out, der = X.evaluate(q), X.derivative(q)
+    assert out.shape == der.shape == (3, 3, 2)
+    for j in range(3):
+        torch.testing.assert_close(out[:, j], ref.evaluate(float(q[j])))
+        torch.testing.assert_close(der[:, j], ref.derivative(float(q[j])))
+    assert X.evaluate(q.reshape(3, 1)).shape == (3, 3, 1, 2)
+    torch.testing.assert_close(X.evaluate(q[0], q[2]), ref.evaluate(3.25) - ref.evaluate(0.5))
+    Xl = torchcde.LinearInterpolation(torchcde.linear_interpolation_coeffs(x, ts), ts)
+    assert Xl.derivative(q).shape == (3, 3, 2)
+
+
+class _ProdFunc(torch.nn.Module):
+    """A func with torchcde's prod(t, z, dXdt): cdeint must call it, not func(t, z) @ dX/dt."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.tensor([[0.5, -1.0], [1.0, 0.2]], dtype=DT))
+
+    def forward(self, t, z):  # deliberately not what prod computes
+        raise AssertionError("forward called although prod is defined")
+
+    def prod(self, t, z, dxdt):
+        return torch.tanh(z) * (dxdt @ self.A)
+
+
+def test_compat_cdeint_uses_func_prod():
+    import torchmech.compat.torchcde as torchcde
+
+    ts = torch.linspace(0, 2, 5, dtype=DT)
+    x = torch.randn(3, 5, 2, dtype=DT).cumsum(1)
+    X = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, ts), ts)
+    func = _ProdFunc()
+    z0 = torch.full((3, 2), 0.3, dtype=DT)
+    out = torchcde.cdeint(X, func, z0, X.interval, adjoint=False, rtol=1e-10, atol=1e-10)
+
+    class Dense(torch.nn.Module):  # the same field written as a matrix: tanh(z)_i A_ji
+        def forward(self, t, z):
+            return torch.tanh(z)[..., :, None] * func.A.T
+
+    ref = torchcde.cdeint(X, Dense(), z0, X.interval, adjoint=False, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    g = torch.autograd.grad(torchcde.cdeint(X, func, z0, X.interval, rtol=1e-10, atol=1e-10).sum(), func.A)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(out.sum(), func.A)[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_cdeint_gradient_with_respect_to_the_start_time(adjoint):
+    """dL/dt[0] against central differences (the start time's derivative used to be dropped: 0 or wrong)."""
+    g = torch.Generator().manual_seed(0)
+    ts = torch.linspace(0, 5, 6, dtype=DT)
+    x = torch.randn(2, 6, 1, generator=g, dtype=DT)
+    X = de.NaturalCubicSpline(ts, x)
+
+    def run(t):
+        return cdeint(X, Rot(), torch.ones(2, 2, dtype=DT), t, adjoint=adjoint, rtol=1e-10, atol=1e-10)[:, -1].sum()
+
+    t = torch.tensor([0.5, 4.0], dtype=DT, requires_grad=True)
+    grad = torch.autograd.grad(run(t), t)[0]
+    eps = 1e-5
+    with torch.no_grad():
+        fd0 = (run(torch.tensor([0.5 + eps, 4.0], dtype=DT)) - run(torch.tensor([0.5 - eps, 4.0], dtype=DT))) / (2 * eps)
+        fd1 = (run(torch.tensor([0.5, 4.0 + eps], dtype=DT)) - run(torch.tensor([0.5, 4.0 - eps], dtype=DT))) / (2 * eps)
+    assert abs(float(fd0)) > 1e-2
+    torch.testing.assert_close(grad, torch.stack([fd0, fd1]), rtol=1e-5, atol=1e-7)
+
+
+def test_cdeint_with_a_user_defined_control():
+    """torchcde's InterpolationBase: any control with derivative(t), interval and grid_points."""
+    import torchmech.compat.torchcde as torchcde
+
+    class Sine(torchcde.InterpolationBase):  # X(t) = sin(w t), one w per series
+        def __init__(self, w):
+            super().__init__()
+            self.w = w
+
+        @property
+        def interval(self):
+            return torch.tensor([0.0, 3.0], dtype=DT)
+
+        @property
+        def grid_points(self):
+            return torch.tensor([0.0, 3.0], dtype=DT)
+
+        def evaluate(self, t):
+            return torch.sin(self.w * t)[:, None]
+
+        def derivative(self, t):
+            return (self.w * torch.cos(self.w * t))[:, None]
+
+    w = torch.tensor([1.0, 2.0], dtype=DT)
+    Xs = Sine(w)
+    t = torch.linspace(0, 3, 4, dtype=DT)
+    knots = torch.linspace(0, 3, 301, dtype=DT)
+    Xref = de.NaturalCubicSpline(knots, torch.sin(w[:, None] * knots)[..., None])
+    z0 = torch.zeros(2, 2, dtype=DT)
+    out = torchcde.cdeint(Xs, Rot(), z0, t, rtol=1e-9, atol=1e-9)
+    ref = cdeint(Xref, Rot(), z0, t, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="norm=batch_rms_norm"):
+        cdeint(Xs, Rot(), z0, t)  # per-sample steps would evaluate it at different times
+
+
+def test_compat_coefficients_of_unobserved_channels_and_the_deprecated_spline():
+    """A channel never observed is the zero path (torchcde); natural_cubic_spline_coeffs only pins the ends."""
+    import torchmech.compat.torchcde as torchcde
+
+    ts = torch.linspace(0, 4, 5, dtype=DT)
+    x = torch.randn(2, 5, 2, dtype=DT)
+    x[1, :, 1] = float("nan")
+    for fn in (torchcde.linear_interpolation_coeffs, torchcde.hermite_cubic_coefficients_with_backward_differences,
+               torchcde.natural_cubic_coeffs):
+        co = fn(x, ts)
+        assert not bool(torch.isnan(co).any())
+        C = 2
+        assert float(co[1, ..., 1::C].abs().max()) == 0.0, fn.__name__
+    nan = float("nan")
+    ts = torch.linspace(0, 5, 6, dtype=DT)
+    y = torch.tensor([[nan], [nan], [1.0], [3.0], [2.0], [nan]], dtype=DT)
+    old = torchcde.CubicSpline(torchcde.natural_cubic_spline_coeffs(y, ts), ts)
+    new = torchcde.CubicSpline(torchcde.natural_cubic_coeffs(y, ts), ts)
+    # deprecated: the spline through (0, 1), (2, 1), (3, 3), (4, 2), (5, 2), the end values pinned at the ends only;
+    # current: the first and last observations held, i.e. the spline through 1, 1, 1, 3, 2, 2 at every time
+    ref_old = de.NaturalCubicSpline(ts[[0, 2, 3, 4, 5]], torch.tensor([[1.0], [1.0], [3.0], [2.0], [2.0]], dtype=DT))
+    ref_new = de.NaturalCubicSpline(ts, torch.tensor([[1.0], [1.0], [1.0], [3.0], [2.0], [2.0]], dtype=DT))
+    for q in (0.5, 1.5, 2.5, 4.7):
+        torch.testing.assert_close(old.evaluate(q), ref_old.evaluate(q))
+        torch.testing.assert_close(new.evaluate(q), ref_new.evaluate(q))
+    assert abs(float(old.evaluate(1.0)[0]) - float(new.evaluate(1.0)[0])) > 1e-3
+
+
+def test_compat_coefficients_match_torchcde_with_missing_values():
+    peer = pytest.importorskip("torchcde")
+    import torchmech.compat.torchcde as ours
+
+    g = torch.Generator().manual_seed(2)
+    ts = torch.linspace(0, 5, 6, dtype=DT)
+    x = torch.randn(3, 6, 2, generator=g, dtype=DT)
+    x[0, :2, 0] = x[0, -1, 1] = x[1, 3, 1] = float("nan")
+    x[2, :, 0] = float("nan")
+    for name in ("linear_interpolation_coeffs", "hermite_cubic_coefficients_with_backward_differences",
+                 "natural_cubic_coeffs", "natural_cubic_spline_coeffs"):
+        torch.testing.assert_close(getattr(ours, name)(x, ts), getattr(peer, name)(x, ts), msg=name)

@@ -5,9 +5,18 @@ them back: ``X = CubicSpline(natural_cubic_coeffs(x, t), t)``; then ``cdeint(X, 
 Packed layouts: linear -> the NaN-filled data (..., T, C); cubic -> (..., T-1, 4C) holding, as torchcde
 packs them, ``[a, b, 2c, 3d]`` for the per-piece polynomial ``a + b u + c u^2 + d u^3``, so coefficients made
 by either library (e.g. cached to disk) give the same path in both.
+
+As torchcde: ``X.evaluate(t)``/``X.derivative(t)`` with a time tensor of shape ``S`` give ``(..., *S, C)``;
+``cdeint`` calls ``func.prod(t, z, dXdt)`` when ``func`` defines it, accepts user-defined controls
+(subclasses of :class:`InterpolationBase`, or anything with ``derivative``, ``interval`` and
+``grid_points``) and differentiates with respect to every output time, ``t[0]`` included. Not provided:
+``TupleControl``, ``logsig_windows``/``logsignature_windows`` and ``log_ode`` (they need a signature
+library), torchcde's ``torchsde`` backend; the path classes are not ``nn.Module`` s (no ``.to()``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +36,7 @@ from torchmech.de.interpolation import LinearInterpolation as _Linear
 
 __all__ = [
     "cdeint", "linear_interpolation_coeffs", "natural_cubic_coeffs", "natural_cubic_spline_coeffs",
-    "hermite_cubic_coefficients_with_backward_differences", "LinearInterpolation", "CubicSpline",
+    "hermite_cubic_coefficients_with_backward_differences", "LinearInterpolation", "CubicSpline", "InterpolationBase",
 ]
 
 
@@ -113,22 +122,35 @@ def linear_interpolation_coeffs(x: Tensor, t: Tensor | None = None, rectilinear:
         rep[..., :-1, rectilinear] = rep[..., 1:, rectilinear].clone()  # time moves first
         return rep[..., :-1, :]
     ts, x = _check_data(_times(t, x), x, "linear_interpolation_coeffs")
-    return fill_missing(ts, x)
+    return fill_missing(ts, _zero_unobserved(x))
+
+
+def _zero_unobserved(x: Tensor) -> Tensor:
+    """A channel of a series with no observation at all becomes the zero path (torchcde's treatment)."""
+    empty = torch.isnan(x).all(dim=-2, keepdim=True)
+    return x.masked_fill(empty, 0.0) if bool(empty.any()) else x
 
 
 def _pack(X: AbstractInterpolation) -> Tensor:
     return torch.cat([X.a, X.b, 2 * X.c, 3 * X.d], dim=-1)  # torchcde's packing
 
 
-def _spline_through_observed(ts: Tensor, x: Tensor) -> Tensor:
+def _spline_through_observed(ts: Tensor, x: Tensor, hold_ends: bool = True) -> Tensor:
     """Coefficients (T-1, 4) on every interval of ``ts`` of the natural spline through the non-NaN entries
-    of one channel ``x`` (T,), each re-expanded about its interval's start (torchcde's treatment)."""
+    of one channel ``x`` (T,), each re-expanded about its interval's start (torchcde's treatment).
+
+    ``hold_ends``: the value is held constant before the first and after the last observation
+    (``natural_cubic_coeffs``); else only the first and last times get those values and the spline runs
+    on through them (the deprecated ``natural_cubic_spline_coeffs``)."""
     obs = ~torch.isnan(x)
     if not bool(obs.any()):  # nothing observed: torchcde's constant zero path
         return x.new_zeros(x.shape[0] - 1, 4)
     first, last = int(obs.nonzero()[0]), int(obs.nonzero()[-1])
     x = x.clone()
-    x[:first], x[last + 1:] = x[first], x[last]  # constant before the first and after the last observation
+    if hold_ends:
+        x[:first], x[last + 1:] = x[first], x[last]
+    else:
+        x[0], x[-1] = x[first], x[last]
     obs = ~torch.isnan(x)
     t_obs = ts[obs]
     S = NaturalCubicSpline(t_obs, x[obs][:, None])
@@ -148,7 +170,19 @@ def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
     observation is the zero path). :class:`torchmech.de.NaturalCubicSpline` instead fills interior gaps
     linearly first.
     """
-    ts, x = _check_data(_times(t, x), x, "natural_cubic_coeffs")
+    return _natural_cubic(x, t, "natural_cubic_coeffs", hold_ends=True)
+
+
+def natural_cubic_spline_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
+    """torchcde's deprecated ``natural_cubic_spline_coeffs``: as :func:`natural_cubic_coeffs` but for
+    missing values at the start or end of a channel, where only the first and last times are given the
+    first and last observed values and the spline runs through them (no constant hold). Without missing
+    values the two are identical."""
+    return _natural_cubic(x, t, "natural_cubic_spline_coeffs", hold_ends=False)
+
+
+def _natural_cubic(x: Tensor, t: Tensor | None, name: str, hold_ends: bool) -> Tensor:
+    ts, x = _check_data(_times(t, x), x, name)
     T, C = x.shape[-2:]
     flat = x.reshape(-1, T, C)
     missing = torch.isnan(flat).any(1)  # (series, C)
@@ -158,37 +192,88 @@ def natural_cubic_coeffs(x: Tensor, t: Tensor | None = None) -> Tensor:
     S = NaturalCubicSpline(ts, torch.nan_to_num(flat))
     out = torch.stack([S.a, S.b, S.c, S.d], dim=2)  # (series, T-1, 4, C)
     for s_, c_ in missing.nonzero().tolist():
-        out[s_, :, :, c_] = _spline_through_observed(ts, flat[s_, :, c_])
+        out[s_, :, :, c_] = _spline_through_observed(ts, flat[s_, :, c_], hold_ends)
     # packed as torchcde: (..., T-1, 4C) = [a | b | 2c | 3d], each C wide
     out = out * torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=out.dtype, device=out.device)[:, None]
     return out.reshape(x.shape[:-2] + (T - 1, 4 * C))
 
 
-natural_cubic_spline_coeffs = natural_cubic_coeffs
-
-
 def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | None = None) -> Tensor:
     """Cubic Hermite (backward differences) coefficients (..., T-1, 4C) of data (..., T, C)."""
-    return _pack(CubicHermiteInterpolation(_times(t, x), x))
+    ts, x = _check_data(_times(t, x), x, "hermite_cubic_coefficients_with_backward_differences")
+    return _pack(CubicHermiteInterpolation(ts, _zero_unobserved(x)))
 
 
-class _TensorInterval:
-    """``interval`` as torchcde gives it: a tensor ``[t0, t1]`` (torchmech's own classes give floats)."""
+class InterpolationBase(torch.nn.Module):
+    """Base class of a user-defined control path, as torchcde's ``InterpolationBase``.
+
+    Subclass it and implement ``interval`` (a tensor ``[t0, t1]``), ``grid_points`` (the times where
+    the path may be non-smooth: the solver steps onto them), ``evaluate(t)`` and ``derivative(t)``
+    (``(batch, channels)`` at a 0-d time). :func:`cdeint` evaluates it at one time for the whole batch.
+    """
+
+    @property
+    def interval(self) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define the property interval")
+
+    @property
+    def grid_points(self) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define the property grid_points")
+
+    def evaluate(self, t):
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate(t)")
+
+    def derivative(self, t):
+        raise NotImplementedError(f"{type(self).__name__} must define derivative(t)")
+
+
+class _TorchcdeAPI:
+    """torchcde's conventions for the compatibility classes: ``interval`` is a tensor ``[t0, t1]``, and a time
+    argument of any shape ``S`` gives values of shape ``(..., *S, C)`` (torchmech's own classes read a
+    (B,) time as one time per sample). Times outside the interval extrapolate the end pieces; at a knot
+    the left-hand piece is used."""
+
+    _extrapolate = True
+    _left_at_knots = True
 
     @property
     def interval(self) -> Tensor:
         return torch.stack([self.ts[0], self.ts[-1]])
 
+    def _pieces(self, t: Any) -> tuple[Tensor, list]:
+        ts = self.ts
+        if isinstance(t, Tensor):
+            t = t.to(dtype=ts.dtype, device=ts.device)
+        else:  # (a Python float straight to the path's dtype, not through the default dtype)
+            t = torch.as_tensor(t, dtype=ts.dtype, device=ts.device)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{type(self).__name__}: query times must be finite")
+        k = (torch.searchsorted(ts, t.detach().reshape(-1).contiguous()) - 1).clamp(0, ts.shape[0] - 2)
+        u = (t.reshape(-1) - ts[k])[:, None]
+        shape = self.a.shape[:-2] + t.shape + self.a.shape[-1:]
+        return u, [m[..., k, :] for m in (self.a, self.b, self.c, self.d)], shape
 
-class LinearInterpolation(_TensorInterval, _Linear):
+    def evaluate(self, t0: Any, t1: Any = None) -> Tensor:
+        """``X(t)`` of shape ``(..., *t.shape, C)`` (torchcde); with ``t1`` the increment ``X(t1) - X(t0)``."""
+        if t1 is not None:
+            return self.evaluate(t1) - self.evaluate(t0)
+        u, (a, b, c, d), shape = self._pieces(t0)
+        return (a + u * (b + u * (c + u * d))).reshape(shape)
+
+    def derivative(self, t: Any) -> Tensor:
+        """``dX/dt`` of shape ``(..., *t.shape, C)`` (torchcde)."""
+        u, (_, b, c, d), shape = self._pieces(t)
+        return (b + u * (2 * c + 3 * u * d)).reshape(shape)
+
+
+class LinearInterpolation(_TorchcdeAPI, _Linear):
     """torchcde's ``LinearInterpolation(coeffs, t=None)`` from :func:`linear_interpolation_coeffs`.
 
-    As torchcde's: times outside the interval use the first or last piece, and the derivative at a
-    knot is the left-hand piece's slope.
+    As torchcde's: ``evaluate``/``derivative`` take times of any shape ``S`` and give ``(..., *S, C)``;
+    times outside the interval use the first or last piece, and the derivative at a knot is the
+    left-hand piece's slope. Unlike torchcde's it is not an ``nn.Module``: build it from coefficients
+    already on the device (``.to()`` is not available).
     """
-
-    _extrapolate = True
-    _left_at_knots = True
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None, **kwargs):
         if kwargs:
@@ -196,15 +281,14 @@ class LinearInterpolation(_TensorInterval, _Linear):
         super().__init__(_times(t, coeffs), coeffs)
 
 
-class CubicSpline(_TensorInterval, AbstractInterpolation):
+class CubicSpline(_TorchcdeAPI, AbstractInterpolation):
     """torchcde's ``CubicSpline(coeffs, t=None)`` from packed cubic coefficients (..., T-1, 4C).
 
-    As torchcde's: times outside the interval extrapolate the first or last piece's polynomial, and at a
-    knot the left-hand piece is used.
+    As torchcde's: ``evaluate``/``derivative`` take times of any shape ``S`` and give ``(..., *S, C)``;
+    times outside the interval extrapolate the first or last piece's polynomial, and at a knot the
+    left-hand piece is used. Unlike torchcde's it is not an ``nn.Module``: build it from coefficients
+    already on the device (``.to()`` is not available).
     """
-
-    _extrapolate = True
-    _left_at_knots = True
 
     def __init__(self, coeffs: Tensor, t: Tensor | None = None, **kwargs):
         if kwargs:

@@ -35,19 +35,31 @@ class CDEVectorField(torch.nn.Module):
         super().__init__()
         self.func = func
         self.X = X
+        # torchcde: a func with a prod(t, z, dX/dt) method computes the product itself (e.g. without
+        # materialising the (B, hidden, C) matrix)
+        self._prod = callable(getattr(func, "prod", None))
+        # a control that is not a torchmech interpolation: anything with derivative(t) -> (B, C) at a shared t
+        self._generic = not isinstance(X, AbstractInterpolation)
         # the piecewise-cubic derivative is evaluated here directly (no per-call validation: the
-        # solver's times lie in the solve interval) unless the path overrides derivative
-        self._direct = type(X).derivative is AbstractInterpolation.derivative and X.a.dim() == 3
+        # solver's times lie in the solve interval) unless the path overrides it
+        self._direct = (not self._generic and type(X)._derivative_at is AbstractInterpolation._derivative_at
+                        and X.a.dim() == 3)
         if self._direct:
             self._knots = X.ts.tolist()
             self._np = np.float32 if X.ts.dtype == torch.float32 else np.float64
 
     def _dX(self, t: Tensor, coeffs: Any) -> tuple[Tensor, Tensor]:
         """(dX/dt (B, C), the time to pass to func: 0-d when all samples share it, else (B,))."""
+        if self._generic:
+            if not bool((t == t[0]).all()):
+                raise ValueError("cdeint: a control other than a torchmech interpolation is evaluated at one time "
+                                 "for the whole batch, but the samples' times differ; pass norm=batch_rms_norm "
+                                 "(one step size for the batch) or use a fixed-step method")
+            return self.X.derivative(t[0]), t[0]
         if not self._direct:
             X = copy.copy(self.X)
             X.a, X.b, X.c, X.d = coeffs
-            dX = X.derivative(t)  # (B, C) per sample
+            dX = X._derivative_at(t)  # (B, C) per sample
             return dX, (t[0] if bool((t == t[0]).all()) else t)
         _, b, c, d = coeffs
         lo, hi = torch.aminmax(t.detach())
@@ -55,8 +67,11 @@ class CDEVectorField(torch.nn.Module):
         kn = self._knots
         if lo == hi:  # the usual case: one piece for the whole batch, its coefficients are views
             k = min(max(bisect.bisect_right(kn, lo) - 1, 0), len(kn) - 2)
-            npdt = self._np
-            u = float(npdt(npdt(lo) - npdt(kn[k])))  # as t - ts[k] in the path's dtype
+            if t.requires_grad:  # (a gradient with respect to the start time t[0] flows through here)
+                u = t[0].to(self.X.ts.dtype) - self.X.ts[k]
+            else:
+                npdt = self._np
+                u = float(npdt(npdt(lo) - npdt(kn[k])))  # as t - ts[k] in the path's dtype
             dX = b[:, k] + u * (2 * c[:, k] + (3 * u) * d[:, k])
             return dX, t[0]
         ts = self.X.ts
@@ -69,6 +84,15 @@ class CDEVectorField(torch.nn.Module):
 
     def forward(self, t: Tensor, z: Tensor, coeffs: Any) -> Tensor:
         dX, tt = self._dX(t, coeffs)
+        if not (isinstance(dX, Tensor) and dX.shape[:-1] == z.shape[:-1]):
+            raise ValueError(f"cdeint: X.derivative(t) must return (batch, input_channels) with batch = "
+                             f"{z.shape[0]}, got {tuple(dX.shape) if isinstance(dX, Tensor) else type(dX).__name__}")
+        if self._prod:
+            out = self.func.prod(tt, z, dX)
+            if not (isinstance(out, Tensor) and out.shape == z.shape):
+                raise ValueError(f"cdeint: func.prod(t, z, dX/dt) must return z's shape {tuple(z.shape)}, got "
+                                 f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+            return out
         F = self.func(tt, z)
         if F.shape != z.shape + dX.shape[-1:]:
             raise ValueError(
@@ -109,9 +133,15 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     """Solve the CDE ``dz = func(t, z) dX(t)``, ``z(t[0]) = z0``, at times ``t`` (torchcde semantics).
 
     Args:
-        X: an interpolation from :mod:`torchmech.de.interpolation` with data (B, T, C).
+        X: an interpolation from :mod:`torchmech.de.interpolation` with data (B, T, C), or any control
+            with ``derivative(t) -> (B, C)`` at a 0-d time, ``interval`` and ``grid_points`` (as torchcde's
+            ``InterpolationBase``; it is evaluated at one time for the whole batch, so adaptive methods
+            need ``norm=batch_rms_norm``; gradients reach its tensors with ``adjoint=False`` or through
+            ``adjoint_params``).
         func: ``func(t, z) -> (B, hidden, C)``. ``t`` is a 0-d tensor while every sample is at the same
-            time (always with fixed steps or ``norm=batch_rms_norm``), else the samples' times (B,).
+            time (always with fixed steps or ``norm=batch_rms_norm``), else the samples' times (B,). If
+            ``func`` has a method ``prod(t, z, dXdt) -> (B, hidden)``, it is called instead to form the
+            product with ``dX/dt`` (B, C) (as torchcde).
         z0: (B, hidden) initial state.
         t: (K,) increasing times inside ``X.interval``; the solve runs from ``t[0]`` to ``t[-1]``.
         adjoint: gradients by the continuous adjoint (O(1) memory; ``BacksolveAdjoint``) when True,
@@ -138,21 +168,25 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     """
     if kwargs:
         raise TypeError(f"cdeint: unexpected keyword arguments {sorted(kwargs)}")
-    if not isinstance(X, AbstractInterpolation):
-        raise TypeError(f"cdeint: X must be a torchmech interpolation (e.g. NaturalCubicSpline), got {type(X).__name__}")
+    generic = not isinstance(X, AbstractInterpolation)
+    if generic and not (callable(getattr(X, "derivative", None)) and hasattr(X, "interval")
+                        and hasattr(X, "grid_points")):
+        raise TypeError(f"cdeint: X must be a torchmech interpolation (e.g. NaturalCubicSpline) or a control with "
+                        f"derivative(t) -> (batch, C), interval and grid_points (as torchcde's), got "
+                        f"{type(X).__name__}")
     if not callable(func):
         raise TypeError(f"cdeint: func must be callable func(t, z), got {type(func).__name__}")
     if not isinstance(z0, Tensor) or z0.dim() != 2:
         raise ValueError(f"cdeint: z0 must be a tensor of shape (batch, hidden), got "
                          f"{tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__}")
-    if X.a.dim() != 3 or X.a.shape[0] != z0.shape[0]:
+    if not generic and (X.a.dim() != 3 or X.a.shape[0] != z0.shape[0]):
         raise ValueError(f"cdeint: X must hold data of shape (batch, T, C) with batch = z0.shape[0] = {z0.shape[0]}, "
                          f"got coefficients of shape {tuple(X.a.shape)}")
     t = torch.as_tensor(t, dtype=z0.dtype, device=z0.device)
     if t.dim() != 1 or t.shape[0] < 1:
         raise ValueError(f"cdeint: t must have shape (K,) with K >= 1, got {tuple(t.shape)}")
     lo, hi = (float(v) for v in X.interval)
-    if float(t.min()) < lo or float(t.max()) > hi:
+    if float(t.detach().min()) < lo or float(t.detach().max()) > hi:
         raise ValueError(f"cdeint: t must lie in X.interval = ({lo}, {hi}), got [{float(t.min())}, {float(t.max())}]")
     options = dict(options or {})
     method = (method or "dopri5").lower()
@@ -161,7 +195,10 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     if method not in _SOLVER_NAMES:
         raise ValueError(f"cdeint: unknown method {method!r}; expected one of {sorted(_SOLVER_NAMES)}")
     solver = _SOLVER_NAMES[method]()
-    knots = X.grid_points.to(z0.dtype)
+    knots = torch.as_tensor(X.grid_points).to(z0.dtype)
+    if generic and method not in _FIXED and norm is None and z0.shape[0] > 1:
+        raise ValueError(f"cdeint: X ({type(X).__name__}) is evaluated at one time for the whole batch; with the "
+                         f"adaptive method {method!r} pass norm=batch_rms_norm (one step size for the batch)")
     if method in _FIXED:
         dt0 = options.pop("step_size", None)
         if dt0 is None:
@@ -171,7 +208,7 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
             # dX/dt jumps at every knot: step onto each knot (each interval in equal steps of at most dt0) and
             # nudge the stages at the step ends one ulp inside, so no stage takes the slope of the next piece
             # (a stage at t1 would: the derivative at a knot is the right-hand piece's)
-            grid = _knot_grid(knots, float(t[0]), float(t[-1]), float(dt0))
+            grid = _knot_grid(knots, float(t.detach()[0]), float(t.detach()[-1]), float(dt0))
             controller = StepTo(grid.to(dtype=z0.dtype, device=z0.device))
             solver, dt0 = Perturbed(solver), None
     else:
@@ -186,7 +223,7 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     vf = CDEVectorField(func, X)
     # non-view copies: the adjoint differentiates with respect to these tensors, and autograd
     # cannot take gradients with respect to views of the data inside a backward pass
-    coeffs = tuple(c.clone() if c.requires_grad else c for c in (X.a, X.b, X.c, X.d))
+    coeffs = None if generic else tuple(c.clone() if c.requires_grad else c for c in (X.a, X.b, X.c, X.d))
     check_plain_func(func, adjoint, adjoint_params)
     back = None
     if adjoint_method is not None:
@@ -204,8 +241,10 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
                                norm=norm, solver=back)
     else:
         adj = DirectAdjoint()
-    if t.shape[0] == 1 or float(t[0]) == float(t[-1]):
+    if t.shape[0] == 1 or float(t.detach()[0]) == float(t.detach()[-1]):
         return z0.unsqueeze(1).expand(z0.shape[0], t.shape[0], z0.shape[1])
-    sol = solve(ODETerm(vf), solver, float(t[0]), float(t[-1]), z0, dt0=dt0, args=coeffs,
+    # t[0] as given (a gradient with respect to it is that of the start time), the end as a number (its gradient
+    # comes through the save time t[-1])
+    sol = solve(ODETerm(vf), solver, t[0], float(t.detach()[-1]), z0, dt0=dt0, args=coeffs,
                 saveat=SaveAt(ts=t), controller=controller, adjoint=adj, max_steps=max_steps)
     return sol.ys

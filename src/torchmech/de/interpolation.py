@@ -168,6 +168,11 @@ class AbstractInterpolation:
 
     def derivative(self, t: Any) -> Tensor:
         """``dX/dt`` at ``t``, shape (..., C); at a knot the right-hand piece is used."""
+        return self._derivative_at(t)
+
+    def _derivative_at(self, t: Any) -> Tensor:
+        """:meth:`derivative` with this class's time convention (scalar, or per-sample (B,)): what
+        :func:`~torchmech.de.cdeint` calls, whatever a subclass makes of the public method."""
         t, k, per_sample = self._locate(t)
         _, b, c, d = self._coeffs(k, per_sample)
         u = (t - self.ts[k])
