@@ -265,3 +265,34 @@ def test_sdeint_rejects_a_bad_dt(dt):
     with pytest.raises(ValueError, match="sdeint: dt must be a positive finite number"):
         torchsde.sdeint(GBM(), torch.ones(4, 1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
                         dt=dt)
+
+
+class _PlainOU:
+    """torchsde accepts any object with f, g, sde_type and noise_type, not only an nn.Module."""
+
+    sde_type, noise_type = "ito", "diagonal"
+
+    def f(self, t, y):
+        return -y
+
+    def g(self, t, y):
+        return 0.2 * torch.ones_like(y)
+
+
+def test_sdeint_plain_object_single_time_and_tensor_dt():
+    y0 = torch.ones(3, 2, dtype=DT)
+    ts = torch.linspace(0, 1, 3, dtype=DT)
+    bm = de.BrownianInterval(0.0, 1.0, (3, 2), dtype=DT, seed=0)
+    a = torchsde.sdeint(_PlainOU(), y0, ts, bm=bm, dt=0.01)
+    b = torchsde.sdeint(_PlainOU(), y0, ts, bm=bm, dt=torch.tensor(0.01, dtype=DT))
+    assert a.shape == (3, 3, 2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # exact mean of the OU process over the noise-free part: the Ito-Euler steps stay near exp(-t)
+    assert float((a[-1].mean() - math.exp(-1.0)).abs()) < 0.2
+    one = torchsde.sdeint(_PlainOU(), y0, ts[:1], dt=0.01)
+    assert one.shape == (1, 3, 2)
+    torch.testing.assert_close(one[0], y0)
+    one[0, 0, 0] = 5.0
+    assert y0[0, 0] == 1.0  # a copy, not y0 itself
+    with pytest.raises(ValueError, match="dt must be a positive finite number"):
+        torchsde.sdeint(_PlainOU(), y0, ts, dt=torch.tensor([0.1, 0.2]))

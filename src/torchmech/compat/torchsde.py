@@ -318,11 +318,11 @@ class _LogQP(torch.nn.Module):
 
 
 def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
+    if isinstance(dt, Tensor) and dt.numel() == 1 and not dt.is_complex():
+        dt = float(dt)
     if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0:
         # (dt <= 0 looped for ever building the step grid, as in torchsde; nan took one step per output interval)
         raise ValueError(f"sdeint: dt must be a positive finite number, got {dt!r}")
-    if not isinstance(sde, torch.nn.Module):
-        raise TypeError(f"sdeint: sde must be an nn.Module with f and g, got {type(sde).__name__}")
     sde_type = getattr(sde, "sde_type", None)
     noise_type = getattr(sde, "noise_type", None)
     if sde_type not in ("ito", "stratonovich"):
@@ -337,12 +337,14 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
         raise ValueError(f"sdeint: y0 must have shape (batch, state), got "
                          f"{tuple(y0.shape) if isinstance(y0, Tensor) else type(y0).__name__}")
     ts = torch.as_tensor(ts, dtype=y0.dtype, device=y0.device)
-    if ts.dim() != 1 or ts.shape[0] < 2 or not bool((ts.diff() > 0).all()):
-        raise ValueError(f"sdeint: ts must be strictly increasing of shape (T,) with T >= 2, got {tuple(ts.shape)}")
+    if ts.dim() != 1 or ts.shape[0] < 1 or not bool((ts.diff() > 0).all()):
+        raise ValueError(f"sdeint: ts must be strictly increasing of shape (T,) with T >= 1, got {tuple(ts.shape)}")
     if method is None:
         method = "srk" if noise_type == "additive" else ("euler" if sde_type == "ito" else "heun")
     solver = _make_solver(method, sde_type, noise_type, adaptive)
     B, d = y0.shape
+    if ts.shape[0] == 1:  # nothing to solve: the output is y0 (the checks above are all that apply)
+        return None, solver, y0, ts, None
     with torch.no_grad():
         g0 = getattr(sde, names["diffusion"])(ts[0], y0)
     if noise_type == "diagonal":
@@ -414,6 +416,11 @@ def _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint, rt
     """``adjoint``: an adjoint, or a function ``(grid, ts) -> adjoint`` for one that needs the fixed step grid
     (steps of ``dt`` landing on every output time) or the checked output times."""
     terms, solver, y0a, ts, grid = _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp)
+    if terms is None:  # a single output time: y0 itself, as torchsde
+        if extra:
+            raise ValueError("sdeint: extra=True needs at least two times in ts (there is no solve to report on)")
+        ys = y0a.unsqueeze(0).clone()
+        return (ys, ys.new_zeros(0, ys.shape[1])) if logqp else ys
     if callable(adjoint):
         adjoint = adjoint(grid, ts)
     if adaptive:
@@ -441,19 +448,19 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
     """Solve an SDE given as a torchsde-style module; gradients by direct backpropagation.
 
     Args:
-        sde: ``nn.Module`` with ``sde_type`` ("ito"/"stratonovich"), ``noise_type`` ("diagonal",
+        sde: an object (usually an ``nn.Module``) with ``sde_type`` ("ito"/"stratonovich"), ``noise_type`` ("diagonal",
             "scalar", "additive", "general"), ``f(t, y)`` (drift, (B, d)) and ``g(t, y)``
             (diffusion: (B, d) for diagonal noise, else (B, d, m)); ``h(t, y)`` (prior drift)
             for ``logqp``. ``t`` is a 0-d tensor.
         y0: (B, d) initial state.
-        ts: (T,) increasing output times; the solve starts at ``ts[0]``.
+        ts: (T,) increasing output times; the solve starts at ``ts[0]`` (T = 1 returns ``y0``).
         bm: a torchmech Brownian motion (this module's torchsde-style ``BrownianInterval``,
             ``BrownianTree``, ``BrownianPath``, or :mod:`torchmech.de.brownian`'s) of shape (B, m)
             covering ``[ts[0], ts[-1]]`` (default: a new ``BrownianInterval``).
         method: "euler" (Ito), "milstein" (diagonal), "srk" (additive; SRA1), "euler_heun", "heun",
             "midpoint", "reversible_heun" (Stratonovich). Default: "srk" for additive noise, else "euler"
             (Ito) / "heun" (Stratonovich).
-        dt: step size; steps land exactly on every ``ts``.
+        dt: step size (a number or a one-element tensor); steps land exactly on every ``ts``.
         names: rename ``drift``/``diffusion``/``prior_drift`` methods, e.g. ``{"drift": "f_post"}``.
         logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B)
             (diagonal noise; ``bm`` of shape (B, m) or, as torchsde's, (B, m + 1)).
