@@ -408,3 +408,15 @@ def test_singular_systems_whose_pivots_stay_positive(method, T):
         for central in (False, True):
             with pytest.raises(FactorizationError, match="singular|not positive definite|broke down"):
                 solve_linear_ode(c, r, init, h, central=central, method=method, num_points=T)
+
+
+@pytest.mark.parametrize("bad", ["False", None, 0, 1.0])
+def test_central_must_be_a_bool(bad):
+    """A truthy string such as "False" switched the central rows on, None switched them off, silently."""
+    c, r, i, s = problem()
+    with pytest.raises(TypeError, match="central must be a bool"):
+        solve_linear_ode(c, r, i, s, central=bad)
+    from torchmech.mnn import MechanisticBlock
+
+    with pytest.raises(TypeError, match="central must be a bool"):
+        MechanisticBlock(central=bad)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from torchmech.mnn.solve import METHODS, solve_linear_ode
+from torchmech.mnn.system import check_central
 
 
 class MechanisticOutput(NamedTuple):
@@ -80,6 +81,8 @@ class MechanisticBlock(nn.Module):
                              "step per interval, T-1 of them")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_central(central)
+        central = bool(central)
         # numbers are checked here rather than at the first forward; tensors (learnable weights) at each forward
         for name, val in (("weight_equation", weight_equation), ("weight_init", weight_init),
                           ("weight_smooth", weight_smooth), ("slack", slack)):

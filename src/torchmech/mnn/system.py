@@ -88,11 +88,18 @@ def _time_size(name: str, size: int, full: int, what: str) -> None:
         raise ValueError(f"{name} has {size} {what}; expected {full} (one per {what[:-1]}) or 1 (broadcast)")
 
 
+def check_central(central) -> None:
+    """``central`` must be a bool: a truthy string such as "False" would otherwise switch the rows on."""
+    if not isinstance(central, (bool, np.bool_)):
+        raise TypeError(f"central must be a bool (include the central-difference rows or not), got {central!r}")
+
+
 def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=1.0,
             weight_smooth=1.0, central=True, slack=None, num_points=None) -> Problem:
     """Check NeuRLP inputs and work out the problem sizes. Raises ValueError/TypeError naming the argument."""
     if not isinstance(coefficients, Tensor):
         raise TypeError(f"coefficients must be a tensor of shape (..., T, E, D, K), got {type(coefficients).__name__}")
+    check_central(central)
     if coefficients.dtype not in (torch.float32, torch.float64):
         # float16/bfloat16 included: their ~3-digit mantissa cannot resolve the normal equations.
         raise TypeError(f"coefficients must be float32 or float64, got dtype {coefficients.dtype} "
