@@ -111,11 +111,11 @@ def _shared(x: Tensor) -> bool:
 
 
 def _times_need_grad(integ) -> bool:
-    """Whether gradients are wanted with respect to t0, t1 or a StepTo grid."""
+    """Whether gradients are wanted with respect to t0, t1, a StepTo grid or the save times."""
     if not torch.is_grad_enabled():
         return False
     ts = getattr(integ.controller, "ts", None)
-    return any(isinstance(x, Tensor) and x.requires_grad for x in (integ.t0, integ.t1, ts))
+    return any(isinstance(x, Tensor) and x.requires_grad for x in (integ.t0, integ.t1, ts, getattr(integ, "ts", None)))
 
 
 def plan(integ) -> Plan | None:

@@ -265,6 +265,19 @@ class PIDController(AbstractController):
         cache[key] = (val, v)
         return v
 
+    def _over(self, x: Tensor, scale: Tensor) -> Tensor:
+        """``x / scale``, where a zero atol can leave scale = 0: an exactly-zero ``x`` there is zero error (a
+        component that stays 0 under atol = 0), not 0/0 = NaN (which rejected every step until underflow)."""
+        out = x / scale
+        cached = self.__dict__.get("_zero_atol")
+        if cached is None or cached[0] is not self.atol:
+            a = self.atol
+            cached = (a, bool((a == 0).any()) if isinstance(a, Tensor) else a == 0)
+            self.__dict__["_zero_atol"] = cached
+        if cached[1]:
+            out = torch.where(x == 0, torch.zeros_like(out), out)
+        return out
+
     def _scale(self, y0: Tensor, y1: Tensor) -> Tensor:
         rtol = self._tol(self.rtol, y0, "rtol")
         atol = self._tol(self.atol, y0, "atol")
@@ -303,14 +316,14 @@ class PIDController(AbstractController):
             y0d = y0.detach()
             f0 = deriv0.detach()
             scale = self._tol(self.atol, y0d, "atol") + self._tol(self.rtol, y0d, "rtol") * y0d.abs()
-            d0 = self.norm(y0d / scale)
-            d1 = self.norm(f0 / scale)
+            d0 = self.norm(self._over(y0d, scale))
+            d1 = self.norm(self._over(f0, scale))
             small = (d0 < 1e-5) | (d1 < 1e-5)
             h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
             h0 = torch.minimum(h0, torch.where(span > 0, span, torch.ones_like(span)))
             y1 = y0d + bcast(direction * h0, y0d) * f0
             f1 = deriv_fn(t0 + direction * h0, y1)
-            d2 = self.norm((f1 - f0) / scale) / h0
+            d2 = self.norm(self._over(f1 - f0, scale)) / h0
             dmax = torch.maximum(d1, d2)
             k = solver.order + 1
             h1 = torch.where(
@@ -345,7 +358,7 @@ class PIDController(AbstractController):
         h = (t_next - t).detach()
         with torch.no_grad():
             scale = self._scale(y0.detach(), y1.detach())
-            e = self.norm(err.detach() / scale)
+            e = self.norm(self._over(err.detach(), scale))
             finite = torch.isfinite(e)
             accept = (e <= 1) & finite
             if self.force_dtmin:

@@ -32,7 +32,7 @@ class ButcherTableau:
         order: classical order of the solution ``b``.
         b_error: ``b - b_hat`` for an embedded method ``b_hat`` (length ``s``), or ``None``
             for a fixed-step-only method.
-        embedded_order: order of ``b_hat``; the error estimate is ``O(h^(embedded_order+1))``.
+        embedded_order: order of ``b_hat``; the error estimate is ``O(h^(min(order, embedded_order)+1))``.
         fsal: first-same-as-last: the last stage is evaluated at ``(t1, y1)`` (``c[-1] == 1``
             and ``a[-1] == b``), so it is reused as the first stage of the next step.
         dense: optional ``s x deg`` matrix ``D`` of a continuous extension
@@ -162,7 +162,9 @@ class ExplicitRK(AbstractSolver):
             raise TypeError(f"ExplicitRK: tableau must be a ButcherTableau, got {type(tableau).__name__}")
         self.tableau = tableau
         self.order = tableau.order
-        self.error_order = None if tableau.b_error is None else tableau.embedded_order + 1
+        # the error estimate b - b_hat is O(h^(p+1)) with p the lower of the two orders (Fehlberg's pairs
+        # propagate the lower-order solution, Dormand-Prince's the higher one)
+        self.error_order = None if tableau.b_error is None else min(tableau.order, tableau.embedded_order) + 1
         self._b = [float(x) for x in tableau.b]
 
     def __repr__(self) -> str:
