@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,26 @@ def test_user_tableau_error_order_is_the_lower_order_plus_one():
     tab = ButcherTableau(c=c, a=a, b=b4, order=4, b_error=[x - y for x, y in zip(b4, b5)], embedded_order=5)
     assert ExplicitRK(tab).error_order == 5
     assert de.Dopri5().error_order == 5  # (5th-order solution, 4th-order embedded: unchanged)
+
+
+@pytest.mark.parametrize("atol", [np.array([0.0, 1e-8]), [1e-8, 0.0], (0.0, 0.0), np.float64(0.0)])
+def test_zero_atol_given_as_a_list_tuple_or_numpy(atol):
+    y0 = torch.tensor([[1.0, 0.0]], dtype=DT)
+    sol = de.solve(de.ODETerm(lambda t, y, a: -y), de.Tsit5(), 0.0, 1.0, y0, saveat=de.SaveAt(t1=True),
+                   controller=de.PIDController(rtol=1e-8, atol=atol))
+    assert int(sol.status[0]) == 0 and int(sol.stats["num_steps"][0]) < 100
+
+
+def test_reversible_heun_on_an_ode_keeps_the_first_order_time_terms():
+    """ReversibleHeun wraps f(t0, y0) in its own state: the first-order terms must use the field itself."""
+    y0 = torch.ones(2, 1, dtype=DT)
+    t1 = torch.tensor([1.0, 0.0], dtype=DT, requires_grad=True)  # sample 1: zero length
+    ts = torch.tensor([0.5, 1.0], dtype=DT, requires_grad=True)
+    sol = de.solve(de.ODETerm(lambda t, y, a: -y), de.ReversibleHeun(), 0.0, 1.0, y0[:1], dt0=0.001,
+                   controller=de.ConstantStep(), saveat=de.SaveAt(ts=ts))
+    g = torch.autograd.grad(sol.ys[0, :, 0].sum(), ts)[0]
+    torch.testing.assert_close(g, -torch.exp(-ts.detach()), rtol=1e-3, atol=0)
+    sol = de.solve(de.ODETerm(lambda t, y, a: -y), de.ReversibleHeun(), 0.0, t1, y0, dt0=0.001,
+                   controller=de.ConstantStep(), saveat=de.SaveAt(t1=True))
+    g1 = torch.autograd.grad(sol.ys[:, -1, 0].sum(), t1)[0]
+    torch.testing.assert_close(g1, torch.tensor([-math.exp(-1.0), -1.0], dtype=DT), rtol=1e-3, atol=0)

@@ -272,7 +272,7 @@ class PIDController(AbstractController):
         cached = self.__dict__.get("_zero_atol")
         if cached is None or cached[0] is not self.atol:
             a = self.atol
-            cached = (a, bool((a == 0).any()) if isinstance(a, Tensor) else a == 0)
+            cached = (a, bool((torch.as_tensor(a) == 0).any()))  # (a float, tensor, list or numpy array)
             self.__dict__["_zero_atol"] = cached
         if cached[1]:
             out = torch.where(x == 0, torch.zeros_like(out), out)

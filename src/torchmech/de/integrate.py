@@ -353,17 +353,18 @@ class _Integrator:
         check_terms = getattr(self.solver, "check_terms", None)  # solvers with conditions on the terms (SRA1)
         if check_terms is not None:
             check_terms(self.terms, t0, y0, self.args)
-        init_vf = getattr(self.solver, "init_vf", None)  # solvers with extra state (ReversibleHeun)
-        if init_vf is not None:
-            vf0 = init_vf(y0, vf0)
         # An ODE's values that stay at y0 (samples with t0 == t1, save times at t0) still depend on those times to
         # first order: y(t0 + d) = y0 + d f(t0, y0). Adding d f (zero in value) gives them that derivative.
         first_order = (isinstance(self.terms, ODETerm) and torch.is_grad_enabled()
                        and any(isinstance(x, Tensor) and x.requires_grad for x in (t0, self.t1, self.ts)))
+        f0 = vf0  # (the field itself, before a solver wraps it in its own state)
         y_start = y0
         if first_order and bool((self.direction == 0).any()):
             zero_span = torch.where(self.direction == 0, self.t1 - t0, torch.zeros_like(t0))
-            y_start = y0 + bcast(zero_span, y0) * vf0
+            y_start = y0 + bcast(zero_span, y0) * f0
+        init_vf = getattr(self.solver, "init_vf", None)  # solvers with extra state (ReversibleHeun)
+        if init_vf is not None:
+            vf0 = init_vf(y0, vf0)
         state = {
             "t": t0, "y": y_start, "dt": dt, "vf": vf0, "done": done, "status": status,
             "num_steps": zeros_i, "num_accepted": zeros_i, "num_rejected": zeros_i, "num_fevals": nfev,
@@ -376,7 +377,7 @@ class _Integrator:
             held = y0.unsqueeze(1)
             if first_order:
                 d = torch.cat([self.ts - t0[:, None], torch.zeros_like(self.ts[:, :1])], dim=1)
-                held = held + d.reshape(d.shape + (1,) * (y0.dim() - 1)) * vf0.unsqueeze(1)
+                held = held + d.reshape(d.shape + (1,) * (y0.dim() - 1)) * f0.unsqueeze(1)
             buf = torch.where(at0, held, torch.tensor(float("nan"), dtype=y0.dtype, device=dev))
             state["ys_ts"] = buf
         if self.event is not None:
