@@ -498,16 +498,15 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
       continuous SDE, converging to those of :func:`sdeint` as ``dt`` shrinks; O(1) memory in the
       number of steps). ``adjoint_method`` is the backward solver: "midpoint", "heun", "euler_heun",
       "reversible_heun" ("srk" for additive noise); default: torchsde's, "midpoint" for
-      Stratonovich SDEs. The adjoint SDE is solved in Stratonovich form, so for Ito SDEs (diagonal
-      noise only; the drift gets the correction ``-1/2 g dg/dy``) torchsde's Ito names "euler" and
+      Stratonovich SDEs. The adjoint SDE is solved in Stratonovich form, so for Ito SDEs (any noise
+      type; the drift gets the correction ``-1/2 sum_k (dg_k/dy) g_k``) torchsde's Ito names "euler" and
       "milstein" (and the default) use "heun" on that form. Backward steps are steps of ``dt``
       landing on every output time (as the fixed-step forward grid, also after an adaptive forward
       solve), or with ``adjoint_adaptive=True`` a ``PIDController(adjoint_rtol, adjoint_atol,
       dtmin=dt_min)`` ("midpoint"/"heun"/"euler_heun"); ``adaptive`` and ``adjoint_adaptive`` are
       independent, as in torchsde.
     - ``adjoint_method="checkpoint"`` (not in torchsde): autograd through the forward solve with
-      recomputed segments (exact gradients of the discrete solve, O(sqrt(steps)) memory); the
-      option for Ito SDEs with general noise.
+      recomputed segments (exact gradients of the discrete solve, O(sqrt(steps)) memory).
 
     ``adjoint_params`` default to ``sde.parameters()``.
     """

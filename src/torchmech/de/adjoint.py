@@ -143,8 +143,9 @@ class BacksolveAdjoint(AbstractAdjoint):
     (default: the forward one if it is a Stratonovich solver other than ``Milstein``, else
     ``StochasticHeun``; ``rtol``/``atol``/``seminorm`` apply to ODEs only). An Ito solver's SDE
     (e.g. ``EulerMaruyama``) is converted to Stratonovich form with the drift correction
-    ``f - 1/2 g dg/dy``, implemented for diagonal noise (``g_i`` depending on ``y_i`` only);
-    Ito SDEs with general noise raise ``ValueError``.
+    ``f - 1/2 sum_k (dg_k/dy) g_k`` (``g_k``: the diffusion's column for noise channel ``k``; for diagonal
+    noise ``f - 1/2 g dg/dy`` elementwise). General noise costs two extra vector-Jacobian products per
+    noise channel and drift evaluation (none when the diffusion does not depend on ``y``).
 
     Supports ``ODETerm``, the SDE terms above and ``SaveAt(t0, ts, t1)``; not dense/steps
     saving, events or higher-order gradients (use :class:`DirectAdjoint` or
@@ -605,25 +606,32 @@ def _sde_parts(integ) -> dict:
                          f"(AbstractSDESolver), got {type(integ.solver).__name__}")
     drift, diff = terms.terms
     ito = integ.solver.sde_type == "ito"
-    if ito and not isinstance(diff, DiagonalControlTerm):
-        raise ValueError(
-            f"BacksolveAdjoint: the Ito SDE solved by {type(integ.solver).__name__} has general noise "
-            f"({type(diff).__name__}); the adjoint SDE is solved in Stratonovich form, and the Ito -> "
-            "Stratonovich drift correction is implemented for diagonal noise (DiagonalControlTerm) only. "
-            "Use a Stratonovich solver (StochasticHeun, EulerHeun, ReversibleHeun; sdeint: "
-            "sde_type='stratonovich'), diagonal noise, or DirectAdjoint/CheckpointAdjoint")
     return {"drift": drift, "diff": diff, "ito": ito}
 
 
 def _strat_drift(drift, diff, ito: bool, t, y, args):
-    """Stratonovich drift ``f`` (Ito: ``f - 1/2 g dg/dy`` for diagonal noise), with a graph (``y`` needs grad)."""
+    """Stratonovich drift ``f`` (Ito: ``f - 1/2 sum_k (dg_k/dy) g_k`` over the noise channels ``k``; for diagonal
+    noise ``f - 1/2 g dg/dy`` elementwise), with a graph (``y`` needs grad)."""
     fy = drift.vf(t, y, args)
-    if ito:
-        g = diff.vf(t, y, args)
+    if not ito:
+        return fy
+    g = diff.vf(t, y, args)
+    if isinstance(diff, DiagonalControlTerm):
         (gdg,) = _grad(g, y, grad_outputs=g, create_graph=True)
-        if gdg is not None:
-            fy = fy - 0.5 * gdg
-    return fy
+        return fy if gdg is None else fy - 0.5 * gdg
+    # general noise g (B, *state, m): per channel the Jacobian-vector product (dg_k/dy) g_k, by the double-vjp
+    # trick (J v = d/du <v, J^T u>); a diffusion that does not depend on y (additive noise) costs one vjp
+    corr = None
+    for k in range(g.shape[-1]):
+        gk = g[..., k]
+        u = torch.zeros_like(gk, requires_grad=True)
+        (w,) = _grad(gk, y, grad_outputs=u, create_graph=True)
+        if w is None:
+            continue
+        (jv,) = _grad(w, u, grad_outputs=gk, create_graph=True)
+        if jv is not None:
+            corr = jv if corr is None else corr + jv
+    return fy if corr is None else fy - 0.5 * corr
 
 
 class _AdjointDiffusion(ControlTerm):

@@ -159,8 +159,8 @@ class NeuralSDE(nn.Module):
             ``dt`` (the same number for the whole batch). ``None``: one step per output interval.
         adjoint: "direct" (backpropagate through the steps), "checkpoint" (same gradients, less
             memory), "backsolve" (the stochastic adjoint: the adjoint SDE solved backwards on the same
-            Brownian path, O(1) memory, gradients converge to direct ones as ``dt`` shrinks; Stratonovich,
-            or Ito with diagonal noise), "reversible" (Reversible Heun's exact O(1)-memory gradients; needs
+            Brownian path, O(1) memory, gradients converge to direct ones as ``dt`` shrinks; an Ito SDE is
+            converted to Stratonovich form for it), "reversible" (Reversible Heun's exact O(1)-memory gradients; needs
             ``solver="reversible_heun"`` and ``sde_type="stratonovich"``) or an ``AbstractAdjoint``.
         time_dependent: default networks also see ``t`` (default True).
         drift, diffusion: optional modules replacing the default networks.
@@ -234,14 +234,6 @@ class NeuralSDE(nn.Module):
                 solver = "euler" if sde_type == "ito" else "heun"
         self.solver = sde_solver(solver, sde_type, noise, name)
         self.adjoint = sde_adjoint(adjoint, self.solver, name)
-        if isinstance(self.adjoint, BacksolveAdjoint) and self.solver.sde_type == "ito" and noise != "diagonal":
-            # (found here rather than at the first forward call)
-            hint = ("; for additive noise the two calculi coincide, so sde_type='stratonovich' solves the same SDE"
-                    if noise == "additive" else "")
-            raise ValueError(f"{name}: adjoint='backsolve' with an Ito solver ({type(self.solver).__name__}) needs "
-                             f"diagonal noise, got noise={noise!r} (the adjoint SDE is solved in Stratonovich form, "
-                             "and the Ito correction is implemented for diagonal noise only); use a Stratonovich "
-                             f"solver or adjoint='direct'/'checkpoint'{hint}")
         self.dt = positive_float(dt, "dt", name, allow_none=True)
 
     def _terms(self, bm: AbstractBrownian) -> MultiTerm:
