@@ -247,8 +247,12 @@ def test_errors():
         de.solve(de.MultiTerm(de.ODETerm(f), de.ControlTerm(lambda t, y, a: torch.ones(n, 3, 5), bm)),
                  EulerMaruyama(), 0.0, 1.0, y0, dt0=0.1)
     bm3 = de.BrownianInterval(0.0, 1.0, (n, 3), seed=0)
-    with pytest.raises(TypeError, match="diagonal noise"):
-        de.solve(de.MultiTerm(de.ODETerm(f), de.ControlTerm(lambda t, y, a: torch.ones(n, 3, 3), bm3)),
+    # Milstein: additive noise with several channels is Euler-Maruyama; y-dependent noise needs Levy areas
+    add = de.MultiTerm(de.ODETerm(f), de.ControlTerm(lambda t, y, a: torch.ones(n, 3, 3), bm3))
+    torch.testing.assert_close(de.solve(add, Milstein(), 0.0, 1.0, y0, dt0=0.1).ys,
+                               de.solve(add, EulerMaruyama(), 0.0, 1.0, y0, dt0=0.1).ys)
+    with pytest.raises(ValueError, match="3 noise channels: its correction needs the Brownian motion's Levy areas"):
+        de.solve(de.MultiTerm(de.ODETerm(f), de.ControlTerm(lambda t, y, a: y[..., None] * torch.ones(n, 3, 3), bm3)),
                  Milstein(), 0.0, 1.0, y0, dt0=0.1)
     with pytest.raises(ValueError, match="levy_area"):
         de.solve(de.MultiTerm(de.ODETerm(f), DiagonalControlTerm(lambda t, y, a: torch.ones_like(y), bm3)),
@@ -336,3 +340,45 @@ def test_sra1_backsolve_on_additive_noise_matches_direct():
         got.append(torch.autograd.grad((sol.ys ** 2).sum(), [th, s]))
     for d, b in zip(*got):
         assert (b - d).abs().max() < 1e-2 * d.abs().max()
+
+
+def _scalar_gbm_errors(solver, stratonovich, levy=None, Ns=NS):
+    """A 2-D GBM driven by one Brownian motion (scalar noise, ControlTerm with one channel): the closed form
+    y_i = exp((mu - sig_i^2/2) t + sig_i W) (Ito) or exp(mu t + sig_i W) (Stratonovich) on the same path."""
+    mu = 0.5
+    sig = torch.tensor([0.8, 0.4], dtype=DT)
+    bm = de.BrownianInterval(0.0, 1.0, (M, 1), dtype=DT, seed=1, levy_area=levy)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: mu * y), de.ControlTerm(lambda t, y, a: (sig * y)[..., None], bm))
+    y0 = torch.ones(M, 2, dtype=DT)
+    exact = torch.exp((mu if stratonovich else mu - sig ** 2 / 2) + sig * bm(0.0, 1.0))
+    return [(de.solve(terms, solver, 0.0, 1.0, y0, dt0=1.0 / N, max_steps=1000).ys[:, -1] - exact).abs().mean().item()
+            for N in Ns]
+
+
+@pytest.mark.parametrize("solver,strat,levy,order", [
+    (Milstein("ito"), False, None, 1.0),
+    (Milstein("stratonovich"), True, None, 1.0),
+    (de.SRI2(), False, "space-time", 1.5),
+])
+def test_scalar_noise_strong_orders(solver, strat, levy, order):
+    errs = _scalar_gbm_errors(solver, strat, levy)
+    assert abs(_slope(errs, NS) - order) < 0.2, errs
+
+
+def test_sri2_strong_order_on_diagonal_noise_and_its_errors():
+    mu, sig = 0.5, 0.8
+    bm = de.BrownianInterval(0.0, 1.0, (M, 2), dtype=DT, seed=1, levy_area="space-time")
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: mu * y), DiagonalControlTerm(lambda t, y, a: sig * y, bm))
+    y0 = torch.ones(M, 2, dtype=DT)
+    exact = torch.exp((mu - sig ** 2 / 2) + sig * bm(0.0, 1.0))
+    errs = [(de.solve(terms, de.SRI2(), 0.0, 1.0, y0, dt0=1.0 / N).ys[:, -1] - exact).abs().mean().item() for N in NS]
+    assert abs(_slope(errs, NS) - 1.5) < 0.2, errs
+    assert errs[-1] < 2e-3
+    plain = de.BrownianInterval(0.0, 1.0, (M, 2), dtype=DT, seed=1)
+    with pytest.raises(ValueError, match="SRI2: the Brownian motion must provide the space-time Levy area"):
+        de.solve(de.MultiTerm(terms.terms[0], DiagonalControlTerm(lambda t, y, a: sig * y, plain)), de.SRI2(),
+                 0.0, 1.0, y0, dt0=0.1)
+    bm3 = de.BrownianInterval(0.0, 1.0, (M, 3), dtype=DT, seed=1, levy_area="space-time")
+    with pytest.raises(ValueError, match="SRI2: diagonal .* or scalar noise .* only; the diffusion has 3 channels"):
+        de.solve(de.MultiTerm(terms.terms[0], de.ControlTerm(lambda t, y, a: y[..., None].expand(M, 2, 3), bm3)),
+                 de.SRI2(), 0.0, 1.0, y0, dt0=0.1)

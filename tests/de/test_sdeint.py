@@ -76,10 +76,10 @@ def test_errors():
     ts = torch.linspace(0, 1, 3, dtype=DT)
     with pytest.raises(ValueError, match="solves ito SDEs"):
         torchsde.sdeint(GBM("stratonovich"), y0, ts, method="euler")
-    with pytest.raises(ValueError, match="diagonal"):
-        torchsde.sdeint(GBM("ito", "scalar"), y0, ts, method="milstein")
-    with pytest.raises(ValueError, match="additive"):
-        torchsde.sdeint(GBM(), y0, ts, method="srk")
+    with pytest.raises(ValueError, match="'milstein' supports noise_type 'diagonal', 'scalar' or 'additive'"):
+        torchsde.sdeint(GBM("ito", "general"), y0, ts, method="milstein")
+    with pytest.raises(ValueError, match="'srk' supports noise_type 'additive' \\(SRA1\\), 'diagonal' or 'scalar'"):
+        torchsde.sdeint(GBM("ito", "general"), y0, ts, method="srk")
     with pytest.raises(ValueError, match="noise_type"):
         torchsde.sdeint(GBM("ito", "weird"), y0, ts)
     with pytest.raises(ValueError, match="midpoint.*solves stratonovich SDEs"):
@@ -296,3 +296,31 @@ def test_sdeint_plain_object_single_time_and_tensor_dt():
     assert y0[0, 0] == 1.0  # a copy, not y0 itself
     with pytest.raises(ValueError, match="dt must be a positive finite number"):
         torchsde.sdeint(_PlainOU(), y0, ts, dt=torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "scalar"])
+def test_torchsde_methods_and_defaults_per_noise_type(noise):
+    """As torchsde: srk (SRI2 here) and milstein for diagonal and scalar noise, srk the Ito default and midpoint
+    the Stratonovich one. Against the closed form of GBM on the same path, SRI2 is far more accurate than Euler."""
+    from torchmech.de.solvers.sde import SRI2, StochasticMidpoint
+
+    B = 200
+    y0 = torch.ones(B, 1, dtype=DT)
+    ts = torch.linspace(0, 1, 3, dtype=DT)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, 1), dtype=DT, levy_area_approximation="space-time", entropy=3)
+    sde = GBM("ito", noise)
+    ys, sol = torchsde.sdeint(sde, y0, ts, bm=bm, dt=1 / 64, extra=True)  # default method
+    W = bm(0.0, 1.0)
+    exact = torch.exp((0.5 - 0.4 ** 2 / 2) + 0.4 * W)
+    err_srk = float((ys[-1] - exact).detach().abs().mean())
+    err_mil = float((torchsde.sdeint(sde, y0, ts, bm=bm, dt=1 / 64, method="milstein")[-1] - exact).detach().abs().mean())
+    err_eul = float((torchsde.sdeint(sde, y0, ts, bm=bm, dt=1 / 64, method="euler")[-1] - exact).detach().abs().mean())
+    assert err_srk < 0.2 * err_mil < 0.2 * err_eul, (err_srk, err_mil, err_eul)
+    from torchmech.compat.torchsde import _make_solver
+
+    assert isinstance(_make_solver("srk", "ito", noise), SRI2)
+    assert isinstance(_make_solver("midpoint", "stratonovich", noise), StochasticMidpoint)
+    # a given Brownian motion without the Levy area: the default falls back to euler (torchsde would raise)
+    plain = torchsde.BrownianInterval(0.0, 1.0, size=(B, 1), dtype=DT, entropy=3)
+    torch.testing.assert_close(torchsde.sdeint(sde, y0, ts, bm=plain, dt=1 / 64),
+                               torchsde.sdeint(sde, y0, ts, bm=plain, dt=1 / 64, method="euler"))

@@ -19,6 +19,7 @@ from torchmech.de.solvers.rk import StepResult
 from torchmech.de.solvers.sde import (
     SDE_METHODS,
     SRA1,
+    SRI2,
     AbstractSDESolver,
     EulerHeun,
     ReversibleHeun,
@@ -203,13 +204,16 @@ def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = F
     if method not in _METHODS:
         raise ValueError(f"sdeint: unknown method {method!r}; expected one of {list(_METHODS)}")
     if method == "milstein":
-        if noise_type != "diagonal":
-            raise ValueError(f"sdeint: method 'milstein' supports noise_type 'diagonal' only, got {noise_type!r}")
+        if noise_type == "general":
+            raise ValueError("sdeint: method 'milstein' supports noise_type 'diagonal', 'scalar' or 'additive' (as "
+                             "torchsde), got 'general'")
         solver = sde_solver_by_name(method, sde_type)
     else:
-        if method == "srk" and noise_type != "additive":
-            raise ValueError(f"sdeint: method 'srk' (SRA1) supports noise_type 'additive' only, got {noise_type!r}")
-        solver = sde_solver_by_name(method)
+        if method == "srk" and noise_type == "general":
+            raise ValueError("sdeint: method 'srk' supports noise_type 'additive' (SRA1), 'diagonal' or 'scalar' "
+                             "(SRI2), as torchsde, got 'general'")
+        # torchsde's srk: SRA1 for additive noise, SRI2 (Ito) for diagonal and scalar noise
+        solver = SRI2() if method == "srk" and noise_type != "additive" else sde_solver_by_name(method)
         if solver.sde_type not in ("any", sde_type):
             raise ValueError(f"sdeint: method {method!r} solves {solver.sde_type} SDEs but sde.sde_type is "
                              f"{sde_type!r}")
@@ -340,7 +344,13 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
     if ts.dim() != 1 or ts.shape[0] < 1 or not bool((ts.diff() > 0).all()):
         raise ValueError(f"sdeint: ts must be strictly increasing of shape (T,) with T >= 1, got {tuple(ts.shape)}")
     if method is None:
-        method = "srk" if noise_type == "additive" else ("euler" if sde_type == "ito" else "heun")
+        # torchsde's defaults: srk for Ito SDEs (but general noise: euler), midpoint for Stratonovich ones. A given
+        # Brownian motion without the space-time Levy area that srk needs gets euler instead of an error.
+        levy = bm is None or getattr(bm, "has_levy_area", False)
+        if sde_type == "stratonovich":
+            method = "midpoint"
+        else:
+            method = "srk" if noise_type != "general" and levy else "euler"
     solver = _make_solver(method, sde_type, noise_type, adaptive)
     B, d = y0.shape
     if ts.shape[0] == 1:  # nothing to solve: the output is y0 (the checks above are all that apply)
@@ -457,9 +467,11 @@ def sdeint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | None = Non
         bm: a torchmech Brownian motion (this module's torchsde-style ``BrownianInterval``,
             ``BrownianTree``, ``BrownianPath``, or :mod:`torchmech.de.brownian`'s) of shape (B, m)
             covering ``[ts[0], ts[-1]]`` (default: a new ``BrownianInterval``).
-        method: "euler" (Ito), "milstein" (diagonal), "srk" (additive; SRA1), "euler_heun", "heun",
-            "midpoint", "reversible_heun" (Stratonovich). Default: "srk" for additive noise, else "euler"
-            (Ito) / "heun" (Stratonovich).
+        method: "euler" (Ito), "milstein" (diagonal, scalar, additive), "srk" (Ito; SRA1 for additive noise,
+            SRI2 for diagonal and scalar noise; strong order 1.5, needs the space-time Levy area), "euler_heun",
+            "heun", "midpoint", "reversible_heun" (Stratonovich). Default as torchsde: "srk" for Ito SDEs
+            ("euler" for general noise, or when the given ``bm`` has no Levy area), "midpoint" for
+            Stratonovich ones.
         dt: step size (a number or a one-element tensor); steps land exactly on every ``ts``.
         names: rename ``drift``/``diffusion``/``prior_drift`` methods, e.g. ``{"drift": "f_post"}``.
         logqp: also return the KL path term ``int |(f - h)/g|^2 / 2 dt`` per output interval (T-1, B)

@@ -31,6 +31,7 @@ from torchmech.de.solvers import (
     Dopri5,
     Dopri8,
     SRA1,
+    SRI2,
     AbstractSDESolver,
     Euler,
     EulerHeun,
@@ -58,6 +59,6 @@ __all__ = [
     "AbstractBrownian", "BrownianIncrement", "BrownianInterval", "VirtualBrownianTree",
     "AbstractInterpolation", "LinearInterpolation", "RectilinearInterpolation", "CubicHermiteInterpolation",
     "NaturalCubicSpline", "fill_missing", "observational_intensity",
-    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1", "SRI2",
     "ReversibleHeun",
 ]

@@ -28,10 +28,10 @@ __all__ = ["unsupported", "run", "plan"]
 
 
 def _solvers():
-    from torchmech.de.solvers.sde import (SRA1, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, StochasticHeun,
-                                          StochasticMidpoint)
+    from torchmech.de.solvers.sde import (SRA1, SRI2, EulerHeun, EulerMaruyama, Milstein, ReversibleHeun,
+                                          StochasticHeun, StochasticMidpoint)
 
-    return (EulerMaruyama, ReversibleHeun, StochasticHeun, StochasticMidpoint, EulerHeun, Milstein, SRA1)
+    return (EulerMaruyama, ReversibleHeun, StochasticHeun, StochasticMidpoint, EulerHeun, Milstein, SRA1, SRI2)
 
 
 def unsupported(integ) -> str | None:

@@ -13,6 +13,7 @@ from torchmech.de.solvers.explicit import (
 )
 from torchmech.de.solvers.sde import (
     SRA1,
+    SRI2,
     AbstractSDESolver,
     EulerHeun,
     EulerMaruyama,
@@ -26,6 +27,6 @@ from torchmech.de.solvers.rk import AbstractSolver, ButcherTableau, ExplicitRK, 
 __all__ = [
     "AbstractSolver", "ButcherTableau", "ExplicitRK", "StepResult",
     "Euler", "Midpoint", "Heun", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
-    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
+    "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1", "SRI2",
     "ReversibleHeun",
 ]

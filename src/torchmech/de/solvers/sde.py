@@ -1,4 +1,4 @@
-"""SDE solvers: Euler-Maruyama, Milstein, stochastic Heun and midpoint, Euler-Heun, SRA1, Reversible Heun.
+"""SDE solvers: Euler-Maruyama, Milstein, stochastic Heun and midpoint, Euler-Heun, SRA1, SRI2, Reversible Heun.
 
 Every solver here works on ``MultiTerm(ODETerm(drift), ControlTerm(diffusion, brownian))``:
 ``dy = f(t, y) dt + g(t, y) dW``. Noise types are expressed by the diffusion term:
@@ -26,7 +26,7 @@ from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODET
 
 __all__ = [
     "AbstractSDESolver", "EulerMaruyama", "Milstein", "StochasticHeun", "StochasticMidpoint", "EulerHeun", "SRA1",
-    "ReversibleHeun", "SDE_METHODS", "sde_solver_by_name",
+    "SRI2", "ReversibleHeun", "SDE_METHODS", "sde_solver_by_name",
 ]
 
 
@@ -78,13 +78,16 @@ class EulerMaruyama(AbstractSDESolver):
 
 
 class Milstein(AbstractSDESolver):
-    """Milstein's method for diagonal noise, Ito or Stratonovich. Strong order 1, weak order 1.
+    """Milstein's method for diagonal, scalar or additive noise, Ito or Stratonovich. Strong order 1, weak order 1.
 
-    ``y1 = y0 + f h + g dW + 1/2 g (dg/dy) (dW^2 - h)`` (Ito) or ``... + 1/2 g (dg/dy) dW^2``
-    (Stratonovich), elementwise, where ``g (dg/dy)`` is a vector-Jacobian product of ``g`` with
-    itself (exact for diagonal noise, in which ``g_i`` depends on ``y_i`` only). Needs a
-    :class:`~torchmech.de.terms.DiagonalControlTerm` diffusion differentiable in ``y``. One drift
-    and one diffusion evaluation (with its vector-Jacobian product) per step.
+    ``y1 = y0 + f h + g dW + 1/2 (dg/dy) g (dW^2 - h)`` (Ito) or ``... + 1/2 (dg/dy) g dW^2``
+    (Stratonovich). Diagonal noise (:class:`~torchmech.de.terms.DiagonalControlTerm`): elementwise,
+    ``(dg/dy) g`` a vector-Jacobian product of ``g`` with itself (exact there, ``g_i`` depending on
+    ``y_i`` only). Scalar noise (``ControlTerm`` with one channel): ``(dg/dy) g`` is a
+    Jacobian-vector product (two vector-Jacobian products). Additive noise (a ``ControlTerm`` whose
+    ``g`` does not depend on ``y``, any number of channels): the correction vanishes (Euler-Maruyama).
+    A ``y``-dependent diffusion with several channels needs the Levy areas and raises. One drift and
+    one diffusion evaluation (with its derivative product) per step.
 
     Args:
         sde_type: "ito" (default) or "stratonovich".
@@ -109,9 +112,7 @@ class Milstein(AbstractSDESolver):
 
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "Milstein")
-        if not isinstance(diff, DiagonalControlTerm):
-            raise TypeError("Milstein: only diagonal noise is supported; use DiagonalControlTerm(g, bm) with g and "
-                            f"bm of the state's shape (got {type(diff).__name__})")
+        diagonal = isinstance(diff, DiagonalControlTerm)
         h, dW = terms.contr(t0, t1)
         f0 = vf0[0]
         grad = torch.is_grad_enabled()
@@ -121,19 +122,43 @@ class Milstein(AbstractSDESolver):
             # keep a graph only if the solve needs one: y0 carries one, or g depends on a trainable tensor. (With
             # create_graph on the helper leaf yy alone, every later step, and the whole path, kept a graph.)
             create = grad and g.requires_grad and (y0.requires_grad or _depends_on_leaves_other_than(g, yy))
-            # g built without y (a constant, additive noise) has no graph at all: its derivative is zero
-            gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=create,
-                                      allow_unused=True)[0] if g.requires_grad else None
+            if diagonal:
+                # g built without y (a constant, additive noise) has no graph at all: its derivative is zero
+                gdg = torch.autograd.grad(g, yy, grad_outputs=g, create_graph=create,
+                                          allow_unused=True)[0] if g.requires_grad else None
+            else:
+                gdg = _scalar_noise_gdg(g, yy, create)
         if not create:
             g = g.detach()  # the graph was only for gdg
-        if gdg is None:  # g independent of y
-            gdg = torch.zeros_like(y0)
-        corr = dW * dW
-        if self.sde_type == "ito":
-            corr = corr - h.reshape(h.shape + (1,) * (dW.dim() - 1))
-        y1 = y0 + drift.prod(f0, h) + diff.prod(g, dW) + 0.5 * gdg * corr
+        y1 = y0 + drift.prod(f0, h) + diff.prod(g, dW)
+        if gdg is not None:  # (None: g independent of y, no correction)
+            corr = dW * dW
+            if self.sde_type == "ito":
+                corr = corr - h.reshape(h.shape + (1,) * (dW.dim() - 1))
+            if not diagonal:  # scalar noise: dW (B, 1) over the state (B, *state)
+                corr = corr.reshape(corr.shape[:1] + (1,) * (y0.dim() - 1))
+            y1 = y1 + 0.5 * gdg * corr
         vf1 = _DriftOnly((drift.vf(t1, y1, args),))
         return StepResult(y1, None, vf1, (y1 - y0,), 2)
+
+
+def _scalar_noise_gdg(g: Tensor, y: Tensor, create: bool) -> Tensor | None:
+    """``(dg/dy) g`` for a ``ControlTerm`` diffusion ``g`` (B, *state, m) with one channel, by the double-vjp
+    trick (``J v = d/du <v, J^T u>``); None when ``g`` does not depend on ``y`` (additive noise, any ``m``)."""
+    if not g.requires_grad:
+        return None
+    u = torch.zeros_like(g, requires_grad=True)
+    (w,) = torch.autograd.grad(g, y, grad_outputs=u, create_graph=True, allow_unused=True)
+    if w is None:
+        return None
+    if g.shape[-1] != 1:
+        raise ValueError(f"Milstein: the diffusion depends on y and has {g.shape[-1]} noise channels: its correction "
+                         "needs the Brownian motion's Levy areas, which Milstein does not use. Use diagonal noise "
+                         "(DiagonalControlTerm), one channel, or another solver (EulerMaruyama, StochasticHeun)")
+    # d/du <g, J^T u> = J g: the direction is g's one column (y's shape)
+    direction = g[..., 0] if create else g[..., 0].detach()
+    (jv,) = torch.autograd.grad(w, u, grad_outputs=direction, create_graph=create, allow_unused=True)
+    return None if jv is None else jv[..., 0]
 
 
 def _depends_on_leaves_other_than(out: Tensor, leaf: Tensor) -> bool:
@@ -332,6 +357,83 @@ class SRA1(AbstractSDESolver):
         y1 = (y0 + drift.prod(f0 / 3.0 + (2.0 / 3.0) * f2, h) + diff.prod(g1, W - i10) + diff.prod(g0, i10))
         vf1 = (drift.vf(t1, y1, args), g1)
         return StepResult(y1, None, vf1, (y1 - y0,), 3)
+
+
+# Rossler (2010)'s SRI2 tableau for Ito SDEs with scalar or diagonal noise (stages 0..3): stage times c0 (drift)
+# and c1 (diffusion), stage matrices A0, B0 (the H0 stages, drift arguments) and A1, B1 (the H1 stages, diffusion
+# arguments), and the weights of f (alpha) and of g against dW, I_11 / sqrt(h), I_10 / h and I_111 / h (beta1-4).
+_SRI2 = dict(
+    c0=(0.0, 1.0, 0.5, 0.0), c1=(0.0, 0.25, 1.0, 0.25),
+    A0=((), (1.0,), (0.25, 0.25), (0.0, 0.0, 0.0)), A1=((), (0.25,), (1.0, 0.0), (0.0, 0.0, 0.25)),
+    B0=((), (0.0,), (1.0, 0.5), (0.0, 0.0, 0.0)), B1=((), (-0.5,), (1.0, 0.0), (2.0, -1.0, 0.5)),
+    alpha=(1 / 6, 1 / 6, 2 / 3, 0.0), beta1=(-1.0, 4 / 3, 2 / 3, 0.0), beta2=(1.0, -4 / 3, 1 / 3, 0.0),
+    beta3=(2.0, -4 / 3, -2 / 3, 0.0), beta4=(-2.0, 5 / 3, -2 / 3, 1.0),
+)
+
+
+class SRI2(AbstractSDESolver):
+    """Rossler's SRI2 stochastic Runge-Kutta method for Ito SDEs with diagonal or scalar noise (strong order 1.5).
+
+    Uses the increment ``dW`` and the space-time Levy area ``H`` of the Brownian motion (build it with
+    ``levy_area="space-time"``), from which ``I10 / h = dW/2 + H``, ``I11 = (dW^2 - h)/2`` and
+    ``I111 = (dW^3 - 3 h dW)/6``. Diagonal noise (``DiagonalControlTerm``): componentwise; scalar noise
+    (``ControlTerm`` with one channel) as written. Three drift and four diffusion evaluations per step (the
+    first stage reuses the previous step's). torchsde's ``"srk"`` for these noise types.
+    """
+
+    sde_type = "ito"
+    strong_order = 1.5
+    weak_order = 2.0
+    uses_levy_area = True
+
+    @staticmethod
+    def check_terms(terms, t0: Tensor, y0: Tensor, args: Any) -> None:
+        """Raise unless the noise is diagonal or scalar (called once per solve)."""
+        _, diff = sde_terms(terms, "SRI2")
+        if isinstance(diff, DiagonalControlTerm) or not isinstance(diff, ControlTerm):
+            return
+        g = diff.vf(t0, y0, args)
+        if isinstance(g, Tensor) and g.shape[-1] != 1:
+            raise ValueError(f"SRI2: diagonal (DiagonalControlTerm) or scalar noise (one channel) only; the diffusion "
+                             f"has {g.shape[-1]} channels. For additive noise use SRA1; for general noise "
+                             "EulerMaruyama or a Stratonovich solver")
+
+    def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
+        drift, diff = sde_terms(terms, "SRI2")
+        bm = diff.control
+        if not getattr(bm, "has_levy_area", False):
+            raise ValueError("SRI2: the Brownian motion must provide the space-time Levy area; build it with "
+                             "levy_area='space-time'")
+        h = t1 - t0
+        inc = getattr(terms, "brownian_increment", None)
+        W, H = inc if inc is not None else bm.evaluate(t0, t1, levy_area=True)
+        hw = h.reshape(h.shape + (1,) * (W.dim() - 1))  # h against the increments (B, m)
+        sq = hw.sqrt().expand_as(W)
+        i10 = 0.5 * W + H  # I10 / h
+        i11 = 0.5 * (W * W - hw)
+        i111 = (W * W * W - 3 * hw * W) / 6.0
+        T = _SRI2
+        f0, g0 = vf0
+        fs, gs = [f0], [g0]
+        y1 = y0 + drift.prod(f0, T["alpha"][0] * h)
+        for k in range(4):
+            if k > 0:
+                H0, H1 = y0, y0
+                for j in range(k):
+                    if T["A0"][k][j] or T["B0"][k][j]:
+                        H0 = H0 + drift.prod(fs[j], T["A0"][k][j] * h) + diff.prod(gs[j], T["B0"][k][j] * i10)
+                    if T["A1"][k][j] or T["B1"][k][j]:
+                        H1 = H1 + drift.prod(fs[j], T["A1"][k][j] * h) + diff.prod(gs[j], T["B1"][k][j] * sq)
+                if T["alpha"][k]:
+                    fs.append(drift.vf(t0 + T["c0"][k] * h, H0, args))
+                    y1 = y1 + drift.prod(fs[k], T["alpha"][k] * h)
+                else:
+                    fs.append(None)  # (the last stage's drift has weight 0 and feeds no later stage)
+                gs.append(diff.vf(t0 + T["c1"][k] * h, H1, args))
+            weight = T["beta1"][k] * W + T["beta2"][k] * i11 / sq + T["beta3"][k] * i10 + T["beta4"][k] * i111 / hw
+            y1 = y1 + diff.prod(gs[k], weight)
+        vf1 = (drift.vf(t1, y1, args), diff.vf(t1, y1, args))
+        return StepResult(y1, None, vf1, (y1 - y0,), 7)
 
 
 class _RevState(tuple):
