@@ -482,6 +482,21 @@ def sde_runs(args, device, dtype, goals):
           [("SDE SRA1, direct", ["torchmech.sdeint srk"],
             ["torchsde sdeint srk", "torchsde sdeint srk, BrownianInterval(dt=dt)"])], goals)
 
+    # SRI2 (torchsde's "srk" for diagonal noise, and its default method for Ito SDEs): the diagonal-noise networks
+    sri = Bench(device, memory=not args.no_memory)
+    sri.add("ours", "torchmech.sdeint srk (SRI2)",
+            step(lambda: torchmech.sdeint(ito, y0, ts, method="srk", dt=dt)), reset=clear)
+    if torchsde is not None:
+        add_peer_with_dt_hint(sri, "torchsde sdeint srk", step, clear,
+                              lambda bm: torchsde.sdeint(ito, y0, ts, method="srk", dt=dt, bm=bm),
+                              lambda: torchsde.BrownianInterval(0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt,
+                                                                levy_area_approximation="space-time"))
+    sri.run(args.repeat)
+    table(f"Neural SDE training step, SRI2 (srk), diagonal noise, direct backpropagation: B={B}, d={d}, {S} steps, "
+          f"{args.dtype}", sri,
+          [("SDE SRI2, direct", ["torchmech.sdeint srk (SRI2)"],
+            ["torchsde sdeint srk", "torchsde sdeint srk, BrownianInterval(dt=dt)"])], goals)
+
     # Adaptive steps. torchsde (and torchmech.sdeint since the step-doubling change) estimates a step's error
     # by one full step against two half steps, with one step size for the whole batch.
     ad = Bench(device, memory=not args.no_memory)
