@@ -508,3 +508,14 @@ def test_compat_coefficients_match_torchcde_with_missing_values():
     for name in ("linear_interpolation_coeffs", "hermite_cubic_coefficients_with_backward_differences",
                  "natural_cubic_coeffs", "natural_cubic_spline_coeffs"):
         torch.testing.assert_close(getattr(ours, name)(x, ts), getattr(peer, name)(x, ts), msg=name)
+
+
+def test_interpolation_base_needs_every_method():
+    import torchmech.compat.torchcde as torchcde
+
+    class Half(torchcde.InterpolationBase):
+        def evaluate(self, t):
+            return t
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()

@@ -16,6 +16,7 @@ library), torchcde's ``torchsde`` backend; the path classes are not ``nn.Module`
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -204,27 +205,32 @@ def hermite_cubic_coefficients_with_backward_differences(x: Tensor, t: Tensor | 
     return _pack(CubicHermiteInterpolation(ts, _zero_unobserved(x)))
 
 
-class InterpolationBase(torch.nn.Module):
+class InterpolationBase(torch.nn.Module, abc.ABC):
     """Base class of a user-defined control path, as torchcde's ``InterpolationBase``.
 
     Subclass it and implement ``interval`` (a tensor ``[t0, t1]``), ``grid_points`` (the times where
     the path may be non-smooth: the solver steps onto them), ``evaluate(t)`` and ``derivative(t)``
-    (``(batch, channels)`` at a 0-d time). :func:`cdeint` evaluates it at one time for the whole batch.
+    (``(batch, channels)`` at a 0-d time); a subclass missing one cannot be instantiated.
+    :func:`cdeint` evaluates it at one time for the whole batch.
     """
 
     @property
+    @abc.abstractmethod
     def interval(self) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define the property interval")
+        """The tensor ``[t0, t1]`` the path is defined on."""
 
     @property
+    @abc.abstractmethod
     def grid_points(self) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define the property grid_points")
+        """Times (increasing) where the path may be non-smooth."""
 
+    @abc.abstractmethod
     def evaluate(self, t):
-        raise NotImplementedError(f"{type(self).__name__} must define evaluate(t)")
+        """``X(t)``, ``(batch, channels)``."""
 
+    @abc.abstractmethod
     def derivative(self, t):
-        raise NotImplementedError(f"{type(self).__name__} must define derivative(t)")
+        """``dX/dt(t)``, ``(batch, channels)``."""
 
 
 class _TorchcdeAPI:
