@@ -468,34 +468,27 @@ def sde_runs(args, device, dtype, goals):
             return loss.detach()
         return run
 
-    sra = Bench(device, memory=not args.no_memory)
-    sra.add("ours", "torchmech.sdeint srk",
-            srk_step(lambda: torchmech.sdeint(additive, y0, ts, method="srk", dt=dt)), reset=clear_add)
-    if torchsde is not None:
-        add_peer_with_dt_hint(sra, "torchsde sdeint srk", srk_step, clear_add,
-                              lambda bm: torchsde.sdeint(additive, y0, ts, method="srk", dt=dt, bm=bm),
-                              lambda: torchsde.BrownianInterval(0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt,
-                                                                levy_area_approximation="space-time"))
-    sra.run(args.repeat)
-    table(f"Neural SDE training step, SRA1 (srk), additive noise (diffusion a learnable function of t, d x d), "
-          f"direct backpropagation: B={B}, d={d}, {S} steps, {args.dtype}", sra,
-          [("SDE SRA1, direct", ["torchmech.sdeint srk"],
-            ["torchsde sdeint srk", "torchsde sdeint srk, BrownianInterval(dt=dt)"])], goals)
+    def srk_bench(sde, ours_name, step_fn, reset, title, workload):
+        """torchmech.sdeint(method="srk") against torchsde's, each side's Brownian motion with the space-time
+        Levy area built inside the step."""
+        bench = Bench(device, memory=not args.no_memory)
+        bench.add("ours", ours_name, step_fn(lambda: torchmech.sdeint(sde, y0, ts, method="srk", dt=dt)), reset=reset)
+        if torchsde is not None:
+            add_peer_with_dt_hint(bench, "torchsde sdeint srk", step_fn, reset,
+                                  lambda bm: torchsde.sdeint(sde, y0, ts, method="srk", dt=dt, bm=bm),
+                                  lambda: torchsde.BrownianInterval(0.0, 1.0, (B, d), dtype=dtype, device=device,
+                                                                    dt=dt, levy_area_approximation="space-time"))
+        bench.run(args.repeat)
+        table(title, bench, [(workload, [ours_name],
+                              ["torchsde sdeint srk", "torchsde sdeint srk, BrownianInterval(dt=dt)"])], goals)
 
+    srk_bench(additive, "torchmech.sdeint srk", srk_step, clear_add,
+              f"Neural SDE training step, SRA1 (srk), additive noise (diffusion a learnable function of t, d x d), "
+              f"direct backpropagation: B={B}, d={d}, {S} steps, {args.dtype}", "SDE SRA1, direct")
     # SRI2 (torchsde's "srk" for diagonal noise, and its default method for Ito SDEs): the diagonal-noise networks
-    sri = Bench(device, memory=not args.no_memory)
-    sri.add("ours", "torchmech.sdeint srk (SRI2)",
-            step(lambda: torchmech.sdeint(ito, y0, ts, method="srk", dt=dt)), reset=clear)
-    if torchsde is not None:
-        add_peer_with_dt_hint(sri, "torchsde sdeint srk", step, clear,
-                              lambda bm: torchsde.sdeint(ito, y0, ts, method="srk", dt=dt, bm=bm),
-                              lambda: torchsde.BrownianInterval(0.0, 1.0, (B, d), dtype=dtype, device=device, dt=dt,
-                                                                levy_area_approximation="space-time"))
-    sri.run(args.repeat)
-    table(f"Neural SDE training step, SRI2 (srk), diagonal noise, direct backpropagation: B={B}, d={d}, {S} steps, "
-          f"{args.dtype}", sri,
-          [("SDE SRI2, direct", ["torchmech.sdeint srk (SRI2)"],
-            ["torchsde sdeint srk", "torchsde sdeint srk, BrownianInterval(dt=dt)"])], goals)
+    srk_bench(ito, "torchmech.sdeint srk (SRI2)", step, clear,
+              f"Neural SDE training step, SRI2 (srk), diagonal noise, direct backpropagation: B={B}, d={d}, {S} steps, "
+              f"{args.dtype}", "SDE SRI2, direct")
 
     # Adaptive steps. torchsde (and torchmech.sdeint since the step-doubling change) estimates a step's error
     # by one full step against two half steps, with one step size for the whole batch.

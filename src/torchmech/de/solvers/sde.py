@@ -301,6 +301,17 @@ class EulerHeun(AbstractSDESolver):
         return StepResult(y1, err, vf1, (y1 - y0,), 2)
 
 
+def _increment_with_levy_area(terms, diff: ControlTerm, t0: Tensor, t1: Tensor, solver: str) -> tuple[Tensor, Tensor]:
+    """The step's Brownian increment ``W`` and space-time Levy area ``H`` (handed in by the fixed-step loop, or
+    queried), for the stochastic Runge-Kutta methods."""
+    bm = diff.control
+    if not getattr(bm, "has_levy_area", False):
+        raise ValueError(f"{solver}: the Brownian motion must provide the space-time Levy area; build it with "
+                         "levy_area='space-time'")
+    inc = getattr(terms, "brownian_increment", None)
+    return inc if inc is not None else bm.evaluate(t0, t1, levy_area=True)
+
+
 class SRA1(AbstractSDESolver):
     """Rossler's SRA1 stochastic Runge-Kutta method for additive noise (strong order 1.5, weak 2).
 
@@ -341,13 +352,8 @@ class SRA1(AbstractSDESolver):
 
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "SRA1")
-        bm = diff.control
-        if not getattr(bm, "has_levy_area", False):
-            raise ValueError("SRA1: the Brownian motion must provide the space-time Levy area; build it with "
-                             "levy_area='space-time'")
         h = t1 - t0
-        inc = getattr(terms, "brownian_increment", None)
-        W, H = inc if inc is not None else bm.evaluate(t0, t1, levy_area=True)
+        W, H = _increment_with_levy_area(terms, diff, t0, t1, "SRA1")
         i10 = 0.5 * W + H  # I10 / h
         f0, g0 = vf0
         # additive noise: g(t1, .) is the same at y0 and y1, so it is also the next step's g0
@@ -400,13 +406,8 @@ class SRI2(AbstractSDESolver):
 
     def step(self, terms, t0, t1, y0, args, vf0, dense=True) -> StepResult:
         drift, diff = sde_terms(terms, "SRI2")
-        bm = diff.control
-        if not getattr(bm, "has_levy_area", False):
-            raise ValueError("SRI2: the Brownian motion must provide the space-time Levy area; build it with "
-                             "levy_area='space-time'")
         h = t1 - t0
-        inc = getattr(terms, "brownian_increment", None)
-        W, H = inc if inc is not None else bm.evaluate(t0, t1, levy_area=True)
+        W, H = _increment_with_levy_area(terms, diff, t0, t1, "SRI2")
         hw = h.reshape(h.shape + (1,) * (W.dim() - 1))  # h against the increments (B, m)
         sq = hw.sqrt().expand_as(W)
         i10 = 0.5 * W + H  # I10 / h
