@@ -324,3 +324,27 @@ def test_torchsde_methods_and_defaults_per_noise_type(noise):
     plain = torchsde.BrownianInterval(0.0, 1.0, size=(B, 1), dtype=DT, entropy=3)
     torch.testing.assert_close(torchsde.sdeint(sde, y0, ts, bm=plain, dt=1 / 64),
                                torchsde.sdeint(sde, y0, ts, bm=plain, dt=1 / 64, method="euler"))
+
+
+def test_logqp_with_the_default_srk_and_per_sample_end_times_with_sri2():
+    """logqp pads the Brownian motion with a zero channel: its Levy area must be padded too (the default srk
+    raised); SRI2 steps finished samples with h = 0 without 0/0 in the gradients."""
+    B = 4
+    y0 = torch.ones(B, 1, dtype=DT)
+    ts = torch.linspace(0, 1, 3, dtype=DT)
+    sde = GBM("ito")
+    ys, kl = torchsde.sdeint(sde, y0, ts, dt=0.05, logqp=True)
+    assert ys.shape == (3, B, 1) and kl.shape == (2, B) and bool(torch.isfinite(kl).all())
+    bm = de.BrownianInterval(0.0, 1.0, (B, 1), dtype=DT, seed=0, levy_area="space-time")
+    ys2, _ = torchsde.sdeint(sde, y0, ts, bm=bm, dt=0.05, logqp=True)
+    torch.testing.assert_close(ys2, torchsde.sdeint(sde, y0, ts, bm=bm, dt=0.05, method="srk"))
+
+    mu = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: mu * y), de.DiagonalControlTerm(lambda t, y, a: 0.5 * y, bm))
+    t1 = torch.tensor([1.0, 0.5, 0.75, 1.0], dtype=DT)
+    sol = de.solve(terms, de.SRI2(), 0.0, t1, y0, dt0=0.125, saveat=de.SaveAt(t1=True))
+    g = torch.autograd.grad(sol.ys[:, -1].sum(), mu)[0]
+    parts = [de.solve(de.MultiTerm(terms.terms[0], de.DiagonalControlTerm(lambda t, y, a: 0.5 * y, bm)),
+                      de.SRI2(), 0.0, float(t1[i]), y0, dt0=0.125, saveat=de.SaveAt(t1=True)).ys[i, -1].sum()
+             for i in range(B)]
+    torch.testing.assert_close(g, torch.autograd.grad(sum(parts), mu)[0])

@@ -109,8 +109,9 @@ def test_errors():
     with pytest.raises(ValueError,
                        match="adjoint='reversible' is not supported; use 'direct', 'checkpoint' or 'backsolve'"):
         LatentSDE(2, adjoint="reversible")
-    with pytest.raises(ValueError, match="SRA1"):
-        LatentSDE(2, solver="srk")
+    with pytest.raises(ValueError, match="the SRA1 solver needs noise='additive'"):
+        LatentSDE(2, solver=de.SRA1())
+    assert type(LatentSDE(2, solver="srk").solver).__name__ == "SRI2"  # torchsde's srk for diagonal noise
     for bad in (float("nan"), -0.5):
         with pytest.raises(ValueError, match="kl_weight must be a finite number >= 0"):
             model(ts, torch.randn(3, 5, 2), kl_weight=bad)
@@ -134,3 +135,13 @@ def test_backsolve_adjoint_gradients_reach_every_network():
         assert torch.nn.functional.cosine_similarity(g.flatten(), b.flatten(), dim=0) > 0.9, name
     flat = [torch.cat([g[k].flatten() for k in sorted(g)]) for g in (grads["direct"], grads["backsolve"])]
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+
+
+def test_latent_sde_with_sri2_gets_a_brownian_motion_with_levy_area():
+    torch.manual_seed(0)
+    model = LatentSDE(2, latent_dim=3, context_dim=4, hidden=8, solver="srk", dt=0.1)
+    ts = torch.linspace(0, 1, 5)
+    loss = -model.elbo(ts, torch.randn(3, 5, 2), seed=0)
+    loss.backward()
+    assert math.isfinite(float(loss))
+    assert model.sample(ts, 2, seed=1).shape == (2, 5, 2)

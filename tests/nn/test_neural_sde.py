@@ -195,3 +195,18 @@ def test_ito_backsolve_with_non_diagonal_noise(noise):
         loss = model(y0, t, brownian=bm).pow(2).sum()
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.05
+
+
+@pytest.mark.parametrize("noise,solver,cls", [("diagonal", "srk", "SRI2"), ("scalar", "srk", "SRI2"),
+                                              ("additive", "srk", "SRA1"), ("scalar", "milstein", "Milstein"),
+                                              ("additive", "milstein", "Milstein")])
+def test_solver_names_per_noise_type(noise, solver, cls):
+    """As torchsde: srk is SRI2 for diagonal/scalar noise (its Brownian motion gets the Levy area), milstein takes
+    scalar and additive noise too."""
+    model = NeuralSDE(2, hidden=4, noise=noise, solver=solver, dt=0.1)
+    assert type(model.solver).__name__ == cls
+    y0 = torch.randn(3, 2)
+    out = model(y0, torch.linspace(0, 1, 4), seed=0)
+    assert out.shape == (3, 4, 2) and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="needs noise='diagonal' or 'scalar'"):
+        NeuralSDE(2, noise="general", solver=de.SRI2())

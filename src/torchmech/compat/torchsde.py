@@ -384,7 +384,7 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, names, logqp):
         if not hasattr(sde, names["prior_drift"]):
             raise ValueError(f"sdeint: logqp=True needs the prior drift method {names['prior_drift']!r}")
         lq = _LogQP(sde, names)
-        bm_aug = bm if logqp_bm else _Padded(bm)
+        bm_aug = bm if logqp_bm else _bm.WithZeroChannel(bm)
         terms = MultiTerm(ODETerm(lq.drift), DiagonalControlTerm(lq.diffusion, bm_aug))
         y0 = torch.cat([y0, torch.zeros_like(y0[:, :1])], dim=-1)
     else:
@@ -409,17 +409,6 @@ def _adaptive_controller(rtol, atol, dt_min, ts=None):
 def _adaptive_max_steps(ts, dt_min) -> int:
     """Enough attempted steps for steps of dt_min over the whole span (and rejections)."""
     return int(min(10 ** 7, 4 * float(ts[-1] - ts[0]) / dt_min + 16 * ts.shape[0] + 1000))
-
-
-class _Padded:
-    """A Brownian motion with one extra zero channel (for the log-ratio state of logqp)."""
-
-    def __init__(self, bm):
-        self.bm = bm
-
-    def evaluate(self, t0, t1=None):
-        w = self.bm.evaluate(t0, t1)
-        return torch.cat([w, torch.zeros_like(w[:, :1])], dim=-1)
 
 
 def _run(sde, y0, ts, bm, method, dt, adaptive, names, logqp, extra, adjoint, rtol=None, atol=None, dt_min=None):

@@ -633,3 +633,25 @@ class VirtualBrownianTree(AbstractBrownian):
         h = u - s
         H = (Iu - Is) / h - Ws - 0.5 * W
         return BrownianIncrement(W.to(self.dtype), H.to(self.dtype))
+
+
+class WithZeroChannel:
+    """A Brownian motion with one extra channel that stays zero (its space-time Levy area padded alike).
+
+    For augmented states whose last component has no noise: the log-ratio of ``sdeint(logqp=True)`` and the
+    KL accumulator of :class:`~torchmech.nn.LatentSDE`.
+    """
+
+    def __init__(self, bm: Any):
+        self.bm = bm
+        self.has_levy_area = getattr(bm, "has_levy_area", False)
+
+    @staticmethod
+    def _pad(w: Tensor) -> Tensor:
+        return torch.cat([w, torch.zeros_like(w[:, :1])], dim=-1)
+
+    def evaluate(self, t0: Any, t1: Any = None, levy_area: bool = False):
+        if levy_area:
+            W, H = self.bm.evaluate(t0, t1, levy_area=True)
+            return self._pad(W), self._pad(H)
+        return self._pad(self.bm.evaluate(t0, t1))

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from torchmech.de.brownian import AbstractBrownian
+from torchmech.de.brownian import AbstractBrownian, WithZeroChannel
 from torchmech.de.controllers import StepTo
 from torchmech.de.integrate import SaveAt, solve
 from torchmech.de.terms import DiagonalControlTerm, MultiTerm, ODETerm
@@ -47,17 +47,6 @@ class LatentSDEOutput(NamedTuple):
     kl_init: Tensor
     latent: Tensor
     reconstruction: Tensor
-
-
-class _PaddedBrownian:
-    """A Brownian motion with one extra zero channel, for the KL accumulator of the augmented state."""
-
-    def __init__(self, bm: AbstractBrownian):
-        self.bm = bm
-
-    def evaluate(self, t0: Any, t1: Any = None) -> Tensor:
-        w = self.bm.evaluate(t0, t1)
-        return torch.cat([w, torch.zeros_like(w[:, :1])], dim=-1)
 
 
 def _context_at(t: Tensor, ts: Tensor, ctx: Tensor) -> Tensor:
@@ -224,9 +213,10 @@ class LatentSDE(nn.Module):
         z0 = qm + qs * eps
         tb = ts.expand(B, T).contiguous()
         bm_seed = None if (seed is None or brownian is not None) else seed + 1
-        bm = make_brownian(brownian, bm_seed, tb, (B, L), xs, False, "LatentSDE")
+        levy = getattr(self.solver, "uses_levy_area", False)
+        bm = make_brownian(brownian, bm_seed, tb, (B, L), xs, levy, "LatentSDE")
         terms = MultiTerm(ODETerm(self._augmented_drift),
-                          DiagonalControlTerm(self._augmented_diffusion, _PaddedBrownian(bm)))
+                          DiagonalControlTerm(self._augmented_diffusion, WithZeroChannel(bm)))
         za0 = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=-1)
         sol = self._solve(terms, za0, ts, (tb, ctx))
         zs = sol.ys[..., :L]
@@ -264,7 +254,7 @@ class LatentSDE(nn.Module):
         z0 = p + self.pz0_logstd.exp() * eps
         tb = ts.expand(batch_size, ts.shape[-1]).contiguous()
         bm = make_brownian(None, None if seed is None else seed + 1, tb, (batch_size, self.latent_dim), z0,
-                           False, "LatentSDE")
+                           getattr(self.solver, "uses_levy_area", False), "LatentSDE")
         terms = MultiTerm(ODETerm(self._prior_f), DiagonalControlTerm(self._g, bm))
         zs = self._solve(terms, z0, ts, None).ys
         xs = self.decoder(zs)

@@ -12,7 +12,15 @@ from torchmech.de.brownian import AbstractBrownian, BrownianInterval
 from torchmech.de.controllers import StepTo
 from torchmech.de.integrate import SaveAt, Solution, solve
 from torchmech.de.reversible_adjoint import ReversibleAdjoint
-from torchmech.de.solvers.sde import SDE_METHODS, SRA1, AbstractSDESolver, Milstein, ReversibleHeun, sde_solver_by_name
+from torchmech.de.solvers.sde import (
+    SDE_METHODS,
+    SRA1,
+    SRI2,
+    AbstractSDESolver,
+    Milstein,
+    ReversibleHeun,
+    sde_solver_by_name,
+)
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
 from torchmech.nn._common import (
     PerDimensionMLP,
@@ -41,7 +49,8 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
         if key not in SDE_SOLVERS:
             raise ValueError(f"{owner}: unknown solver {solver!r}; expected one of {list(SDE_SOLVERS)} or an "
                              "AbstractSDESolver instance")
-        solver = sde_solver_by_name(key, sde_type or "ito")
+        # "srk" as torchsde: SRA1 for additive noise, SRI2 (Ito) for diagonal and scalar noise
+        solver = SRI2() if key == "srk" and noise in ("diagonal", "scalar") else sde_solver_by_name(key, sde_type or "ito")
     if not isinstance(solver, AbstractSDESolver):
         raise TypeError(f"{owner}: solver must be an SDE solver name or AbstractSDESolver instance, "
                         f"got {type(solver).__name__}")
@@ -49,10 +58,13 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
     if sde_type is not None and noise != "additive" and solver.sde_type not in ("any", sde_type):
         raise ValueError(f"{owner}: solver {type(solver).__name__} solves {solver.sde_type} SDEs but "
                          f"sde_type={sde_type!r}")
-    if isinstance(solver, Milstein) and noise != "diagonal":
-        raise ValueError(f"{owner}: the Milstein solver needs noise='diagonal', got noise={noise!r}")
+    if isinstance(solver, Milstein) and noise == "general":
+        raise ValueError(f"{owner}: the Milstein solver needs noise='diagonal', 'scalar' or 'additive', got "
+                         "noise='general'")
     if isinstance(solver, SRA1) and noise != "additive":
-        raise ValueError(f"{owner}: the SRA1 ('srk') solver needs noise='additive', got noise={noise!r}")
+        raise ValueError(f"{owner}: the SRA1 solver needs noise='additive', got noise={noise!r}")
+    if isinstance(solver, SRI2) and noise not in ("diagonal", "scalar"):
+        raise ValueError(f"{owner}: the SRI2 solver needs noise='diagonal' or 'scalar', got noise={noise!r}")
     return solver
 
 
@@ -151,8 +163,9 @@ class NeuralSDE(nn.Module):
         brownian_size: channels ``m`` of the Brownian motion for general/additive noise (default ``D``).
         sde_type: "ito" (default) or "stratonovich": the calculus the SDE is read in. It picks the
             default solver and is checked against a given one.
-        solver: "euler" (Euler-Maruyama, Ito), "milstein" (diagonal), "heun", "midpoint", "euler_heun",
-            "reversible_heun" (Stratonovich), "srk" (SRA1, additive noise) or an
+        solver: "euler" (Euler-Maruyama, Ito), "milstein" (diagonal, scalar, additive), "heun", "midpoint",
+            "euler_heun", "reversible_heun" (Stratonovich), "srk" (SRA1 for additive noise, SRI2 for diagonal or
+            scalar Ito noise) or an
             :class:`~torchmech.de.solvers.AbstractSDESolver`. Default: "reversible_heun" with
             ``adjoint="reversible"``, else "euler" (Ito) or "heun" (Stratonovich).
         dt: largest step; each interval between output times is cut into equal steps of at most
@@ -254,7 +267,7 @@ class NeuralSDE(nn.Module):
 
             return solve(ODETerm(self.drift), Euler(), t[..., 0], t[..., 0], y0, saveat=SaveAt(ts=t), dt0=1.0)
         bm = make_brownian(brownian, seed, tb, (B, self.brownian_size), y0,
-                           isinstance(self.solver, SRA1), "NeuralSDE")
+                           getattr(self.solver, "uses_levy_area", False), "NeuralSDE")
         grid = step_grid(tb, self.dt, "NeuralSDE")
         if t.dim() == 1:
             grid = grid[0]

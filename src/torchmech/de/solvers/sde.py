@@ -413,6 +413,10 @@ class SRI2(AbstractSDESolver):
         i10 = 0.5 * W + H  # I10 / h
         i11 = 0.5 * (W * W - hw)
         i111 = (W * W * W - 3 * hw * W) / 6.0
+        # samples that have finished step with h = 0 (and W = 0): their weights are 0, not 0/0 (whose NaN, masked
+        # out of the values, would still reach the gradients as 0 * NaN)
+        hw_safe = torch.where(hw != 0, hw, torch.ones_like(hw))
+        sq_safe = torch.where(sq != 0, sq, torch.ones_like(sq))
         T = _SRI2
         f0, g0 = vf0
         fs, gs = [f0], [g0]
@@ -431,7 +435,8 @@ class SRI2(AbstractSDESolver):
                 else:
                     fs.append(None)  # (the last stage's drift has weight 0 and feeds no later stage)
                 gs.append(diff.vf(t0 + T["c1"][k] * h, H1, args))
-            weight = T["beta1"][k] * W + T["beta2"][k] * i11 / sq + T["beta3"][k] * i10 + T["beta4"][k] * i111 / hw
+            weight = (T["beta1"][k] * W + T["beta2"][k] * i11 / sq_safe + T["beta3"][k] * i10
+                      + T["beta4"][k] * i111 / hw_safe)
             y1 = y1 + diff.prod(gs[k], weight)
         vf1 = (drift.vf(t1, y1, args), diff.vf(t1, y1, args))
         return StepResult(y1, None, vf1, (y1 - y0,), 7)
