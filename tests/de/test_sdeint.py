@@ -348,3 +348,20 @@ def test_logqp_with_the_default_srk_and_per_sample_end_times_with_sri2():
                       de.SRI2(), 0.0, float(t1[i]), y0, dt0=0.125, saveat=de.SaveAt(t1=True)).ys[i, -1].sum()
              for i in range(B)]
     torch.testing.assert_close(g, torch.autograd.grad(sum(parts), mu)[0])
+
+
+def test_sri2_gradient_with_respect_to_per_sample_end_times():
+    """Finished samples step with h = 0: sqrt(0) in the graph made the end-time gradients NaN."""
+    B = 3
+    bm = de.BrownianInterval(0.0, 1.0, (B, 1), dtype=DT, seed=2, levy_area="space-time")
+    terms = de.MultiTerm(de.ODETerm(lambda t, y, a: 0.3 * y), de.DiagonalControlTerm(lambda t, y, a: 0.5 * y, bm))
+    y0 = torch.ones(B, 1, dtype=DT)
+    t1 = torch.tensor([1.0, 0.55, 0.3], dtype=DT, requires_grad=True)
+    sol = de.solve(terms, de.SRI2(), 0.0, t1, y0, dt0=0.1, saveat=de.SaveAt(t1=True))
+    g = torch.autograd.grad(sol.ys[:, -1].sum(), t1)[0]
+    assert bool(torch.isfinite(g).all()), g
+    # sample 1 alone over the same grid (all samples ending at 0.55): the same gradient
+    t1s = torch.full((B,), 0.55, dtype=DT, requires_grad=True)
+    gs = torch.autograd.grad(de.solve(terms, de.SRI2(), 0.0, t1s, y0, dt0=0.1, saveat=de.SaveAt(t1=True))
+                             .ys[:, -1].sum(), t1s)[0]
+    torch.testing.assert_close(g[1], gs[1])

@@ -62,7 +62,9 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
         raise ValueError(f"{owner}: the Milstein solver needs noise='diagonal', 'scalar' or 'additive', got "
                          "noise='general'")
     if isinstance(solver, SRA1) and noise != "additive":
-        raise ValueError(f"{owner}: the SRA1 solver needs noise='additive', got noise={noise!r}")
+        raise ValueError(f"{owner}: the SRA1 solver needs noise='additive', got noise={noise!r}"
+                         + ("; 'srk' is SRA1 for additive noise and SRI2 for diagonal or scalar noise, and has "
+                            "nothing for general noise" if noise == "general" else ""))
     if isinstance(solver, SRI2) and noise not in ("diagonal", "scalar"):
         raise ValueError(f"{owner}: the SRI2 solver needs noise='diagonal' or 'scalar', got noise={noise!r}")
     return solver

@@ -409,14 +409,16 @@ class SRI2(AbstractSDESolver):
         h = t1 - t0
         W, H = _increment_with_levy_area(terms, diff, t0, t1, "SRI2")
         hw = h.reshape(h.shape + (1,) * (W.dim() - 1))  # h against the increments (B, m)
-        sq = hw.sqrt().expand_as(W)
+        # samples that have finished step with h = 0 (and W = 0): their weights must be 0, not 0/0, and no sqrt(0)
+        # may enter the graph (its derivative is infinite): NaN masked out of the values would still reach the
+        # gradients (also those with respect to the times) as 0 * NaN or 0 * inf
+        live = hw != 0
+        hw_safe = torch.where(live, hw, torch.ones_like(hw))
+        sq_safe = hw_safe.sqrt().expand_as(W)
+        sq = torch.where(live, sq_safe, torch.zeros_like(sq_safe))
         i10 = 0.5 * W + H  # I10 / h
         i11 = 0.5 * (W * W - hw)
         i111 = (W * W * W - 3 * hw * W) / 6.0
-        # samples that have finished step with h = 0 (and W = 0): their weights are 0, not 0/0 (whose NaN, masked
-        # out of the values, would still reach the gradients as 0 * NaN)
-        hw_safe = torch.where(hw != 0, hw, torch.ones_like(hw))
-        sq_safe = torch.where(sq != 0, sq, torch.ones_like(sq))
         T = _SRI2
         f0, g0 = vf0
         fs, gs = [f0], [g0]
