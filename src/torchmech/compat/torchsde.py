@@ -519,8 +519,6 @@ def sdeint_adjoint(sde, y0: Tensor, ts: Tensor, bm: Any = None, method: str | No
         if adjoint_adaptive:
             raise ValueError("sdeint_adjoint: adjoint_adaptive=True is not supported with the reversible adjoint "
                              "(adjoint_method 'adjoint_reversible_heun' steps back exactly over the forward steps)")
-        if logqp:
-            raise ValueError("sdeint_adjoint: logqp with reversible_heun is not supported; use sdeint")
         adjoint = ReversibleAdjoint(adjoint_params=adjoint_params)
     elif adjoint_method == "checkpoint":
         if adjoint_adaptive:
