@@ -18,9 +18,9 @@ as the history grows (default 4, order 4 overall). Their weights are exact for t
 
 Differences worth knowing: values between steps of the adaptive methods come from torchmech's
 interpolants (Dopri5/Tsit5 fourth-order continuous extensions, cubic Hermite otherwise), so they
-agree with torchdiffeq to the tolerance, not bit for bit; times are held in the solve's dtype (the
-state's; float32 for a half-precision state; torchdiffeq keeps float64 time internally), and the Adams
-methods hand ``func`` the time in that dtype; failures raise ``RuntimeError`` (torchdiffeq:
+agree with torchdiffeq to the tolerance, not bit for bit; the adaptive and RK methods hold times in the
+solve's dtype (the state's; float32 for a half-precision state), the Adams methods in ``t``'s own dtype
+(torchdiffeq keeps float64 time internally); failures raise ``RuntimeError`` (torchdiffeq:
 ``AssertionError``); ``scipy_solver`` is not provided. ``options['max_num_steps']`` bounds the steps
 (accepted and rejected) of each output interval as torchdiffeq, but is enforced over the whole solve:
 ``len(t) - 1`` intervals may take ``max_num_steps * (len(t) - 1)`` steps in all, however they are
