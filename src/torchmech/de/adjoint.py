@@ -619,16 +619,13 @@ def _strat_drift(drift, diff, ito: bool, t, y, args):
     if isinstance(diff, DiagonalControlTerm):
         (gdg,) = _grad(g, y, grad_outputs=g, create_graph=True)
         return fy if gdg is None else fy - 0.5 * gdg
-    # general noise g (B, *state, m): per channel the Jacobian-vector product (dg_k/dy) g_k, by the double-vjp
-    # trick (J v = d/du <v, J^T u>); a diffusion that does not depend on y (additive noise) costs one vjp
+    # general noise g (B, *state, m): per channel the Jacobian-vector product (dg_k/dy) g_k; a diffusion that does
+    # not depend on y (additive noise) costs one vjp per channel
+    from torchmech.de.solvers.sde import column_jvp
+
     corr = None
     for k in range(g.shape[-1]):
-        gk = g[..., k]
-        u = torch.zeros_like(gk, requires_grad=True)
-        (w,) = _grad(gk, y, grad_outputs=u, create_graph=True)
-        if w is None:
-            continue
-        (jv,) = _grad(w, u, grad_outputs=gk, create_graph=True)
+        jv = column_jvp(g, y, k, create=True)
         if jv is not None:
             corr = jv if corr is None else corr + jv
     return fy if corr is None else fy - 0.5 * corr

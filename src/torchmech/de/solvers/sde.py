@@ -142,23 +142,35 @@ class Milstein(AbstractSDESolver):
         return StepResult(y1, None, vf1, (y1 - y0,), 2)
 
 
-def _scalar_noise_gdg(g: Tensor, y: Tensor, create: bool) -> Tensor | None:
-    """``(dg/dy) g`` for a ``ControlTerm`` diffusion ``g`` (B, *state, m) with one channel, by the double-vjp
-    trick (``J v = d/du <v, J^T u>``); None when ``g`` does not depend on ``y`` (additive noise, any ``m``)."""
-    if not g.requires_grad:
+def column_jvp(g: Tensor, y: Tensor, k: int, create: bool) -> Tensor | None:
+    """``(dg_k/dy) g_k`` for the diffusion's column ``g_k = g[..., k]`` (y's shape), by the double-vjp trick
+    (``J v = d/du <v, J^T u>``); None when ``g_k`` does not depend on ``y``. ``create``: keep a graph of the result.
+    (Milstein's scalar-noise correction, and the Ito -> Stratonovich drift correction of the stochastic adjoint.)"""
+    gk = g[..., k]
+    if not gk.requires_grad:
         return None
-    u = torch.zeros_like(g, requires_grad=True)
-    (w,) = torch.autograd.grad(g, y, grad_outputs=u, create_graph=True, allow_unused=True)
+    u = torch.zeros_like(gk, requires_grad=True)
+    (w,) = torch.autograd.grad(gk, y, grad_outputs=u, create_graph=True, allow_unused=True)
     if w is None:
         return None
+    (jv,) = torch.autograd.grad(w, u, grad_outputs=gk if create else gk.detach(), create_graph=create,
+                                allow_unused=True)
+    return jv
+
+
+def _scalar_noise_gdg(g: Tensor, y: Tensor, create: bool) -> Tensor | None:
+    """``(dg/dy) g`` for a ``ControlTerm`` diffusion ``g`` (B, *state, m) with one channel; None when ``g`` does
+    not depend on ``y`` (additive noise, any ``m``)."""
+    if not g.requires_grad:
+        return None
     if g.shape[-1] != 1:
+        (dep,) = torch.autograd.grad(g, y, grad_outputs=torch.ones_like(g), retain_graph=True, allow_unused=True)
+        if dep is None:
+            return None
         raise ValueError(f"Milstein: the diffusion depends on y and has {g.shape[-1]} noise channels: its correction "
                          "needs the Brownian motion's Levy areas, which Milstein does not use. Use diagonal noise "
                          "(DiagonalControlTerm), one channel, or another solver (EulerMaruyama, StochasticHeun)")
-    # d/du <g, J^T u> = J g: the direction is g's one column (y's shape)
-    direction = g[..., 0] if create else g[..., 0].detach()
-    (jv,) = torch.autograd.grad(w, u, grad_outputs=direction, create_graph=create, allow_unused=True)
-    return None if jv is None else jv[..., 0]
+    return column_jvp(g, y, 0, create)
 
 
 def _depends_on_leaves_other_than(out: Tensor, leaf: Tensor) -> bool:
