@@ -269,8 +269,7 @@ def _tol(name: str, tol: Any, layout: _Layout) -> float | Tensor:
         if len(tols) != len(layout.shapes):
             raise ValueError(f"odeint: a per-tensor {name} must have one entry per tensor of y0 "
                              f"({len(layout.shapes)}), got {len(tols)}")
-        out = torch.cat([spread(torch.as_tensor(np.asarray(v) if isinstance(v, np.ndarray) else v), i,
-                                tuple(s), f"{name}[{i}]")
+        out = torch.cat([spread(torch.as_tensor(v), i, tuple(s), f"{name}[{i}]")
                          for i, (v, s) in enumerate(zip(tols, layout.shapes))])[None]
     elif isinstance(tol, Tensor) and tol.numel() > 1:
         out = spread(tol, 0, tuple(layout.shape), name)[None]

@@ -185,9 +185,11 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
     t = torch.as_tensor(t, dtype=z0.dtype, device=z0.device)
     if t.dim() != 1 or t.shape[0] < 1:
         raise ValueError(f"cdeint: t must have shape (K,) with K >= 1, got {tuple(t.shape)}")
+    td = t.detach()
+    t_first, t_last, t_min, t_max = float(td[0]), float(td[-1]), float(td.min()), float(td.max())
     lo, hi = (float(v) for v in X.interval)
-    if float(t.detach().min()) < lo or float(t.detach().max()) > hi:
-        raise ValueError(f"cdeint: t must lie in X.interval = ({lo}, {hi}), got [{float(t.min())}, {float(t.max())}]")
+    if t_min < lo or t_max > hi:
+        raise ValueError(f"cdeint: t must lie in X.interval = ({lo}, {hi}), got [{t_min}, {t_max}]")
     options = dict(options or {})
     method = (method or "dopri5").lower()
     from torchmech.de.integrate import _SOLVER_NAMES
@@ -208,7 +210,7 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
             # dX/dt jumps at every knot: step onto each knot (each interval in equal steps of at most dt0) and
             # nudge the stages at the step ends one ulp inside, so no stage takes the slope of the next piece
             # (a stage at t1 would: the derivative at a knot is the right-hand piece's)
-            grid = _knot_grid(knots, float(t.detach()[0]), float(t.detach()[-1]), float(dt0))
+            grid = _knot_grid(knots, t_first, t_last, float(dt0))
             controller = StepTo(grid.to(dtype=z0.dtype, device=z0.device))
             solver, dt0 = Perturbed(solver), None
     else:
@@ -241,10 +243,10 @@ def cdeint(X: AbstractInterpolation, func: torch.nn.Module, z0: Tensor, t: Tenso
                                norm=norm, solver=back)
     else:
         adj = DirectAdjoint()
-    if t.shape[0] == 1 or float(t.detach()[0]) == float(t.detach()[-1]):
+    if t.shape[0] == 1 or t_first == t_last:
         return z0.unsqueeze(1).expand(z0.shape[0], t.shape[0], z0.shape[1])
     # t[0] as given (a gradient with respect to it is that of the start time), the end as a number (its gradient
     # comes through the save time t[-1])
-    sol = solve(ODETerm(vf), solver, t[0], float(t.detach()[-1]), z0, dt0=dt0, args=coeffs,
+    sol = solve(ODETerm(vf), solver, t[0], t_last, z0, dt0=dt0, args=coeffs,
                 saveat=SaveAt(ts=t), controller=controller, adjoint=adj, max_steps=max_steps)
     return sol.ys
