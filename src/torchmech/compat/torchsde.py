@@ -19,7 +19,6 @@ from torchmech.de.solvers.rk import StepResult
 from torchmech.de.solvers.sde import (
     SDE_METHODS,
     SRA1,
-    SRI2,
     AbstractSDESolver,
     EulerHeun,
     ReversibleHeun,
@@ -212,8 +211,7 @@ def _make_solver(method: str, sde_type: str, noise_type: str, adaptive: bool = F
         if method == "srk" and noise_type == "general":
             raise ValueError("sdeint: method 'srk' supports noise_type 'additive' (SRA1), 'diagonal' or 'scalar' "
                              "(SRI2), as torchsde, got 'general'")
-        # torchsde's srk: SRA1 for additive noise, SRI2 (Ito) for diagonal and scalar noise
-        solver = SRI2() if method == "srk" and noise_type != "additive" else sde_solver_by_name(method)
+        solver = sde_solver_by_name(method, noise_type=noise_type)
         if solver.sde_type not in ("any", sde_type):
             raise ValueError(f"sdeint: method {method!r} solves {solver.sde_type} SDEs but sde.sde_type is "
                              f"{sde_type!r}")

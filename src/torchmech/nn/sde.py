@@ -50,7 +50,7 @@ def sde_solver(solver: Any, sde_type: str | None, noise: str, owner: str) -> Abs
             raise ValueError(f"{owner}: unknown solver {solver!r}; expected one of {list(SDE_SOLVERS)} or an "
                              "AbstractSDESolver instance")
         # "srk" as torchsde: SRA1 for additive noise, SRI2 (Ito) for diagonal and scalar noise
-        solver = SRI2() if key == "srk" and noise in ("diagonal", "scalar") else sde_solver_by_name(key, sde_type or "ito")
+        solver = sde_solver_by_name(key, sde_type or "ito", noise)
     if not isinstance(solver, AbstractSDESolver):
         raise TypeError(f"{owner}: solver must be an SDE solver name or AbstractSDESolver instance, "
                         f"got {type(solver).__name__}")

@@ -518,7 +518,10 @@ SDE_METHODS = {"euler": EulerMaruyama, "milstein": Milstein, "srk": SRA1, "midpo
                "euler_heun": EulerHeun, "heun": StochasticHeun, "reversible_heun": ReversibleHeun}
 
 
-def sde_solver_by_name(name: str, sde_type: str = "ito") -> AbstractSDESolver:
-    """A new solver for a torchsde method name (``sde_type`` picks Milstein's calculus)."""
+def sde_solver_by_name(name: str, sde_type: str = "ito", noise_type: str | None = None) -> AbstractSDESolver:
+    """A new solver for a torchsde method name. ``sde_type`` picks Milstein's calculus; ``noise_type`` picks what
+    "srk" means, as in torchsde: SRI2 for "diagonal" and "scalar" noise, SRA1 otherwise (additive noise)."""
+    if name == "srk" and noise_type in ("diagonal", "scalar"):
+        return SRI2()
     cls = SDE_METHODS[name]
     return cls(sde_type) if cls is Milstein else cls()
