@@ -682,3 +682,9 @@ def test_tolerance_requiring_grad_message():
     with pytest.raises(ValueError, match=r"^odeint: atol must not require grad$"):
         tdq.odeint(decay, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
                    atol=torch.tensor(1e-8, dtype=D, requires_grad=True))
+
+
+def test_event_never_reached_names_the_step_budget():
+    with pytest.raises(RuntimeError, match=r"stopped before the event: options\['max_num_steps'\]=5 exceeded"):
+        tdq.odeint(decay, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D), event_fn=lambda t, y: y[0] + 1.0,
+                   options={"max_num_steps": 5})

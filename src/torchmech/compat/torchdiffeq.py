@@ -697,19 +697,22 @@ def _run(setup: _Setup, adjoint) -> Tensor:
     status = Status(int(sol.status[0]))
     if status != Status.SUCCESS:
         where = f"t={float(sol.t_final[0]):.6g} (solving from t={float(t[0]):.6g} to {float(t[-1]):.6g})"
-        if status == Status.MAX_STEPS:
-            if setup.max_num_steps is None:
-                cause = f"{setup.max_steps} steps taken"
-            else:
-                cause = (f"options['max_num_steps']={setup.max_num_steps} per output interval exceeded "
-                         f"({setup.max_steps} steps over the {t.shape[0] - 1} intervals)")
-            hint = "raise options['max_num_steps'], loosen rtol/atol, or check for stiffness"
-        elif status == Status.DT_UNDERFLOW:
-            cause, hint = "step size underflow", "loosen rtol/atol or lower options['min_step']"
+        if setup.max_num_steps is None:
+            steps = f"{setup.max_steps} steps taken"
         else:
-            cause, hint = "the state became non-finite (NaN or inf)", "check func for a blow-up"
-        raise RuntimeError(f"odeint: {setup.method} stopped at {where}: {cause}; {hint}")
+            steps = (f"options['max_num_steps']={setup.max_num_steps} per output interval exceeded "
+                     f"({setup.max_steps} steps over the {t.shape[0] - 1} intervals)")
+        raise RuntimeError(f"odeint: {setup.method} stopped at {where}: {_stop_reason(status, steps)}")
     return sol.ys[0]
+
+
+def _stop_reason(status: Status, steps: str) -> str:
+    """Why a solve stopped early, and what to try; ``steps`` describes the step budget that ran out."""
+    if status == Status.DT_UNDERFLOW:
+        return "step size underflow; loosen rtol/atol or lower options['min_step']"
+    if status == Status.NONFINITE:
+        return "the state became non-finite (NaN or inf); check func for a blow-up"
+    return f"{steps}; raise options['max_num_steps'], loosen rtol/atol, or check for stiffness"
 
 
 class _NoTimeGrad(torch.autograd.Function):
@@ -779,10 +782,10 @@ def _run_event(setup: _Setup, event_fn: Callable, adjoint) -> tuple[Tensor, Tens
         if status == Status.EVENT:
             return sol.event_t[0], torch.cat([setup.y0_flat, sol.ys[:, -1]])
         if status != Status.SUCCESS or steps_left <= 0:
-            reason = {Status.MAX_STEPS: "max_num_steps exceeded before the event",
-                      Status.DT_UNDERFLOW: "step size underflow", Status.NONFINITE: "non-finite state"}
-            raise RuntimeError(f"odeint: integration stopped before the event: "
-                               f"{reason.get(Status(status), 'max_num_steps exceeded before the event')}")
+            budget = f"{setup.max_steps} steps taken" if setup.max_num_steps is None else \
+                f"options['max_num_steps']={setup.max_num_steps} exceeded"
+            reason = _stop_reason(Status(status) if status != Status.SUCCESS else Status.MAX_STEPS, budget)
+            raise RuntimeError(f"odeint: integration stopped before the event: {reason}")
         tc = sol.t_final[0]
         y = sol.ys[:, -1]
         span *= 2.0
