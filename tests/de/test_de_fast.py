@@ -27,8 +27,9 @@ def assert_same(a, b, tol=1e-12):
 
 
 def assert_compiled_path_matches(monkeypatch, f, solver, t0, t1, y0, **kw):
-    """The compiled mode's code path (blocks of steps, in-graph save windows) run eagerly == the generic loop."""
+    """The compiled mode's code path (blocks of steps, its save pass) run eagerly == the generic loop."""
     monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: _fast.steps)
+    monkeypatch.setattr(_fast, "_compiled_save", lambda options=None: _fast._save_values)
     comp = de.solve(f, solver, t0, t1, y0, compile=True, **kw)
     assert_same(comp, generic(monkeypatch, f, solver, t0, t1, y0, **kw), tol=1e-11)
 
@@ -140,11 +141,12 @@ def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
 
     ks = []
 
-    def steps(P, integ, window, k, nxt, *state):
+    def steps(P, integ, k, *state):
         ks.append(k)
-        return _fast.steps(P, integ, window, k, nxt, *state)
+        return _fast.steps(P, integ, k, *state)
 
     monkeypatch.setattr(_fast, "_compiled_step", lambda options=None: steps)
+    monkeypatch.setattr(_fast, "_compiled_save", lambda options=None: _fast._save_values)
     kw = dict(args=w, saveat=de.SaveAt(ts=torch.linspace(0, 2, 9, dtype=torch.float64)),
               controller=de.PIDController(1e-7, 1e-7))
     comp = de.solve(f, de.Dopri5(), 0.0, 2.0, y0, compile=True, **kw)
@@ -161,18 +163,19 @@ def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
     assert set(ks) == {_fast._BLOCK}
 
 
-def test_compiled_window_logic_without_compiling(monkeypatch):
-    # the compiled step's in-graph save window (and its overflow fallback), run eagerly
-    monkeypatch.setattr(_fast, "_WINDOW", 2)  # most blocks pass more than 2 save times
+def test_compiled_save_passes_without_compiling(monkeypatch):
+    # the compiled mode's save passes (the compiled _save_values, writing in place), run eagerly: a tiny
+    # record limit makes them run every few blocks, each covering a different number of save times
+    monkeypatch.setattr(_fast, "_MAX_RECORDS_COMPILED", 5)
     torch.manual_seed(2)
     y0 = torch.randn(6, 2, dtype=torch.float64)
     ts = torch.linspace(0, 3, 60, dtype=torch.float64)
     kw = dict(saveat=de.SaveAt(ts=ts, t1=True), controller=de.PIDController(1e-6, 1e-6))
     calls = []
     real = _fast.save_pass
-    monkeypatch.setattr(_fast, "save_pass", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_fast, "save_pass", lambda *a: calls.append(a[-1]) or real(*a))
     assert_compiled_path_matches(monkeypatch, forced, de.Tsit5(), 0.0, 3.0, y0, **kw)
-    assert calls, "expected the overflow fallback to run"
+    assert len(calls) > 3 and all(c is not None for c in calls)
 
 
 @pytest.mark.parametrize("block", [1, 3])
@@ -188,11 +191,11 @@ def test_compiled_blocks_of_steps_without_compiling(monkeypatch, block):
     assert_compiled_path_matches(monkeypatch, forced, de.Dopri5(), 0.0, t1, y0, **kw)
 
 
-@pytest.mark.parametrize("window", [3, 40])
-def test_compiled_block_window_backwards_in_time_nonflat_state(monkeypatch, window):
-    # the block's save window locates each save time's step by the step ends in the direction of
-    # integration; a (B, 2, 2) state exercises the gathers' broadcasting; window 3 overflows
-    monkeypatch.setattr(_fast, "_WINDOW", window)
+@pytest.mark.parametrize("max_records", [3, 256])
+def test_compiled_save_backwards_in_time_nonflat_state(monkeypatch, max_records):
+    # the save pass locates each save time's step by the step ends in the direction of integration; a
+    # (B, 2, 2) state exercises the gathers' broadcasting and the flat in-place write
+    monkeypatch.setattr(_fast, "_MAX_RECORDS_COMPILED", max_records)
     torch.manual_seed(5)
     y0 = torch.randn(4, 2, 2, dtype=torch.float64)
     t0 = torch.tensor([2.0, 2.5, 3.0, 1.5], dtype=torch.float64)

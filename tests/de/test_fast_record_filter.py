@@ -26,9 +26,9 @@ def test_filtered_records_give_identical_saves(monkeypatch, ts):
     monkeypatch.setattr(_fast, "_FILTER_BYTES", 0)
     kept = []
     real = _fast.save_pass
-    def spy(P, integ, buf, recs):
+    def spy(P, integ, buf, recs, *rest):
         kept.append(len(recs))
-        return real(P, integ, buf, recs)
+        return real(P, integ, buf, recs, *rest)
 
     monkeypatch.setattr(_fast, "save_pass", spy)
     out = run()

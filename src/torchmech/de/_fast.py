@@ -16,6 +16,8 @@ the same arithmetic with far fewer operations:
 ``solve(compile=True)`` hands it to ``torch.compile`` unchanged, as ``steps``: a block of
 ``_BLOCK`` steps per compiled call, so the call's own cost and the read-back are paid once per block
 (one step per call while autograd records, where a block's surplus steps would cost backward work).
+The save pass is compiled too (``_save_values``, with dynamic shapes): eagerly it is ~40 operations on
+(batch x save times)-sized tensors, most of a compiled solve's time when there are many save times.
 """
 
 from __future__ import annotations
@@ -30,16 +32,14 @@ from torchmech.de.integrate import Status
 # bytes of per-step records (state + stage values) kept before a save pass runs
 _RECORD_BUDGET = 64 * 2 ** 20
 _MAX_RECORDS = 64
+# compiled mode: a compiled save pass costs ~0.5-1 ms per call whatever its size, so it runs rarely
+_MAX_RECORDS_COMPILED = 256
 # records larger than this are kept only for steps that pass a save time (a few (B,) operations
 # per step, worth it when the state is large and save times are sparse), at most 4 at a time
 _FILTER_BYTES = 64 * 2 ** 10
-# save times interpolated inside one compiled call (a block of ``_BLOCK`` steps); a block passing more
-# also goes through the eager save pass. One window per block rather than per step: the block's busiest
-# sample sets the width, not each step's (Van der Pol, 200 saves: at most 43 per block of 4, 17 per step)
-_WINDOW = 48
-# steps per compiled call: the call's own cost (guards, wrapper, the done read-back, the save scatter; ~80 us on
-# CPU, as much as a small problem's step arithmetic) is paid once per block; a block that runs past the last
-# sample's end repeats masked no-op steps (h = 0)
+# steps per compiled call: the call's own cost (guards, wrapper, the done read-back; ~80 us on CPU, as much
+# as a small problem's step arithmetic) is paid once per block; a block that runs past the last sample's end
+# repeats masked no-op steps (h = 0)
 _BLOCK = 4
 
 
@@ -236,65 +236,25 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
     return state, record
 
 
-def _block_save(P: Plan, integ, W: int, nxt, records: list, t_end):
-    """Values at the first ``W`` save times passed by a block of steps (compiled mode).
-
-    ``records`` are the block's step records (t, t_new, y, F stacked (R, B, ...)); per sample they
-    tile (start, t_end]. ``nxt`` (B,) is each sample's first save index not yet passed. Returns ((B, W*S)
-    indices into the save buffer viewed as (B, (T+1)*S) (the spare column T where unused), (B, W*S)
-    values), the advanced ``nxt`` and whether some sample passed more than ``W`` save times (the caller's
-    eager save pass then fills the block's records).
-    """
-    d = integ.direction
-    T = integ.ts.shape[1]
-    k = len(records)
-    ar = torch.arange(W + 1, device=t_end.device)
-    cols = (nxt[:, None] + ar[None]).clamp(max=T)
-    passed = integ._dts_pad.gather(1, cols) <= (d * t_end)[:, None]  # (B, W+1); the pad column is +inf
-    over = passed[:, W].any()
-    used = passed[:, :W]
-    nxt = torch.searchsorted(integ._dts, (d * t_end)[:, None], right=True)[:, 0]
-    idx = torch.where(used, cols[:, :W], T)
-    tau = integ._ts_pad.gather(1, idx)  # (B, W)
-    # the step covering each save time: the first whose end reaches it (rejected steps have zero
-    # length and end where an earlier step did, so they are never the first)
-    ends = torch.stack([d * r[1] for r in records], dim=1)  # (B, k), non-decreasing
-    m = (ends[:, None, :] < (d[:, None] * tau)[:, :, None]).sum(-1).clamp_(max=k - 1)  # (B, W)
-    t_m = torch.stack([r[0] for r in records], dim=1).gather(1, m)
-    h_m = torch.stack([r[1] - r[0] for r in records], dim=1).gather(1, m)
-    safe_h = torch.where(used & (h_m != 0), h_m, torch.ones_like(h_m))
-    theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))  # (B, W)
-    # per step the interpolant's coefficients y + h sum_p theta^(p+1) Q_p, gathered per save time
-    ys = torch.stack([r[2] for r in records], dim=1)  # (B, k, ...)
-    qs = [torch.stack(qr, dim=1) for qr in zip(*(P.qs(list(r[3].unbind(0))) for r in records))]
-    mi = bcast(m, ys[:, :1]).expand((ys.shape[0], W) + ys.shape[2:])
-    th = bcast(theta, mi)
-    acc = qs[-1].gather(1, mi) * th
-    for q in qs[-2::-1]:
-        acc = (acc + q.gather(1, mi)) * th
-    B = tau.shape[0]
-    vals = torch.addcmul(ys.gather(1, mi), bcast(h_m, acc), acc).to(ys.dtype).reshape(B, W, -1)
-    return (_flat_cols(idx, vals.shape[-1]), vals.reshape(B, -1)), nxt, over
-
-
 def _flat_cols(idx: Tensor, S: int) -> Tensor:
     """Save columns (B, K) as indices (B, K*S) into the save buffer viewed as (B, (T+1)*S), S the state size per
     sample: a scatter along that axis with a contiguous index is ~4x faster than along the save axis with an
-    index expanded over the state (36 vs 10 us for Van der Pol's (256, 48) blocks)."""
+    index expanded over the state (36 vs 10 us for Van der Pol's (256, 48) slots)."""
     return (idx[..., None] * S + torch.arange(S, device=idx.device)).reshape(idx.shape[0], -1)
 
 
-def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
+def save_pass(P: Plan, integ, buf: Tensor, records: list, compiled: dict | None = None) -> Tensor:
     """Fill every save time covered by the recorded steps into ``buf`` (B, T+1, ...); returns it.
 
     Per sample the recorded steps tile an interval ``[start, end]`` (rejected steps have zero
     length), so the step covering save time ``tau`` is the first whose end reaches ``tau``.
+    ``compiled``: the Inductor options of a compiled solve (its values then come from the compiled
+    ``_save_values``, and without autograd they are written into ``buf`` in place; ``buf`` must be contiguous).
     """
     d = integ.direction
     tt = torch.stack([r[0] for r in records])  # (M, B) step starts
     tn = torch.stack([r[1] for r in records])  # (M, B) step ends (== start when rejected)
     M, B = tt.shape
-    T = integ.ts.shape[1]
     ends = (d * tn).T.contiguous()  # (B, M), non-decreasing per sample
     lo = torch.searchsorted(integ._dts, (d * tt[0])[:, None], right=True)
     hi = torch.searchsorted(integ._dts, ends[:, -1:].contiguous(), right=True)
@@ -302,18 +262,34 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
     K = int(count.max())
     if K == 0:
         return buf
+    ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
+    fs = torch.stack([torch.stack(r[3]) if isinstance(r[3], tuple) else r[3] for r in records], dim=2)  # (R, B, M, ...)
     ar = torch.arange(K, device=tt.device)
+    values = _save_values if compiled is None else _compiled_save(compiled)
+    idx, vals = values(P, d, integ._ts_pad, tt, tn, ends, ys, fs, lo, count, ar)
+    if compiled is not None and not (vals.requires_grad or buf.requires_grad):
+        buf.view(B, -1).scatter_(1, _flat_cols(idx, vals[0, 0].numel()), vals.reshape(B, -1))
+        return buf
+    # (out of place, for autograd: the flat view of _flat_cols measured slower here than this expanded index)
+    return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
+
+
+def _save_values(P: Plan, d, ts_pad, tt, tn, ends, ys, fs, lo, count, ar):
+    """``save_pass``'s (save columns (B, K), values there (B, K, ...)), K = len(ar) slots per sample, of which
+    the first ``count`` (B,) are the save times ``lo`` (B, 1) onwards. Step starts/ends ``tt``/``tn`` (M, B),
+    ``ends`` = d * tn as (B, M), states ``ys`` (B, M, ...), stage values ``fs`` (R, B, M, ...)."""
+    M, B = tt.shape
+    K = ar.shape[0]
+    T = ts_pad.shape[1] - 1
     used = ar[None] < count[:, None]
     idx = torch.where(used, lo + ar[None], T)  # unused slots write the spare column T
-    tau = integ._ts_pad.gather(1, idx)  # (B, K)
+    tau = ts_pad.gather(1, idx)  # (B, K)
     m = torch.searchsorted(ends, d[:, None] * tau, right=False).clamp_(max=M - 1)
     bidx = torch.arange(B, device=tt.device)[:, None]
     t_m = tt[m, bidx]
     h_m = tn[m, bidx] - t_m
     safe_h = torch.where(used & (h_m != 0), h_m, torch.ones_like(h_m))
     theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))
-    ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
-    fs = torch.stack([torch.stack(r[3]) if isinstance(r[3], tuple) else r[3] for r in records], dim=2)  # (R, B, M, ...)
     flat = (bidx * M + m).reshape(-1)  # (B*K,) rows of the (B*M) step records
     y_m = ys.reshape((B * M,) + ys.shape[2:]).index_select(0, flat).reshape((B, K) + ys.shape[2:])
     # per-step polynomial coefficients Q_p = sum_r poly[r][p] F_r, then gathered for each save
@@ -329,9 +305,7 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list) -> Tensor:
     for p in range(len(P.qrows) - 2, -1, -1):
         acc = torch.addcmul(q[:, p], acc, th)
     incr = (acc * th).reshape(y_m.shape)  # sum_p theta^(p+1) Q_p
-    vals = torch.addcmul(y_m, bcast(h_m, y_m), incr).to(y_m.dtype)
-    # (out of place, for autograd: the flat view of _flat_cols measured slower here than this expanded index)
-    return buf.scatter(1, bcast(idx, vals).expand_as(vals), vals)
+    return idx, torch.addcmul(y_m, bcast(h_m, y_m), incr).to(y_m.dtype)
 
 
 def _run_grid(P: Plan, integ, state: dict, n) -> tuple[dict, list, bool] | None:
@@ -436,36 +410,40 @@ _KEYS = ("t", "y", "dt", "vf", "done", "status", "nonfinite", "num_steps", "num_
 _COMPILED: dict = {}
 
 
-def steps(P: Plan, integ, window: int, k: int, nxt, *state):
+def steps(P: Plan, integ, k: int, *state):
     """``k`` consecutive ``step`` calls (one compiled graph in compiled mode).
 
-    Returns (state, records of the k steps, block of the first ``window`` save times the k steps
-    passed (indices and values, or None), nxt, flags (2,) = [all done after the last step, some
-    sample passed more than ``window`` save times]) for one read-back. (The caller scatters the
-    block into the save buffer in place: inside the graph the scatter would copy the whole buffer.)
+    Returns (state, records of the k steps, whether all samples are done after the last step).
     """
     records = []
     for _ in range(k):
         state, rec = step(P, integ, True, *state)
         records.append(rec)
-    done = state[4].all()
-    if not (P.save and not P.records):
-        return state, records, None, nxt, torch.stack([done, torch.zeros_like(done)])
-    block, nxt, over = _block_save(P, integ, window, nxt, records, state[0])
-    return state, records, block, nxt, torch.stack([done, over])
+    return state, records, state[4].all()
 
 
-def _compiled_step(options: dict | None = None):
-    """``steps`` compiled with these Inductor options (one compiled function per set of options)."""
-    key = tuple(sorted((k, repr(v)) for k, v in (options or {}).items()))
-    fn = _COMPILED.get(key)
-    if fn is None:
+def _compile(fn, options: dict | None, dynamic: bool):
+    """``fn`` compiled with these Inductor options (once per function and set of options)."""
+    key = (fn.__name__,) + tuple(sorted((k, repr(v)) for k, v in (options or {}).items()))
+    out = _COMPILED.get(key)
+    if out is None:
         import torch._dynamo
 
         # one graph per problem structure (solver, vector field code, shapes, dtypes, steps per call)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        fn = _COMPILED[key] = torch.compile(steps, dynamic=False, options=dict(options) if options else None)
-    return fn
+        out = _COMPILED[key] = torch.compile(fn, dynamic=dynamic, options=dict(options) if options else None)
+    return out
+
+
+def _compiled_step(options: dict | None = None):
+    """``steps`` compiled with these Inductor options (static shapes)."""
+    return _compile(steps, options, dynamic=False)
+
+
+def _compiled_save(options: dict | None = None):
+    """``_save_values`` compiled with these Inductor options: dynamic shapes, since the number of records and
+    of save times per pass vary from pass to pass."""
+    return _compile(_save_values, options, dynamic=True)
 
 
 def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict | None = None
@@ -488,27 +466,26 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
     y = tensors[1]
     per_step = y.numel() * y.element_size() * (len(P.poly) + 2)
     max_rec = max(1, min(_MAX_RECORDS, _RECORD_BUDGET // max(per_step, 1)))
-    # compiled: each block of steps interpolates up to W save times in-graph (scattered into the
-    # buffer after the call); a block passing more also goes through the eager save pass
     if P.records:  # dense output: eager steps, the records go back to the caller
         return _run_records(P, integ, state, n, tensors, cst)
     if not P.adaptive and not compiled:
         out = _run_grid(P, integ, state, n)
         if out is not None:
             return out
-    W = min(_WINDOW, integ.ts.shape[1]) if (compiled and P.save) else (1 if compiled else 0)
     records: list = []
-    nxt = None
-    filt = P.save and W == 0 and per_step > _FILTER_BYTES
-    if (compiled or filt) and P.save:
+    filt = P.save and not compiled and per_step > _FILTER_BYTES
+    if filt:  # large records: a save pass every few kept steps keeps the buffer small
         if getattr(integ, "_dts_pad", None) is None:
             integ._dts_pad = torch.cat([integ._dts, torch.full_like(integ._dts[:, :1], float("inf"))], dim=1)
-        nxt = torch.searchsorted(integ._dts, (integ.direction * tensors[0])[:, None], right=True)[:, 0]
-    nxt_f = nxt if filt else None  # per sample, the next save index not yet passed
-    if filt:  # large records: a save pass every few kept steps keeps the buffer small
+        # per sample, the next save index not yet passed
+        nxt_f = torch.searchsorted(integ._dts, (integ.direction * tensors[0])[:, None], right=True)[:, 0]
         max_rec = min(max_rec, 4)
-    if compiled and P.save:
-        buf = buf.contiguous()  # the blocks scatter into a flat view of it
+    save_opts = None
+    if compiled:
+        save_opts = dict(options or {})
+        max_rec = max(1, min(_MAX_RECORDS_COMPILED, _RECORD_BUDGET // max(per_step, 1)))
+        if P.save:
+            buf = buf.contiguous()  # the compiled save pass writes into a flat view of it
     k = 0
     all_done = False
     # a bounded run (checkpoint segments) stops exactly at n; with autograd recording, one step per call:
@@ -517,12 +494,17 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
     block_steps = 1 if (n is not None or torch.is_grad_enabled()) else _BLOCK
     while n is None or k < n:
         if compiled:
-            tensors, recs, block, nxt, flags = fn(P, integ, W, block_steps, nxt, *tensors)
+            tensors, recs, done = fn(P, integ, block_steps, *tensors)
             k += block_steps
-        else:
+            done = bool(done)  # the one host read-back per block
+            if P.save:
+                records.extend(recs)
+                if len(records) >= max_rec:
+                    buf = save_pass(P, integ, buf, records, save_opts)
+                    records = []
+        elif filt:
             tensors, rec = fn(P, integ, False, *tensors)
             k += 1
-        if W == 0 and filt:
             # keep the record only if some sample passed its next save time (one read-back per step)
             tn_d = integ.direction * tensors[0]
             hit = tn_d >= integ._dts_pad.gather(1, nxt_f[:, None])[:, 0]
@@ -533,24 +515,20 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
                 if len(records) >= max_rec:
                     buf = save_pass(P, integ, buf, records)
                     records = []
-        elif W == 0:
+        else:
+            tensors, rec = fn(P, integ, False, *tensors)
+            k += 1
             if rec is not None:
                 records.append(rec)
                 if len(records) >= max_rec:
                     buf = save_pass(P, integ, buf, records)
                     records = []
             done = bool(tensors[4].all())  # the one host read-back per step
-        else:
-            done, over = flags.tolist()
-            if block is not None:
-                buf.view(buf.shape[0], -1).scatter_(1, *block)
-            if over:  # the eager pass fills the save times the block passed beyond its window
-                buf = save_pass(P, integ, buf, recs)
         if done:
             all_done = True
             break
     if records:
-        buf = save_pass(P, integ, buf, records)
+        buf = save_pass(P, integ, buf, records, save_opts)
     new = dict(state)
     new.update(zip(_KEYS, tensors[:11]))
     if "e1" in cst:
