@@ -309,3 +309,26 @@ def test_empty_inner_batch_axis_and_inference_mode(method):
         solve_linear_ode(*random_problem(7, T=7), method=method)
     xs = random_problem(8, T=7, requires_grad=True)
     torch.autograd.grad(solve_linear_ode(*xs, method=method).sum(), xs)
+
+
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "auto"])
+@pytest.mark.parametrize("learnable", ["weight_init", "init"])
+def test_backward_when_only_unused_inputs_require_grad(method, learnable):
+    """No initial rows (T0 = 0): weight_init and init reach no row. With only those learnable the backward crashed
+    (its objective had no graph); their gradients are None, as with the dense reference, and other leaves of the
+    loss still get theirs."""
+    c, r, i, s = random_problem(9, T=6, T0=0, K0=0)
+    wi = torch.tensor(1.5, dtype=f64)
+    if learnable == "weight_init":
+        wi.requires_grad_()
+        leaf = wi
+    else:
+        i.requires_grad_()
+        leaf = i
+    other = torch.tensor(2.0, dtype=f64, requires_grad=True)
+    u = solve_linear_ode(c, r, i, s, weight_init=wi, method=method)
+    (u.square().mean() + other ** 2).backward()
+    assert leaf.grad is None or torch.count_nonzero(leaf.grad) == 0
+    assert other.grad == 4.0
+    torch.testing.assert_close(u, solve_linear_ode(c, r, i, s, weight_init=wi.detach(), method="dense"),
+                               rtol=1e-9, atol=1e-9)

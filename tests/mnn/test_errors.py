@@ -420,3 +420,19 @@ def test_central_must_be_a_bool(bad):
 
     with pytest.raises(TypeError, match="central must be a bool"):
         MechanisticBlock(central=bad)
+
+
+@pytest.mark.parametrize("name", ["weight_equation", "weight_init", "weight_smooth", "slack"])
+def test_one_element_weights_serve_any_batch_shape(name):
+    """A (1,) or (1, 1) weight is one value for every sample: it was refused for unbatched problems (a learnable
+    torch.ones(1) weight worked batched and failed unbatched). Values equal the scalar's; gradients reach it."""
+    for B in [(), (2,)]:
+        c, r, i, s = problem(B=B)
+        ref = solve_linear_ode(c, r, i, s, **{name: 0.7})
+        for shape in [(1,), (1, 1)]:
+            w = torch.full(shape, 0.7, dtype=f64, requires_grad=True)
+            u = solve_linear_ode(c, r, i, s, method="parallel", **{name: w})
+            assert u.shape == ref.shape
+            torch.testing.assert_close(u, ref, rtol=1e-10, atol=1e-10)
+            (g,) = torch.autograd.grad(u.square().sum(), w)
+            assert g.shape == shape and bool(torch.isfinite(g).all())

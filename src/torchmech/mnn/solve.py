@@ -365,7 +365,9 @@ class _NeuRLPFunction(torch.autograd.Function):
             p = template.with_tensors(leaves)
             phi = objective_cross(p, lam, lam_eps, u, ctx.eps)
             wrt = [x for x, nd in zip(leaves, need) if nd]
-            grads = iter(torch.autograd.grad(-phi, wrt, allow_unused=True)) if wrt else iter(())
+            # phi has no graph when the inputs asked for reach no row (weight_init or init without initial rows)
+            grads = iter(torch.autograd.grad(-phi, wrt, allow_unused=True)) if wrt and phi.requires_grad \
+                else iter([None] * len(wrt))
         out = []
         for t, nd in zip(tensors, need):
             gr = next(grads) if nd else None
@@ -473,12 +475,13 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
       (weight ``weight_smooth``), exactly as written in DESIGN.md.
 
     Args:
-        coefficients: ``(..., T, E, D, K)``, ``K = order + 1 >= 2``. A size-1 time axis broadcasts.
+        coefficients: ``(..., T, E, D, K)``, ``K = order + 1 >= 2``. A size-1 time axis broadcasts. Its dtype
+            (float32 or float64) is the result's; the other inputs are converted to it.
         rhs: ``(..., T, E)``; a size-1 time axis broadcasts.
         init: ``(..., T0, D, K0)`` with ``0 <= T0 <= T`` and ``0 <= K0 <= K``.
         steps: ``(..., T-1)`` positive step sizes ``h_t`` (learnable); a size-1 axis means a constant step.
         weight_equation, weight_init, weight_smooth: positive floats or tensors broadcastable to the batch
-            shape (learnable).
+            shape, or with one element (learnable).
         central: include the central-difference rows.
         slack: ``gamma_alpha`` to reproduce the seed paper's exact relaxation with one shared slack variable
             (objective ``1/2 sum r^2 - gamma_alpha * eps``); ``None`` leaves the slack out.

@@ -179,6 +179,13 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
             f"{tuple(init.shape[:-3])}, steps (...,T-1) batch {tuple(steps.shape[:-1])}"
         ) from None
     for name, w in dict(weights, **({"slack": gamma} if gamma is not None else {})).items():
+        if w.numel() == 1 and w.dim() > 0:
+            # one value for every sample, whatever its shape: a (1,) parameter serves batched and unbatched calls
+            w = w.reshape(())
+            if name == "slack":
+                gamma = w
+            else:
+                weights[name] = w
         # one value per sample: a (T,) weight must not become a batch axis (it used to, silently)
         try:
             fits = torch.broadcast_shapes(batch_shape, w.shape) == batch_shape
