@@ -509,8 +509,9 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
     scaled to a unit diagonal). On reasonably scaled problems that is far below the discretisation error; a
     ``RuntimeWarning`` is raised when the factorisation finds ``lambda_min`` < 1e-12 (errors possibly above ~1e-4;
     it checks when a Cholesky pivot falls below 1e-6). Extreme steps
-    condition the Taylor rows badly: a second-order problem with h = 1e-6 solves to only ~1e-5 relative
-    (below the warning threshold); rescale time so that steps are not tiny compared with 1.
+    condition the Taylor rows badly, the more so the higher the order: a second-order problem with h = 1e-6 solves
+    to only ~1e-5 relative (below the warning threshold), and a third-order one (K = 4) with h = 1e-4 already
+    raises ``FactorizationError`` in every method; rescale time so that steps are not tiny compared with 1.
 
     On CPU, large batches (batch size * T * (D*K)^2 above ~2.4e6) are solved in chunks along the first batch
     axis, each ~131k steps at D*K = 3: the temporaries then stay small enough to be reused instead of being
