@@ -688,3 +688,14 @@ def test_event_never_reached_names_the_step_budget():
     with pytest.raises(RuntimeError, match=r"stopped before the event: options\['max_num_steps'\]=5 exceeded"):
         tdq.odeint(decay, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D), event_fn=lambda t, y: y[0] + 1.0,
                    options={"max_num_steps": 5})
+
+
+def test_blow_up_and_large_t0_finish_instead_of_running_for_ever():
+    """odeint's max_num_steps is unlimited by default: a rejected step a few ulps long retried for ever (a
+    finite-time blow-up) and a first step shorter than half an ulp of t0 (which never moved t) both hung."""
+    with pytest.raises(RuntimeError, match="step size underflow"):
+        torchmech.odeint(lambda t, y: y ** 2, torch.ones(1), torch.tensor([0.0, 2.0]))
+    out = torchmech.odeint(lambda t, y: -y, torch.ones(1), torch.tensor([100.0, 101.0]), options={"first_step": 1e-6})
+    assert abs(float(out[-1, 0]) - math.exp(-1.0)) < 1e-4
+    out = torchmech.odeint(lambda t, y: 1 - y, torch.zeros(1), torch.tensor([5000.0, 5001.0]))
+    assert abs(float(out[-1, 0]) - (1 - math.exp(-1.0))) < 1e-4

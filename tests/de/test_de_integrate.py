@@ -232,6 +232,52 @@ def test_dt_underflow_status():
     assert 0.9 < float(sol.t_final[0]) < 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loop", ["fast", "generic"])
+def test_rejected_steps_a_few_ulps_long_underflow(monkeypatch, dtype, loop):
+    """Without dtmin, a finite-time blow-up (y' = y^2, y(0) = 1, at t = 1) ends in DT_UNDERFLOW near t = 1. A
+    rejected step a few ulps long was retried identically (t + 0.87 h rounds back to t + h) until max_steps, so
+    odeint's unlimited default ran for ever."""
+    if loop == "generic":
+        from torchmech.de import _fast
+        monkeypatch.setattr(_fast, "unsupported", lambda integ: "forced generic loop")
+    sol = de.solve(lambda t, y, a: y ** 2, de.Dopri5(), 0.0, 2.0, torch.ones(3, 1, dtype=dtype), throw=False,
+                   controller=de.PIDController(1e-7, 1e-9), max_steps=5000)
+    assert sol.status.tolist() == [de.Status.DT_UNDERFLOW] * 3
+    assert int(sol.stats["num_steps"].max()) < 1000
+    assert 0.999 < float(sol.t_final.min()) <= float(sol.t_final.max()) < 1.001  # at the blow-up
+
+
+@pytest.mark.parametrize("loop", ["fast", "generic"])
+def test_a_first_step_below_half_an_ulp_of_t0_grows(monkeypatch, loop):
+    """A proposed step too short to move t (float32 t0 = 5000, where the automatic first step is 1e-4 < half an
+    ulp = 2.4e-4, or a tiny dt0) was taken with length 0, accepted, and the next step grew from that zero length:
+    the sample never moved until max_steps. It now grows from the proposal, as torchdiffeq does."""
+    if loop == "generic":
+        from torchmech.de import _fast
+        monkeypatch.setattr(_fast, "unsupported", lambda integ: "forced generic loop")
+    sol = de.solve(lambda t, y, a: 1 - y, de.Tsit5(), 5000.0, 5001.0, torch.zeros(2, 1), throw=False,
+                   controller=de.PIDController(1e-3, 1e-6))
+    assert sol.status.tolist() == [de.Status.SUCCESS] * 2
+    torch.testing.assert_close(sol.ys[:, -1, 0], torch.full((2,), 1 - math.exp(-1.0)), rtol=1e-4, atol=1e-4)
+    sol = de.solve(decay, de.Dopri5(), 100.0, 101.0, torch.ones(1, 1), dt0=1e-6, args=torch.ones(1),
+                   controller=de.PIDController(1e-6, 1e-8), throw=False)
+    assert sol.status.tolist() == [de.Status.SUCCESS]
+    assert abs(float(sol.ys[0, -1, 0]) - math.exp(-1.0)) < 1e-5
+
+
+def test_a_zero_step_proposal_underflows():
+    # the generic controller contract: a proposal of 0 for an active sample cannot grow; it is not accepted
+    ctrl = de.PIDController(1e-6, 1e-6)
+    t = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    y = torch.ones(2, 1, dtype=torch.float64)
+    dt = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    st = {"e1": torch.ones(2, dtype=torch.float64), "e2": torch.ones(2, dtype=torch.float64)}
+    accept, dt_new, underflow, _ = ctrl.adapt(t, t + dt, dt, y, y, torch.zeros_like(y), st, 5)
+    assert accept.tolist() == [False, True] and underflow.tolist() == [True, False]
+    assert float(dt_new[1]) == pytest.approx(1.0)  # zero error: grows by factormax
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_bad_inputs(probs):
     f = probs.problems["linear"][0]

@@ -361,8 +361,17 @@ class PIDController(AbstractController):
             e = self.norm(self._over(err.detach(), scale))
             finite = torch.isfinite(e)
             accept = (e <= 1) & finite
+            habs = h.abs()
+            dt = dt.detach()
+            # A proposal below half an ulp of t leaves t where it is (h = 0, zero error, accepted): the next step
+            # grows from the proposal (as if its error were zero), not from the zero-length step, which would stall
+            # the sample for ever (float32 t0 = 5000 with a 1e-4 first step). A zero proposal cannot grow: it is
+            # rejected, and the underflow test below ends the sample.
+            base = torch.where(habs == 0, dt.abs(), habs)
+            accept = accept & (base != 0)
+            sign = torch.sign(dt)  # (h, when not 0, has the proposal's sign: it is the proposal clipped)
             if self.force_dtmin:
-                accept = accept | (h.abs() <= self.dtmin * (1 + 1e-6))
+                accept = accept | ((habs <= self.dtmin * (1 + 1e-6)) & (base != 0))
             tiny = torch.finfo(e.dtype).tiny ** 0.5
             e_safe = torch.where(finite, e, torch.ones_like(e)).clamp(min=tiny)
             k = float(error_order)
@@ -374,15 +383,20 @@ class PIDController(AbstractController):
                 factor = factor * state["e1"] ** (-b2)
             if b3 != 0:
                 factor = factor * state["e2"] ** (-b3)
-            fmax = torch.where(accept, torch.full_like(factor, self.factormax), torch.ones_like(factor))
+            # a rejected step shrinks by at least 2%, so the snap onto t1 (which lengthens a step by <= 1%) cannot
+            # give the same step back (with safety close to 1 and an error ratio just above 1)
+            fmax = torch.where(accept, torch.full_like(factor, self.factormax), torch.full_like(factor, 0.98))
             factor = torch.minimum(torch.maximum(factor, torch.full_like(factor, self.factormin)), fmax)
             factor = torch.where(finite, factor, torch.full_like(factor, self.factormin))
-            adt = self._clip_dt(h.abs() * factor)
-            underflow = torch.zeros_like(accept)
+            adt = self._clip_dt(base * factor)
+            # a rejected step whose retry rounds to no step at all, or to a step no shorter than the rejected one
+            # (a step a few ulps long: t + 0.87 h rounds back to t + h), would be retried identically until
+            # max_steps: the step size has underflowed (scipy: "step size less than spacing between numbers")
+            moved = (torch.addcmul(t, sign, adt) - t).abs()
+            underflow = ~accept & ((moved == 0) | (moved >= habs))
             if self.dtmin is not None:
-                underflow = ~accept & (h.abs() <= self.dtmin * (1 + 1e-6))
-            underflow = underflow | (~accept & (t + torch.sign(h) * adt == t) & (h != 0))
+                underflow = underflow | (~accept & (habs <= self.dtmin * (1 + 1e-6)))
             new_state = dict(state)
             new_state["e1"] = torch.where(accept, e_safe, state["e1"])
             new_state["e2"] = torch.where(accept, state["e1"], state["e2"])
-        return accept, torch.sign(h) * adt, underflow, new_state
+        return accept, sign * adt, underflow, new_state
