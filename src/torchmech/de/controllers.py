@@ -202,7 +202,9 @@ class PIDController(AbstractController):
         rtol, atol: tolerances, floats or tensors broadcastable to the state ``(B, ...)`` (e.g. per
             component ``(D,)``). Must be positive (``rtol > 0``, ``atol >= 0``).
         dtmin, dtmax: bounds on ``|dt|``. A rejected step at ``dtmin`` ends the sample with
-            status ``DT_UNDERFLOW``.
+            status ``DT_UNDERFLOW``; so does, with or without ``dtmin``, a rejected step that floating point
+            cannot shorten (a few ulps of t long, e.g. at a finite-time blow-up). A proposed step too short
+            to move t at all is taken as a zero-length step, and the next one grows from the proposal.
         factormin, factormax, safety: step-change limits and safety factor.
         norm: callable (B, ...) -> (B,), default :func:`rms_norm` (each sample on its own error);
             :func:`batch_rms_norm` gives the batch one step size, as torchdiffeq steps it.
