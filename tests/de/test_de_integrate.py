@@ -266,6 +266,20 @@ def test_a_first_step_below_half_an_ulp_of_t0_grows(monkeypatch, loop):
     assert abs(float(sol.ys[0, -1, 0]) - math.exp(-1.0)) < 1e-5
 
 
+def test_force_dtmin_accepts_a_dtmin_proposal_that_rounds_longer():
+    """float32 at t ~ 50: a proposal of exactly dtmin = 1e-5 rounds to a longer step (ulp 3.8e-6), which the
+    forced acceptance (tested on the rounded length) never took; the step was retried for ever (MAX_STEPS, later
+    DT_UNDERFLOW). A jump of the field at t = 50.5 needs steps at dtmin to pass."""
+    def f(t, y, a):
+        return torch.where(t[:, None] > 50.5, torch.full_like(y, 1e4), torch.zeros_like(y))
+
+    for dtype in (torch.float32, torch.float64):
+        sol = de.solve(f, de.Tsit5(), 50.0, 51.0, torch.zeros(1, 1, dtype=dtype), throw=False, max_steps=3000,
+                       controller=de.PIDController(1e-6, 1e-6, dtmin=1e-5, force_dtmin=True))
+        assert sol.status.tolist() == [de.Status.SUCCESS]
+        assert abs(float(sol.ys[0, -1, 0]) - 5000.0) < 0.5
+
+
 def test_a_zero_step_proposal_underflows():
     # the generic controller contract: a proposal of 0 for an active sample cannot grow; it is not accepted
     ctrl = de.PIDController(1e-6, 1e-6)

@@ -373,7 +373,10 @@ class PIDController(AbstractController):
             accept = accept & (base != 0)
             sign = torch.sign(dt)  # (h, when not 0, has the proposal's sign: it is the proposal clipped)
             if self.force_dtmin:
-                accept = accept | ((habs <= self.dtmin * (1 + 1e-6)) & (base != 0))
+                # the proposal or the step taken at dtmin: a proposal of exactly dtmin can round to a longer step
+                # (float32 at large t), which would then never be forced and retry the same step
+                at_min = (torch.minimum(habs, dt.abs()) <= self.dtmin * (1 + 1e-6)) & (base != 0)
+                accept = accept | at_min
             tiny = torch.finfo(e.dtype).tiny ** 0.5
             e_safe = torch.where(finite, e, torch.ones_like(e)).clamp(min=tiny)
             k = float(error_order)
