@@ -401,7 +401,10 @@ class PIDController(AbstractController):
             underflow = ~accept & ((moved == 0) | (moved >= habs))
             if self.dtmin is not None:
                 underflow = underflow | (~accept & (habs <= self.dtmin * (1 + 1e-6)))
+            # the PI/PID error history (unused by the default I controller): a zero-length step has no error to
+            # remember (its tiny ratio would hold the next steps at factormin)
+            kept = accept & (habs != 0) if (b2 != 0 or b3 != 0) else accept
             new_state = dict(state)
-            new_state["e1"] = torch.where(accept, e_safe, state["e1"])
-            new_state["e2"] = torch.where(accept, state["e1"], state["e2"])
+            new_state["e1"] = torch.where(kept, e_safe, state["e1"])
+            new_state["e2"] = torch.where(kept, state["e1"], state["e2"])
         return accept, sign * adt, underflow, new_state
