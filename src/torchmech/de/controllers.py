@@ -369,14 +369,15 @@ class PIDController(AbstractController):
             # grows from the proposal (as if its error were zero), not from the zero-length step, which would stall
             # the sample for ever (float32 t0 = 5000 with a 1e-4 first step). A zero proposal cannot grow: it is
             # rejected, and the underflow test below ends the sample.
-            base = torch.where(habs == 0, dt.abs(), habs)
-            accept = accept & (base != 0)
+            dabs = dt.abs()
+            base = torch.where(habs == 0, dabs, habs)
+            live = base != 0
+            accept = accept & live
             sign = torch.sign(dt)  # (h, when not 0, has the proposal's sign: it is the proposal clipped)
             if self.force_dtmin:
                 # the proposal or the step taken at dtmin: a proposal of exactly dtmin can round to a longer step
                 # (float32 at large t), which would then never be forced and retry the same step
-                at_min = (torch.minimum(habs, dt.abs()) <= self.dtmin * (1 + 1e-6)) & (base != 0)
-                accept = accept | at_min
+                accept = accept | ((torch.minimum(habs, dabs) <= self.dtmin * (1 + 1e-6)) & live)
             tiny = torch.finfo(e.dtype).tiny ** 0.5
             e_safe = torch.where(finite, e, torch.ones_like(e)).clamp(min=tiny)
             k = float(error_order)

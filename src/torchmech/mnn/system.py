@@ -77,6 +77,13 @@ def _as_tensor(name: str, value, like: Tensor) -> Tensor:
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
 
+def _per_sample(name: str, value, like: Tensor) -> Tensor:
+    """A weight or slack as a tensor; one element means one value for every sample, whatever its shape (a (1,)
+    parameter serves batched and unbatched calls)."""
+    w = _as_tensor(name, value, like)
+    return w.reshape(()) if w.numel() == 1 and w.dim() > 0 else w
+
+
 def _check_finite(name: str, x: Tensor) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).sum().item()
@@ -155,14 +162,14 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
         raise ValueError(f"init pins T0 = {T0} steps but the grid has only T = {T} points")
     weights = {}
     for name, w in (("weight_equation", weight_equation), ("weight_init", weight_init), ("weight_smooth", weight_smooth)):
-        w = _as_tensor(name, w, coefficients)
+        w = _per_sample(name, w, coefficients)
         _check_finite(name, w)
         if bool((w <= 0).any()):
             raise ValueError(f"{name} must be > 0, got min {w.min().item():g}")
         weights[name] = w
     gamma = None
     if slack is not None:
-        gamma = _as_tensor("slack", slack, coefficients)
+        gamma = _per_sample("slack", slack, coefficients)
         _check_finite("slack", gamma)
     for name, x in (("coefficients", coefficients), ("rhs", rhs), ("init", init), ("steps", steps)):
         _check_finite(name, x)
@@ -179,13 +186,6 @@ def prepare(coefficients, rhs, init, steps, *, weight_equation=1.0, weight_init=
             f"{tuple(init.shape[:-3])}, steps (...,T-1) batch {tuple(steps.shape[:-1])}"
         ) from None
     for name, w in dict(weights, **({"slack": gamma} if gamma is not None else {})).items():
-        if w.numel() == 1 and w.dim() > 0:
-            # one value for every sample, whatever its shape: a (1,) parameter serves batched and unbatched calls
-            w = w.reshape(())
-            if name == "slack":
-                gamma = w
-            else:
-                weights[name] = w
         # one value per sample: a (T,) weight must not become a batch axis (it used to, silently)
         try:
             fits = torch.broadcast_shapes(batch_shape, w.shape) == batch_shape
