@@ -131,7 +131,7 @@ def test_fast_gradients_equal_generic(monkeypatch):
 
 def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
     """While autograd records, the compiled mode's calls take one step each (a block's surplus masked steps would
-    enter the backward pass); without it, blocks of _BLOCK. Values and gradients equal the generic loop's."""
+    enter the backward pass); without it (no grad mode, or nothing requiring grad), blocks of _BLOCK. Values and gradients equal the generic loop's."""
     torch.manual_seed(3)
     y0 = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     w = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
@@ -161,12 +161,21 @@ def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
     with torch.no_grad():
         de.solve(f, de.Dopri5(), 0.0, 2.0, y0, compile=True, **kw)
     assert set(ks) == {_fast._BLOCK}
+    # grad mode on: whether a graph is recorded decides, not the mode
+    y0d, wd = y0.detach(), w.detach()
+    for inputs, recorded in [((y0d, wd, 2.0), False),  # nothing requires grad: a plain script
+                             ((y0d, w, 2.0), True),  # a parameter of the field (through args)
+                             ((y0d, wd, torch.tensor(2.0, dtype=torch.float64, requires_grad=True)), True)]:
+        ks.clear()
+        y, a, t1 = inputs
+        de.solve(f, de.Dopri5(), 0.0, t1, y, compile=True, **dict(kw, args=a))
+        assert set(ks) == ({1} if recorded else {_fast._BLOCK}), inputs
 
 
 def test_compiled_save_passes_without_compiling(monkeypatch):
     # the compiled mode's save passes (the compiled _save_values, writing in place), run eagerly: a tiny
     # record limit makes them run every few blocks, each covering a different number of save times
-    monkeypatch.setattr(_fast, "_MAX_RECORDS_COMPILED", 5)
+    monkeypatch.setattr(_fast, "_MAX_RECORDS_COMPILED", 3)
     torch.manual_seed(2)
     y0 = torch.randn(6, 2, dtype=torch.float64)
     ts = torch.linspace(0, 3, 60, dtype=torch.float64)

@@ -770,7 +770,8 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         progress: show a tqdm progress bar of the slowest sample over [t0, t1].
         compile: run the steps (stages, error norm, controller, bookkeeping) as ``torch.compile``d
             graphs of four steps each (samples that finish inside one repeat masked no-op steps; one
-            step per graph when gradients are recorded, so no extra steps enter the backward pass), and
+            step per graph when gradients are recorded (grad mode on and y0, t0, t1, args or the field's
+            parameters requiring grad), so no extra steps enter the backward pass), and
             the interpolation at ``SaveAt.ts`` as a compiled pass over up to 256 steps at a time. Needs the
             common case that the lean eager loop also covers: an ``ODETerm`` with an explicit RK
             solver, ``PIDController`` (no ``step_ts``/``jump_ts``) or ``ConstantStep``, no
