@@ -175,7 +175,9 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
         # a sum of zeros cannot overflow)
         parts = [y1, f1] if err is None else [y1, f1, err]
         finite = torch.isfinite(torch.stack(parts, dim=1).mul_(0).reshape(y.shape[0], -1).sum(dim=1))
-    redo = not stack and torch.is_grad_enabled() and not bool((finite | done).all())
+    # (y1 requires grad exactly when the step's graph is recorded; without one there is nothing to redo, and no
+    # host read-back)
+    redo = not stack and y1.requires_grad and not bool((finite | done).all())
     if redo:
         # A sample whose stages went non-finite is rejected, but its rows would stay in the autograd graph: they
         # get zero gradients, and 0 * NaN (sqrt's derivative at a negative stage, say) is NaN, which the

@@ -441,7 +441,8 @@ class _Integrator:
         finite = all_finite(res.y1) & all_finite(res.vf1)
         if res.err is not None:
             finite = finite & all_finite(res.err)
-        if torch.is_grad_enabled() and not bool((finite | ~active).all()):
+        recorded = any(isinstance(x, Tensor) and x.requires_grad for x in tree_leaves(res.y1))
+        if recorded and not bool((finite | ~active).all()):
             # rejected non-finite stages would leave 0 * NaN in the backward pass (see _fast.step): the graph
             # takes the step again with h = 0 for those samples; the decisions below use the first attempt
             t_g = torch.where(finite | ~active, t_next, t)
