@@ -249,13 +249,20 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list, compiled: dict | None 
     """Fill every save time covered by the recorded steps into ``buf`` (B, T+1, ...); returns it.
 
     Per sample the recorded steps tile an interval ``[start, end]`` (rejected steps have zero
-    length), so the step covering save time ``tau`` is the first whose end reaches ``tau``.
+    length), so the step covering save time ``tau`` is the first whose end reaches ``tau``. ``records``: one
+    ``step`` record per step, or (compiled mode) one ``steps`` block per call.
     ``compiled``: the Inductor options of a compiled solve (its values then come from the compiled
     ``_save_values``, and without autograd they are written into ``buf`` in place; ``buf`` must be contiguous).
     """
     d = integ.direction
-    tt = torch.stack([r[0] for r in records])  # (M, B) step starts
-    tn = torch.stack([r[1] for r in records])  # (M, B) step ends (== start when rejected)
+    if records[0][0].dim() == 2:  # blocks of steps from the compiled ``steps``, already stacked
+        tt, tn = torch.cat([r[0] for r in records]), torch.cat([r[1] for r in records])
+        ys, fs = torch.cat([r[2] for r in records], dim=1), torch.cat([r[3] for r in records], dim=2)
+    else:
+        tt = torch.stack([r[0] for r in records])  # (M, B) step starts
+        tn = torch.stack([r[1] for r in records])  # (M, B) step ends (== start when rejected)
+        ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
+        fs = torch.stack([torch.stack(r[3]) if isinstance(r[3], tuple) else r[3] for r in records], dim=2)  # (R, B, M, ...)
     M, B = tt.shape
     ends = (d * tn).T.contiguous()  # (B, M), non-decreasing per sample
     lo = torch.searchsorted(integ._dts, (d * tt[0])[:, None], right=True)
@@ -264,8 +271,6 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list, compiled: dict | None 
     K = int(count.max())
     if K == 0:
         return buf
-    ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
-    fs = torch.stack([torch.stack(r[3]) if isinstance(r[3], tuple) else r[3] for r in records], dim=2)  # (R, B, M, ...)
     ar = torch.arange(K, device=tt.device)
     values = _save_values if compiled is None else _compiled_save(compiled)
     idx, vals = values(P, d, integ._ts_pad, tt, tn, ends, ys, fs, lo, count, ar)
@@ -415,13 +420,20 @@ _COMPILED: dict = {}
 def steps(P: Plan, integ, k: int, *state):
     """``k`` consecutive ``step`` calls (one compiled graph in compiled mode).
 
-    Returns (state, records of the k steps, whether all samples are done after the last step).
+    Returns (state, the k steps' records as one block, whether all samples are done after the last step). The
+    block stacks them along a step axis in ``save_pass``'s layout (step starts and ends (k, B), states (B, k, ...),
+    stage values (R, B, k, ...)); None when nothing is saved. (One block instead of k records: each tensor a
+    compiled call returns costs ~0.6 us on CPU, and the save pass concatenates 4x fewer pieces.)
     """
     records = []
     for _ in range(k):
         state, rec = step(P, integ, True, *state)
         records.append(rec)
-    return state, records, state[4].all()
+    block = None
+    if records[0] is not None:
+        block = (torch.stack([r[0] for r in records]), torch.stack([r[1] for r in records]),
+                 torch.stack([r[2] for r in records], dim=1), torch.stack([r[3] for r in records], dim=2))
+    return state, block, state[4].all()
 
 
 def _compile(fn, options: dict | None, dynamic: bool):
@@ -500,12 +512,12 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
     block_steps = 1 if (n is not None or recording) else _BLOCK
     while n is None or k < n:
         if compiled:
-            tensors, recs, done = fn(P, integ, block_steps, *tensors)
+            tensors, block, done = fn(P, integ, block_steps, *tensors)
             k += block_steps
             done = bool(done)  # the one host read-back per block
             if P.save:
-                records.extend(recs)
-                if len(records) >= max_rec:
+                records.append(block)
+                if len(records) * block_steps >= max_rec:
                     buf = save_pass(P, integ, buf, records, save_opts)
                     records = []
         elif filt:
