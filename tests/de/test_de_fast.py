@@ -131,7 +131,8 @@ def test_fast_gradients_equal_generic(monkeypatch):
 
 def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
     """While autograd records, the compiled mode's calls take one step each (a block's surplus masked steps would
-    enter the backward pass); without it (no grad mode, or nothing requiring grad), blocks of _BLOCK. Values and gradients equal the generic loop's."""
+    enter the backward pass); without it (no grad mode, or nothing requiring grad), blocks of _BLOCK. Values and
+    gradients equal the generic loop's."""
     torch.manual_seed(3)
     y0 = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     w = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
@@ -174,7 +175,7 @@ def test_compiled_path_with_gradients_takes_one_step_per_call(monkeypatch):
 
 def test_compiled_save_passes_without_compiling(monkeypatch):
     # the compiled mode's save passes (the compiled _save_values, writing in place), run eagerly: a tiny
-    # record limit makes them run every few blocks, each covering a different number of save times
+    # record limit makes them run every block, each covering a different number of save times
     monkeypatch.setattr(_fast, "_MAX_RECORDS_COMPILED", 3)
     torch.manual_seed(2)
     y0 = torch.randn(6, 2, dtype=torch.float64)
@@ -230,3 +231,25 @@ def test_large_state_flushes_records(monkeypatch):
     sol = de.solve(f, de.Dopri5(), 0.0, 2.0, y0, saveat=de.SaveAt(ts=ts), controller=de.PIDController(1e-9, 1e-9))
     exact = y0[:, None] * torch.exp(-ts ** 2 / 2)[None, :, None, None]
     torch.testing.assert_close(sol.ys, exact, rtol=1e-7, atol=1e-8)
+
+
+def test_nonfinite_step_retaken_when_only_the_next_stage_is_recorded(monkeypatch):
+    # Euler's new state y + h f0 has no graph when f(t0, y0) does not use the parameter; the next first stage
+    # f(t1, y1) does. A sample whose step goes non-finite must still be retaken with h = 0 in the graph, or its
+    # NaN reaches the parameter's gradient through 0 * NaN. Reference: the healthy sample solved alone.
+    p = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y, p):
+        if bool((t <= 0).all()):  # the parameter is switched on after t0
+            return -torch.ones_like(y)
+        return -p * torch.sqrt(y)
+
+    y0 = torch.tensor([[0.5], [2.0]], dtype=torch.float64)  # sample 0: y1 = -0.1, sqrt -> NaN
+    for solve in (de.solve, lambda *a, **kw: generic(monkeypatch, *a, **kw)):
+        sol = solve(f, de.Euler(), 0.0, 1.0, y0, dt0=0.6, args=p, throw=False)
+        assert sol.status[0] != de.Status.SUCCESS and sol.status[1] == de.Status.SUCCESS
+        (g,) = torch.autograd.grad(sol.ys[1].sum(), p)
+        alone = solve(f, de.Euler(), 0.0, 1.0, y0[1:], dt0=0.6, args=p)
+        (g_ref,) = torch.autograd.grad(alone.ys.sum(), p)
+        assert torch.isfinite(g_ref) and g_ref != 0
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=0)

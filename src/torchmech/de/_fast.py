@@ -175,9 +175,10 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
         # a sum of zeros cannot overflow)
         parts = [y1, f1] if err is None else [y1, f1, err]
         finite = torch.isfinite(torch.stack(parts, dim=1).mul_(0).reshape(y.shape[0], -1).sum(dim=1))
-    # (y1 requires grad exactly when the step's graph is recorded; without one there is nothing to redo, and no
-    # host read-back)
-    redo = not stack and y1.requires_grad and not bool((finite | done).all())
+    # (only when the step's graph is recorded: the new state, the next first stage or a stage value the save pass
+    # reads requires grad; without a graph there is nothing to redo, and no host read-back)
+    recorded = y1.requires_grad or f1.requires_grad or any(fi.requires_grad for fi in fs)
+    redo = not stack and recorded and not bool((finite | done).all())
     if redo:
         # A sample whose stages went non-finite is rejected, but its rows would stay in the autograd graph: they
         # get zero gradients, and 0 * NaN (sqrt's derivative at a negative stage, say) is NaN, which the
@@ -262,7 +263,7 @@ def save_pass(P: Plan, integ, buf: Tensor, records: list, compiled: dict | None 
         tt = torch.stack([r[0] for r in records])  # (M, B) step starts
         tn = torch.stack([r[1] for r in records])  # (M, B) step ends (== start when rejected)
         ys = torch.stack([r[2] for r in records], dim=1)  # (B, M, ...)
-        fs = torch.stack([torch.stack(r[3]) if isinstance(r[3], tuple) else r[3] for r in records], dim=2)  # (R, B, M, ...)
+        fs = torch.stack([torch.stack(r[3]) for r in records], dim=2)  # (R, B, M, ...)
     M, B = tt.shape
     ends = (d * tn).T.contiguous()  # (B, M), non-decreasing per sample
     lo = torch.searchsorted(integ._dts, (d * tt[0])[:, None], right=True)
@@ -506,7 +507,9 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
     # a block's masked no-op steps after the last sample finishes would cost forward and backward work
     # (a 2-step training solve did 4 steps), more than the per-call cost a block saves. Autograd records
     # when grad mode is on and the state, the times or the field's value at t0 (so its parameters and
-    # args) require grad; grad mode alone, as in a plain script, records nothing (1.15x faster in blocks)
+    # args) require grad; grad mode alone, as in a plain script, records nothing (1.15x faster in blocks).
+    # (A parameter the field first reads after t0 is missed: its blocks then run under autograd, with the
+    # same values and gradients and some masked steps' extra backward work.)
     recording = torch.is_grad_enabled() and (
         any(x.requires_grad for x in tensors) or (isinstance(integ.t1, Tensor) and integ.t1.requires_grad))
     block_steps = 1 if (n is not None or recording) else _BLOCK

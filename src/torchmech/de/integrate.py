@@ -441,7 +441,8 @@ class _Integrator:
         finite = all_finite(res.y1) & all_finite(res.vf1)
         if res.err is not None:
             finite = finite & all_finite(res.err)
-        recorded = any(isinstance(x, Tensor) and x.requires_grad for x in tree_leaves(res.y1))
+        # (only when the step's graph is recorded: without one there is nothing to redo, and no host read-back)
+        recorded = any(isinstance(x, Tensor) and x.requires_grad for x in tree_leaves((res.y1, res.vf1, res.interp)))
         if recorded and not bool((finite | ~active).all()):
             # rejected non-finite stages would leave 0 * NaN in the backward pass (see _fast.step): the graph
             # takes the step again with h = 0 for those samples; the decisions below use the first attempt
@@ -771,8 +772,8 @@ def solve(terms, solver, t0, t1, y0, *, dt0=None, args=None, saveat: SaveAt | No
         progress: show a tqdm progress bar of the slowest sample over [t0, t1].
         compile: run the steps (stages, error norm, controller, bookkeeping) as ``torch.compile``d
             graphs of four steps each (samples that finish inside one repeat masked no-op steps; one
-            step per graph when gradients are recorded (grad mode on and y0, t0, t1, args or the field's
-            parameters requiring grad), so no extra steps enter the backward pass), and
+            step per graph when gradients are recorded (grad mode on and y0, t0, t1,
+            dt0, args or the field's parameters requiring grad), so no extra steps enter the backward pass), and
             the interpolation at ``SaveAt.ts`` as a compiled pass over up to 256 steps at a time. Needs the
             common case that the lean eager loop also covers: an ``ODETerm`` with an explicit RK
             solver, ``PIDController`` (no ``step_ts``/``jump_ts``) or ``ConstantStep``, no
