@@ -582,3 +582,45 @@ def test_inference_mode_solves_do_not_poison_later_training():
     de.solve(f, solver, 0.0, 1.0, y0.clone().requires_grad_(), controller=ctrl, event=ev).ys.sum().backward()
     de.solve(terms, de.EulerMaruyama(), 0.0, 1.0, y0, dt0=0.1).ys.sum().backward()
     assert lin.weight.grad is not None and sig.grad is not None
+
+
+SHARED_TS_CASES = [
+    # (t0, t1, ts): every branch of the shared-save-times check, valid and invalid
+    (0.0, 1.0, [0.0, 0.5, 1.0]),
+    (0.0, 1.0, [0.2, 0.2, 0.9]),  # repeated times
+    (0.0, 1.0, [0.0, 0.7, 0.5]),  # not monotonic
+    (0.0, 1.0, [-0.1, 0.5]),  # before t0
+    (0.0, 1.0, [0.5, 1.1]),  # after t1
+    (1.0, 0.0, [1.0, 0.5, 0.0]),  # backwards
+    (1.0, 0.0, [0.0, 0.5, 1.0]),  # backwards, ascending times
+    (0.0, 1.0, [0.0, float("nan")]),
+    (0.0, 1.0, [0.0, float("inf")]),
+    (0.5, 0.5, [0.5, 0.5]),  # t0 == t1: only t0
+    (0.5, 0.5, [0.5, 0.6, 0.5]),  # t0 == t1, a time elsewhere between two at t0
+    ([0.0, 1.0, 0.5], [1.0, 0.0, 0.5], [0.5, 0.5]),  # mixed directions, all valid
+    ([0.0, 1.0, 0.5], [1.0, 0.0, 0.5], [0.4, 0.5]),  # mixed: fine forwards, not backwards, not at t0 == t1
+    ([0.0, 1.0], [1.0, 0.0], [0.0, 1.0]),  # mixed: ascending times outside the backward sample's order
+]
+
+
+@pytest.mark.parametrize("t0,t1,ts", SHARED_TS_CASES)
+def test_shared_save_times_checked_like_per_sample_ones(t0, t1, ts):
+    # shared (T,) save times take a fast check on the ends of the grid; it must accept and refuse exactly what
+    # the full check of the same times given per sample (B, T) does, with the same message
+    B = len(t0) if isinstance(t0, list) else 3
+    t0 = torch.tensor(t0, dtype=torch.float64) if isinstance(t0, list) else t0
+    t1 = torch.tensor(t1, dtype=torch.float64) if isinstance(t1, list) else t1
+    ts = torch.tensor(ts, dtype=torch.float64)
+    y0 = torch.ones(B, 1, dtype=torch.float64)
+    outcomes = []
+    for times in (ts, ts.expand(B, -1)):
+        try:
+            sol = de.solve(lambda t, y, a: -y, de.Tsit5(), t0, t1, y0, saveat=de.SaveAt(ts=times))
+            outcomes.append(("ok", sol.ys))
+        except ValueError as exc:
+            outcomes.append(("error", str(exc)))
+    assert outcomes[0][0] == outcomes[1][0]
+    if outcomes[0][0] == "ok":
+        torch.testing.assert_close(outcomes[0][1], outcomes[1][1], rtol=0, atol=0)
+    else:
+        assert outcomes[0][1] == outcomes[1][1]

@@ -274,6 +274,8 @@ class _Integrator:
             raise ValueError(f"SaveAt.ts: expected shape (T,) or (B={B}, T), got {tuple(ts.shape)}")
         if ts.shape[-1] == 0:
             raise ValueError("SaveAt.ts: expected at least one save time, got an empty tensor")
+        if ts.dim() == 1 and self._shared_ts_ok(ts):
+            return ts.expand(B, ts.shape[-1])
         if not torch.isfinite(ts).all():
             raise ValueError("SaveAt.ts: save times must be finite")
         ts = ts.expand(B, ts.shape[-1])
@@ -290,6 +292,22 @@ class _Integrator:
             raise ValueError("SaveAt.ts: save times must be monotonic (non-decreasing in the direction of "
                              "integration t0 -> t1) for every sample")
         return ts
+
+    def _shared_ts_ok(self, ts: Tensor) -> bool:
+        """Whether shared save times ts (T,) pass every check of _check_ts, in O(T + B) work and one read-back
+        (the full check compares the (B, T) expansion; it runs only to say what is wrong).
+
+        ts monotonic in a sample's direction lies in [t0, t1] when its first and last times do; a sample with
+        t0 == t1 needs every time equal to t0."""
+        d = self.direction
+        step = ts.diff()
+        inc, dec = (step >= 0).all(), (step <= 0).all()
+        first, last = ts[0], ts[-1]
+        lo, hi = torch.minimum(first, last), torch.maximum(first, last)
+        ok = torch.where(d > 0, inc & (first >= self.t0) & (last <= self.t1),
+                         torch.where(d < 0, dec & (first <= self.t0) & (last >= self.t1),
+                                     (inc | dec) & (lo == self.t0) & (hi == self.t0)))
+        return bool(ok.all() & torch.isfinite(ts).all())
 
     # -- loop -----------------------------------------------------------------------------
     def deriv(self, t: Tensor, y: Tensor, vf: Any = None) -> Tensor:
