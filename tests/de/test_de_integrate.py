@@ -624,3 +624,17 @@ def test_shared_save_times_checked_like_per_sample_ones(t0, t1, ts):
         torch.testing.assert_close(outcomes[0][1], outcomes[1][1], rtol=0, atol=0)
     else:
         assert outcomes[0][1] == outcomes[1][1]
+
+
+def test_save_times_at_t0_per_sample_prefixes():
+    # save times equal to t0 hold y0 exactly, however many each sample has (a prefix of its row), and the
+    # others are solved values; backwards in time too
+    y0 = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    t0 = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    ts = torch.tensor([[0.0, 0.0, 0.5], [0.2, 0.4, 1.0], [1.0, 0.5, 0.0]], dtype=torch.float64)
+    sol = de.solve(lambda t, y, a: -y, de.Tsit5(), t0, t1, y0, saveat=de.SaveAt(ts=ts),
+                   controller=de.PIDController(1e-10, 1e-10))
+    exact = y0[:, None, :] * torch.exp(-(ts - t0[:, None]))[..., None]
+    torch.testing.assert_close(sol.ys, exact, rtol=1e-8, atol=0)
+    assert torch.equal(sol.ys[0, :2], y0[0].expand(2, 1)) and torch.equal(sol.ys[2, 0], y0[2])

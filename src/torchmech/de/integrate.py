@@ -389,14 +389,19 @@ class _Integrator:
             "nonfinite": zeros_i, "ctrl": cstate,
         }
         if self.ts is not None:
-            # NaN until filled; save times at t0 hold y0 (one allocation: buffers count in peak memory)
-            at0 = torch.cat([self.ts == t0[:, None], torch.zeros_like(self.ts[:, :1], dtype=torch.bool)], dim=1)
-            at0 = at0.reshape(at0.shape + (1,) * (y0.dim() - 1))
-            held = y0.unsqueeze(1)
-            if first_order:
-                d = torch.cat([self.ts - t0[:, None], torch.zeros_like(self.ts[:, :1])], dim=1)
-                held = held + d.reshape(d.shape + (1,) * (y0.dim() - 1)) * f0.unsqueeze(1)
-            buf = torch.where(at0, held, torch.tensor(float("nan"), dtype=y0.dtype, device=dev))
+            # NaN until filled (one spare column at the end); save times at t0 hold y0. Each sample's times are
+            # monotonic from t0, so those at t0 are a prefix of its row: only the longest prefix is written (a
+            # masked select over the whole (B, T, ...) buffer cost ~0.4 ms for Van der Pol's 256 x 200 times).
+            buf = torch.full((B, self.ts.shape[1] + 1) + y0.shape[1:], float("nan"), dtype=y0.dtype, device=dev)
+            n0 = int((self.ts == t0[:, None]).sum(1).max())
+            if n0:
+                ts0 = self.ts[:, :n0]
+                at0 = (ts0 == t0[:, None]).reshape(ts0.shape + (1,) * (y0.dim() - 1))
+                held = y0.unsqueeze(1)
+                if first_order:
+                    d = ts0 - t0[:, None]
+                    held = held + d.reshape(d.shape + (1,) * (y0.dim() - 1)) * f0.unsqueeze(1)
+                buf[:, :n0] = torch.where(at0, held, buf[:, :n0])
             state["ys_ts"] = buf
         if self.event is not None:
             state["g"] = self.event(t0, y0, self.args)
