@@ -88,7 +88,8 @@ def _paired_soa(sys: BandedSystem, s: Tensor, low: torch.dtype) -> tuple[Tensor,
     Returns D2 (2n, 2n, ..., P) and U2 (2n, 2n, ..., P-1) in dtype low, P = ceil(T/2); an odd T is padded
     with an identity diagonal block, as in _tridiagonal. Each quarter is one strided pass over its blocks that
     also applies the scaling (a separate scaling pass over D2 and U2, with its (2n, 2n, ..., P) outer product of
-    the scales, cost more than all the copies: 7 of 17 ms at B = 64, T = 1000).
+    the scales, cost more than all the copies: 7 of 17 ms at B = 64, T = 1000). Its ``out=`` writes refuse
+    autograd: it runs inside the factorisation, which records no graph (_NeuRLPFunction differentiates implicitly).
     """
     diag, off1, off2 = sys.diag, sys.off1, sys.off2
     T, n = diag.shape[-3], diag.shape[-1]
