@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchmech.de._tree import bcast
+from torchmech.de._tree import any_requires_grad, bcast
 from torchmech.de.controllers import ConstantStep, PIDController, StepTo, _snap
 from torchmech.de.integrate import Status
 
@@ -177,8 +177,7 @@ def step(P: Plan, integ, stack: bool, t, y, dt, f0, done, status, nonfinite, nst
         finite = torch.isfinite(torch.stack(parts, dim=1).mul_(0).reshape(y.shape[0], -1).sum(dim=1))
     # (only when the step's graph is recorded: the new state, the next first stage or a stage value the save pass
     # reads requires grad; without a graph there is nothing to redo, and no host read-back)
-    recorded = y1.requires_grad or f1.requires_grad or any(fi.requires_grad for fi in fs)
-    redo = not stack and recorded and not bool((finite | done).all())
+    redo = not stack and any_requires_grad((y1, f1, fs)) and not bool((finite | done).all())
     if redo:
         # A sample whose stages went non-finite is rejected, but its rows would stay in the autograd graph: they
         # get zero gradients, and 0 * NaN (sqrt's derivative at a negative stage, say) is NaN, which the
@@ -511,8 +510,7 @@ def run(integ, state: dict, n: int | None, compiled: bool = False, options: dict
     # args) require grad; grad mode alone, as in a plain script, records nothing (1.15x faster in blocks).
     # (A parameter the field first reads after t0 is missed: its blocks then run under autograd, with the
     # same values and gradients and some masked steps' extra backward work.)
-    recording = torch.is_grad_enabled() and (
-        any(x.requires_grad for x in tensors) or (isinstance(integ.t1, Tensor) and integ.t1.requires_grad))
+    recording = torch.is_grad_enabled() and any_requires_grad((tensors, integ.t1))
     block_steps = 1 if (n is not None or recording) else _BLOCK
     while n is None or k < n:
         if compiled:

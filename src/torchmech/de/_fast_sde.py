@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchmech.de._tree import all_finite
+from torchmech.de._tree import all_finite, any_requires_grad
 from torchmech.de.brownian import AbstractBrownian, BrownianIncrement
 from torchmech.de.controllers import ConstantStep, StepTo
 from torchmech.de.terms import ControlTerm, DiagonalControlTerm, MultiTerm, ODETerm
@@ -115,7 +115,7 @@ def _times_need_grad(integ) -> bool:
     if not torch.is_grad_enabled():
         return False
     ts = getattr(integ.controller, "ts", None)
-    return any(isinstance(x, Tensor) and x.requires_grad for x in (integ.t0, integ.t1, ts, getattr(integ, "ts", None)))
+    return any_requires_grad((integ.t0, integ.t1, ts, getattr(integ, "ts", None)))
 
 
 def plan(integ) -> Plan | None:

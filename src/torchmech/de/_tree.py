@@ -23,6 +23,11 @@ def tree_leaves(tree) -> list:
     return [tree]
 
 
+def any_requires_grad(tree) -> bool:
+    """Whether any tensor leaf of ``tree`` requires grad (non-tensor leaves, None included, do not)."""
+    return any(isinstance(x, Tensor) and x.requires_grad for x in tree_leaves(tree))
+
+
 def bcast(x: Tensor, like: Tensor) -> Tensor:
     """Reshape per-sample ``x`` (B,) to broadcast against ``like`` (B, ...)."""
     return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from torchmech._autograd import FirstOrderOnly
 from torchmech._stack import caller_level
-from torchmech.de._tree import all_finite, bcast, tree_leaves, tree_map, where
+from torchmech.de._tree import all_finite, any_requires_grad, bcast, tree_leaves, tree_map, where
 from torchmech.de.adjoint import AbstractAdjoint, DirectAdjoint
 from torchmech.de.controllers import AbstractController, ConstantStep, PIDController, StepTo, check_time_cast
 from torchmech.de.events import Event, illinois
@@ -374,7 +374,7 @@ class _Integrator:
         # An ODE's values that stay at y0 (samples with t0 == t1, save times at t0) still depend on those times to
         # first order: y(t0 + d) = y0 + d f(t0, y0). Adding d f (zero in value) gives them that derivative.
         first_order = (isinstance(self.terms, ODETerm) and torch.is_grad_enabled()
-                       and any(isinstance(x, Tensor) and x.requires_grad for x in (t0, self.t1, self.ts)))
+                       and any_requires_grad((t0, self.t1, self.ts)))
         f0 = vf0  # (the field itself, before a solver wraps it in its own state)
         y_start = y0
         if first_order and bool((self.direction == 0).any()):
@@ -465,8 +465,7 @@ class _Integrator:
         if res.err is not None:
             finite = finite & all_finite(res.err)
         # (only when the step's graph is recorded: without one there is nothing to redo, and no host read-back)
-        recorded = any(isinstance(x, Tensor) and x.requires_grad for x in tree_leaves((res.y1, res.vf1, res.interp)))
-        if recorded and not bool((finite | ~active).all()):
+        if any_requires_grad((res.y1, res.vf1, res.interp)) and not bool((finite | ~active).all()):
             # rejected non-finite stages would leave 0 * NaN in the backward pass (see _fast.step): the graph
             # takes the step again with h = 0 for those samples; the decisions below use the first attempt
             t_g = torch.where(finite | ~active, t_next, t)
