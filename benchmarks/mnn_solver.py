@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("dense", "banded", "parallel", "lapack", "auto")
+METHODS = ("dense", "banded", "parallel", "lapack", "native", "auto")
 K, D, E, T0, K0 = 3, 1, 1, 1, 2
 N = D * K
 
@@ -339,6 +339,9 @@ def main():
                     if m == "dense" and not dense_fits(B, T):
                         results[key] = {"skip": "n/a"}
                         continue
+                    if m in ("lapack", "native") and not args.device.startswith("cpu"):
+                        results[key] = {"skip": "n/a"}  # CPU-only methods
+                        continue
                     guess = predict(results, m, dtype, B, T)
                     limit = args.dense_skip_over if m == "dense" else args.skip_over
                     if guess is not None and guess > limit:
@@ -397,14 +400,15 @@ def main():
         return f"{a / b:.1f}x" if a and b else "-"
 
     print("\nRatios (time of the first over the second; > 1 means the second is faster)\n")
-    print("| dtype | B | T | banded / parallel | dense / parallel | auto / parallel |")
-    print("|---|---|---|---|---|---|")
+    print("| dtype | B | T | banded / parallel | dense / parallel | auto / parallel | banded / auto |")
+    print("|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         for B in Bs:
             for T in Ts:
                 p = t("parallel", dtype, B, T)
                 print(f"| {dtype} | {B} | {T} | {ratio(t('banded', dtype, B, T), p)} | "
-                      f"{ratio(t('dense', dtype, B, T), p)} | {ratio(t('auto', dtype, B, T), p)} |")
+                      f"{ratio(t('dense', dtype, B, T), p)} | {ratio(t('auto', dtype, B, T), p)} | "
+                      f"{ratio(t('banded', dtype, B, T), t('auto', dtype, B, T))} |")
     if 10000 in Ts:
         print("\nScaling in T: time(T=10000) / time(T=1000) (goal <= ~11x)\n")
         print("| dtype | B | " + " | ".join(m for m in methods if m != "dense") + " |")
@@ -413,8 +417,9 @@ def main():
             for B in Bs:
                 cells = [ratio(t(m, dtype, B, 10000), t(m, dtype, B, 1000)) for m in methods if m != "dense"]
                 print(f"| {dtype} | {B} | " + " | ".join(cells) + " |")
-        print("\nparallel >= 10x banded at B=64, T=1000: " + ", ".join(
-            f"{dt} {ratio(t('banded', dt, 64, 1000), t('parallel', dt, 64, 1000))}" for dt in dtypes))
+        for m in ("parallel", "auto"):
+            print(f"\n{m} >= 10x banded at B=64, T=1000: " + ", ".join(
+                f"{dt} {ratio(t('banded', dt, 64, 1000), t(m, dt, 64, 1000))}" for dt in dtypes))
 
     print(f"\nMemory bandwidth (tensor copy, read+write): {bw / 1e9:.1f} GB/s")
     Bb = max(Bs)

@@ -57,7 +57,7 @@ def test_harmonic_oscillator_matches_cos(central):
     assert abs(u[0, 0].item() - 1.0) < 1e-6 and abs(u[0, 1].item()) < 1e-6
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("central", [True, False])
 def test_harmonic_oscillator_second_order_convergence(central, method):
     """u'' + u = 0 over one period against cos t, for u, u' and u'' at h = 0.1, 0.05, 0.025."""
@@ -73,7 +73,7 @@ def test_harmonic_oscillator_second_order_convergence(central, method):
     assert (errs[-1] < 1e-3).all(), errs
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("central", [True, False])
 def test_damped_oscillator_second_order_convergence(central, method):
     zeta, omega = 0.1, 2.0
@@ -108,7 +108,7 @@ def _time_varying(h, central, method, t_end=6.0):
     return u, torch.cat([ref, ddref[:, None]], -1)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("central", [True, False])
 def test_time_varying_against_solve_ivp(central, method):
     e0, e1 = [], []
@@ -174,7 +174,7 @@ def _float32_vs_float64(central, method):
     return u32, u64
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "auto"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native", "auto"])
 @pytest.mark.parametrize("central", [True, False])
 def test_float32_matches_float64(central, method):
     """Damped oscillator, T = 1000, h = 0.01: float32 agrees with float64 (measured 1.4e-7..1.5e-7 relative)."""
@@ -227,7 +227,7 @@ def low_precision_factor(monkeypatch):
     monkeypatch.setattr(solve_mod, "_factor_dtype", lambda low, hi, device: low)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("central", [True, False])
 def test_float32_factor_with_cg_refinement_matches_float64(low_precision_factor, central, method):
     """The float32-factor + float64-CG path (used off the CPU) is as accurate as the CPU's float64 factor."""
@@ -257,7 +257,7 @@ def test_float32_factor_with_cg_refinement_gradients(low_precision_factor):
         assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("dtype", [f64, torch.float32])
 def test_ill_conditioned_long_grids_still_solve(method, dtype):
     """Long grids make the Taylor rows' normal matrix ill-conditioned without making it singular: its smallest

@@ -42,7 +42,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "auto"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native", "auto"])
 @pytest.mark.parametrize("central", [True, False])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_dense(method, central, case):
@@ -56,7 +56,7 @@ def test_matches_dense(method, central, case):
     assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("T", [5, 12])
 def test_slack_matches_dense(method, T):
     args = random_problem(T, T=T, D=2, E=2)
@@ -82,7 +82,7 @@ def test_num_points_for_fully_time_invariant_input():
     assert torch.allclose(u, ref, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("case", [dict(T=5), dict(T=4, D=2, E=2, K=2, K0=1), dict(T=6, T0=2, K=4, K0=2)])
 @pytest.mark.parametrize("slack", [None, 0.5])
 def test_gradients_match_dense(method, case, slack):
@@ -99,7 +99,7 @@ def test_gradients_match_dense(method, case, slack):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-9 * a.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["dense", "banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["dense", "banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("slack", [None, 0.4])
 def test_gradcheck(method, slack):
     coeff, rhs, init, steps = random_problem(5, B=(2,), T=5, D=2, E=2, K=3, requires_grad=True)
@@ -111,7 +111,7 @@ def test_gradcheck(method, slack):
     assert torch.autograd.gradcheck(fn, (coeff, rhs, init, steps, w))
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 def test_double_backward_not_required_but_reentrant(method):
     # Two forward calls before any backward: each must keep its own factorisation.
     a = random_problem(1, T=6, requires_grad=True)
@@ -126,7 +126,7 @@ def test_double_backward_not_required_but_reentrant(method):
         assert torch.allclose(x, y, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 def test_create_graph_gives_first_derivatives_and_refuses_second_ones(method):
     """A second derivative through the implicit backward is not implemented: it must raise, not be dropped."""
     c, r, i, s = random_problem(3, T=6, requires_grad=True)
@@ -140,7 +140,7 @@ def test_create_graph_gives_first_derivatives_and_refuses_second_ones(method):
         torch.autograd.grad(first[method].sum(), c)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 def test_second_derivative_through_the_incoming_gradient_raises(method):
     """theta reaches dL/drhs only through grad_u = theta (L = sum(u theta) + ...): differentiating dL/drhs for
     theta needs the solver's part J^T 1. It used to be dropped silently (only the direct term came back)."""
@@ -153,7 +153,7 @@ def test_second_derivative_through_the_incoming_gradient_raises(method):
         torch.autograd.grad(g.sum(), theta)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 def test_in_place_edit_of_the_result_keeps_gradients(method):
     """The result used to be a view of the solver's own output in float64: u[..., 0].clamp_(...) raised."""
     grads = {}
@@ -183,7 +183,7 @@ def test_float32_dense_gradients_match_float64(slack):
         assert torch.allclose(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5 * x64.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("layout", ["per_sample", "shared", "two_axes", "slack"])
 def test_batch_chunking_matches_one_piece(monkeypatch, method, layout):
     """CPU batch chunking (forced small here) gives the unchunked values and gradients, with inputs that are
@@ -242,7 +242,7 @@ def test_chunk_size_rules():
     assert solve_mod._chunk_size(p((1, 1024), 1000), "parallel") is None  # leading axis of size 1
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 @pytest.mark.parametrize("slack", [False, True])
 def test_backward_refactorisation_matches_kept_factor(monkeypatch, method, slack):
     """Past the memory budget the backward factorises again instead of keeping the forward's factor: same
@@ -287,7 +287,7 @@ def test_keep_factor_budget_rule():
         assert solve_mod._keep_factor(p(1024, 10000))  # no backward, nothing to keep
 
 
-@pytest.mark.parametrize("method", ["dense", "banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["dense", "banded", "parallel", "lapack", "native"])
 def test_empty_batch(method):
     c, r, i, s = random_problem(0, B=(0,), T=6, requires_grad=True)
     u = solve_linear_ode(c, r, i, s, method=method)
@@ -296,7 +296,7 @@ def test_empty_batch(method):
     assert all(g is None or g.shape == x.shape for g, x in zip(grads, (c, r, i, s)))
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 def test_empty_inner_batch_axis_and_inference_mode(method):
     """Batch (2, 0) divided by zero in the CPU chunking; a first solve under inference_mode cached an inference
     tensor that broke every later backward in the process."""
@@ -311,7 +311,7 @@ def test_empty_inner_batch_axis_and_inference_mode(method):
     torch.autograd.grad(solve_linear_ode(*xs, method=method).sum(), xs)
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "auto"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native", "auto"])
 @pytest.mark.parametrize("learnable", ["weight_init", "init"])
 def test_backward_when_only_unused_inputs_require_grad(method, learnable):
     """No initial rows (T0 = 0): weight_init and init reach no row. With only those learnable the backward crashed

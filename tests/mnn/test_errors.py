@@ -193,7 +193,7 @@ def test_half_precision_is_rejected_clearly(dtype):
 
 @pytest.mark.parametrize("method", ["fast", "Dense", None])
 def test_unknown_method(method):
-    with pytest.raises(ValueError, match=re.escape("method must be one of ('auto', 'dense', 'banded', 'parallel', 'lapack'), "
+    with pytest.raises(ValueError, match=re.escape("method must be one of ('auto', 'dense', 'banded', 'parallel', 'lapack', 'native'), "
                                                    f"got {method!r}")):
         solve_linear_ode(*problem(), method=method)
 
@@ -206,7 +206,7 @@ def _undetermined(dtype=f64):
 
 
 @pytest.mark.parametrize("central", [True, False])
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "auto"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native", "auto"])
 def test_factorisation_breakdown(method, central):
     with pytest.raises(FactorizationError, match=r"Cholesky factorisation of the NeuRLP normal matrix broke down "
                                                  r"\(matrix not positive definite"):
@@ -223,7 +223,7 @@ def _only_second_derivative(dtype=f64):
 
 
 @pytest.mark.parametrize("central", [True, False])
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])
 def test_factorisation_breakdown_second_derivative_only(method, central):
     with pytest.raises(FactorizationError, match=r"not positive definite"):
         solve_linear_ode(*_only_second_derivative(), method=method, central=central)
@@ -248,8 +248,8 @@ def test_factorisation_breakdown_float32_parallel_no_central():
         solve_linear_ode(*_only_second_derivative(torch.float32), method="parallel", central=False)
 
 
-_GRID = ([(dt, T, m) for dt in (torch.float32, f64) for T in (6, 7, 51, 120) for m in ("banded", "parallel", "lapack")]
-         + [(f64, T, m) for T in (301, 1001) for m in ("banded", "parallel", "lapack")]
+_GRID = ([(dt, T, m) for dt in (torch.float32, f64) for T in (6, 7, 51, 120) for m in ("banded", "parallel", "lapack", "native")]
+         + [(f64, T, m) for T in (301, 1001) for m in ("banded", "parallel", "lapack", "native")]
          + [(dt, T, "dense") for dt in (torch.float32, f64) for T in (6, 7, 51)])
 
 
@@ -314,7 +314,7 @@ def test_overflowing_inputs_fail_loudly():
         solve_linear_ode(*args, method="parallel")
 
 
-@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "dense"])
+@pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native", "dense"])
 def test_float32_result_overflow_fails_loudly(method):
     """Solved in float64, the trajectory leaves float32's range: an error naming the cause, never inf."""
     args = problem(dtype=torch.float32)
@@ -391,7 +391,7 @@ def test_factorisation_breakdown_float32_factor_with_cg(monkeypatch, central):
 
 
 @pytest.mark.parametrize("T", [7, 30, 200])
-@pytest.mark.parametrize("method", ["dense", "banded", "parallel", "lapack"])
+@pytest.mark.parametrize("method", ["dense", "banded", "parallel", "lapack", "native"])
 def test_singular_systems_whose_pivots_stay_positive(method, T):
     """One time-invariant 2nd-order equation for D = 2 variables, values pinned: every quadratic with the
     equation's polynomial identity fits the Taylor rows exactly, a 1-dimensional null space. The Cholesky

@@ -9,11 +9,12 @@ from torchmech._autograd import first_order_only
 from torchmech.mnn.linalg.blocktri import (_SMALL_MAX, _SMALL_MIN_BLOCKS, CyclicReduction, FactorizationError,
                                           SequentialCholesky)
 from torchmech.mnn.linalg.dense import solve_dense
+from torchmech.mnn.linalg import native
 from torchmech.mnn.linalg.lapack import LapackBanded
 from torchmech.mnn.system import (SUSPECT_PIVOT, BandedSystem, Problem, assemble, check_solution, eigen_floor,
                                   objective_cross, pivot_floor, prepare, warn_ill_conditioned)
 
-METHODS = ("auto", "dense", "banded", "parallel", "lapack")
+METHODS = ("auto", "dense", "banded", "parallel", "lapack", "native")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +71,13 @@ def _scaled_tridiagonal(sys: BandedSystem, s: Tensor, low: torch.dtype) -> tuple
 
 
 def _wants_soa(p: Problem, method: str) -> bool:
-    """_soa_pairs decided before assembly: whether to assemble straight into the SoA layout."""
+    """_soa_pairs decided before assembly: whether to assemble straight into the SoA layout.
+
+    The C sweep reads the blocks through their strides, so it takes them in the SoA layout always (the copy to
+    the contiguous one doubled the assembly: 13 vs 6 ms at B = 64, T = 1000).
+    """
+    if method == "native":
+        return True
     if method != "parallel" or not (p.central and p.T >= 3):
         return False
     return 2 * p.n <= _SMALL_MAX and p.batch_shape.numel() * ((p.T + 1) // 2) >= _SMALL_MIN_BLOCKS
@@ -164,7 +171,7 @@ class _Factorised:
 
     def __init__(self, sys: BandedSystem, method: str, low: torch.dtype):
         self.sys, self.low, self.hi = sys, low, sys.diag.dtype
-        if method == "lapack":  # LAPACK factorises in float64 (the working precision on the CPU)
+        if method in ("lapack", "native"):  # both factorise in float64 (the working precision on the CPU)
             self.low = low = self.hi
         self.T = sys.diag.shape[-3]
         self.method = method
@@ -200,6 +207,10 @@ class _Factorised:
         sys, low = self.sys, self.low
         s = sys.diag.diagonal(dim1=-2, dim2=-1).rsqrt()  # (..., T, n)
         self.s = s
+        if self.method == "native":  # the C sweep scales while it copies the blocks into its band layout
+            self.paired = self.pad = False
+            self.factor = native.NativeBanded(sys.diag, sys.off1, sys.off2, s, min_pivot=pivot_floor(low, self.T))
+            return
         if self.method == "lapack":  # LAPACK's banded Cholesky per sample, on the unpaired scaled blocks
             diag = (sys.diag * s.unsqueeze(-1) * s.unsqueeze(-2)).to(low)
             off1 = (sys.off1 * s[..., :-1, :, None] * s[..., 1:, None, :]).to(low)
@@ -447,6 +458,7 @@ def _keep_factor(p: Problem) -> bool:
 # 6.5 vs 9.0 ms forward + backward; at B = 64, T = 1000 the two tie, at B = 1024 parallel is ~10% faster)
 _LAPACK_MAX_BATCH = 8
 _LAPACK_MAX_STEPS = 2 ** 14
+_NATIVE_MIN_BATCH = 3  # "auto" on CPU: the C sweep from this many samples on (its lanes come in eights)
 
 
 def _choose(method: str, p: Problem) -> str:
@@ -454,13 +466,25 @@ def _choose(method: str, p: Problem) -> str:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "lapack" and p.device.type != "cpu":
         raise ValueError(f"method='lapack' runs on the CPU (scipy's LAPACK); the inputs are on {p.device}")
+    if method == "native":
+        if p.device.type != "cpu":
+            raise ValueError(f"method='native' runs on the CPU (a C sweep); the inputs are on {p.device}")
+        if not native.available():
+            raise RuntimeError(f"method='native' is unavailable: {native.unavailable_reason()}; "
+                               "use method='auto', 'parallel' or 'lapack'")
     if method != "auto":
         return method
-    # Measured on CPU (benchmarks/mnn_solver.py, forward + backward): for a few samples LAPACK's compiled banded
-    # sweep wins (B = 1, T = 1000: 1.8 vs 3.5 ms; B = 64 is a tie, B = 1024 favours parallel by ~10%). Otherwise,
-    # for short grids the sequential sweep has fewer, larger operations; from a few dozen points on, cyclic
-    # reduction's O(log T) depth pays off.
+    # On the CPU the C sweep is the least work and the fewest calls: forward + backward at B = 64, T = 1000 in
+    # ~35-45 ms against ~80-90 ms for "parallel" and ~75 ms for "lapack" (benchmarks/RESULTS.md). It runs the
+    # samples in lanes of 8, so one or two samples leave most lanes idle and LAPACK's per-sample sweep wins there
+    # (B = 1, T = 10000: 19 vs 24 ms; B = 3 ties; B = 8: 1.6-1.8x for the C sweep).
     B = p.batch_shape.numel()
+    if p.device.type == "cpu" and B >= _NATIVE_MIN_BATCH and native.available():
+        return "native"
+    # Without the C sweep, measured on CPU (benchmarks/mnn_solver.py, forward + backward): for a few samples
+    # LAPACK's compiled banded sweep wins (B = 1, T = 1000: 1.8 vs 3.5 ms; B = 64 is a tie, B = 1024 favours
+    # parallel by ~10%). Otherwise, for short grids the sequential sweep has fewer, larger operations; from a few
+    # dozen points on, cyclic reduction's O(log T) depth pays off.
     if p.device.type == "cpu" and (B <= _LAPACK_MAX_BATCH or B * p.T <= _LAPACK_MAX_STEPS):
         return "lapack"
     return "banded" if p.T < 24 else "parallel"
@@ -492,8 +516,12 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
             (objective ``1/2 sum r^2 - gamma_alpha * eps``); ``None`` leaves the slack out.
         method: ``"parallel"`` (cyclic reduction, O(T) work, O(log T) depth), ``"banded"`` (sequential block
             Cholesky), ``"lapack"`` (CPU only: LAPACK's banded Cholesky through scipy, one sample at a time, a
-            compiled sequential sweep), ``"dense"`` (dense normal equations differentiated by autograd;
-            reference for tests) or ``"auto"``.
+            compiled sequential sweep), ``"native"`` (CPU only: a banded Cholesky in C, all samples at once as
+            vector lanes; compiled with the system's C compiler (``$CC`` or ``cc``) at first use, in well under a
+            second, and cached in ``~/.cache/torchmech``), ``"dense"`` (dense normal equations differentiated by
+            autograd; reference for tests) or ``"auto"``: on the CPU ``"native"`` from 3 samples on, ``"lapack"`` for
+            fewer (and for up to 8 samples or 16k steps when no C compiler works or ``TORCHMECH_NATIVE=0`` is
+            set, ``"parallel"`` beyond); ``"parallel"`` elsewhere (``"banded"`` below 24 grid points).
         num_points: the number of grid points T, needed only when every input has a size-1 time axis.
 
     Returns:

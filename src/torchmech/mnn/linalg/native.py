@@ -1,0 +1,174 @@
+"""The NeuRLP normal matrix factorised by a banded Cholesky written in C (``band.c``), the whole batch at once.
+
+The C source ships with the package and is compiled with the system's C compiler (``$CC``, else ``cc``) the first
+time it is needed, into a per-user cache (``$TORCHMECH_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchmech`` or
+``~/.cache/torchmech``), and loaded through ctypes: no Python or torch headers, so it builds in well under a
+second. The samples of the batch run in lockstep as vector lanes, so one call sweeps the grid once for all of
+them. Without a working compiler, or with ``TORCHMECH_NATIVE=0``, ``available()`` is False and ``"auto"`` uses the
+tensor-op solvers instead; ``method="native"`` then raises with the reason.
+
+Why C: on the CPU a sequential sweep over the grid is the least work, but written with tensor operations every
+step pays dispatch for a few hundred floating-point operations, and LAPACK's band routines take one sample per
+call. The sweep here factorises B = 64 samples of T = 1000 steps (n = 3) in ~2.5 ms, against ~30 ms for the
+tensor-op cyclic reduction (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchmech.mnn.linalg.blocktri import FactorizationError
+
+_SOURCE = Path(__file__).with_name("band.c")
+# -O3 vectorises the lane loops; no -march=native, so that a cached library also runs on another CPU sharing the
+# home folder (measured: the same speed here); -fno-math-errno lets sqrt vectorise. NaN must propagate, so no
+# -ffast-math.
+_FLAGS = ["-O3", "-fno-math-errno", "-std=c99", "-shared", "-fPIC"]
+_LANES = 8  # V in band.c
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib" (ctypes.CDLL) or "error" (str), filled by the first call of _load
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("TORCHMECH_CACHE_DIR"):
+        return Path(os.environ["TORCHMECH_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torchmech"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "").strip() or "cc"
+    return cc if shutil.which(cc.split()[0]) else None
+
+
+def _build(cc: str) -> Path:
+    """Compile band.c (once per source, flags, compiler and machine type) and return the library's path."""
+    src = _SOURCE.read_bytes()
+    version = subprocess.run(cc.split() + ["--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([src, " ".join(_FLAGS).encode(), cc.encode(), version.encode(),
+                                     platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    lib = folder / f"band-{key}.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never load a half-written library.
+    fd, tmp = tempfile.mkstemp(prefix=".band-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        res = subprocess.run(cc.split() + _FLAGS + ["-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"`{cc}` failed to compile {_SOURCE.name}: {(res.stderr or res.stdout).strip()[:500]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load():
+    with _lock:
+        if not _state:
+            try:
+                if os.environ.get("TORCHMECH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+                    raise RuntimeError("disabled by TORCHMECH_NATIVE=0")
+                cc = _compiler()
+                if cc is None:
+                    raise RuntimeError("no C compiler found (set $CC or install cc)")
+                lib = ctypes.CDLL(str(_build(cc)))
+                P, I = ctypes.c_void_p, ctypes.c_int64
+                lib.tm_band_factor.argtypes = [I, I, I, I, P, P, P, P, P, P, P]
+                lib.tm_band_solve.argtypes = [P, P, I, I, I, I, P, P, P, P]
+                for f in (lib.tm_band_factor, lib.tm_band_solve):
+                    f.restype = None
+                _state["lib"] = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["error"] = str(exc)
+        return _state.get("lib")
+
+
+def available() -> bool:
+    """Whether the C banded solver is compiled and loaded (compiling it now if needed)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why the C banded solver cannot be used ('' when it can)."""
+    _load()
+    return _state.get("error", "")
+
+
+def _strides(t: Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+class NativeBanded:
+    """Factor of the Jacobi-scaled, float64, CPU block-banded normal matrix, all samples in one C sweep.
+
+    ``diag`` (..., T, n, n), ``off1`` (..., T-1, n, n) = M[t, t+1], ``off2`` (..., T-2, n, n) = M[t, t+2] or
+    None, unscaled, any strides (broadcast batch axes included); ``s`` (..., T, n) is the scaling, so the factor is
+    that of S M S with S = diag(s). ``solve(x)`` takes and returns scaled (..., T, n, c), as LapackBanded's.
+    ``min_pivot`` is the smallest pivot of the factor (relative to the unit diagonal).
+    """
+
+    def __init__(self, diag: Tensor, off1: Tensor, off2: Tensor | None, s: Tensor, min_pivot: float):
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"method='native' is unavailable: {unavailable_reason()}")
+        blocks = [diag, off1] + ([off2] if off2 is not None else [])
+        for x in blocks + [s]:
+            if x.device.type != "cpu" or x.dtype != torch.float64:
+                raise ValueError("NativeBanded: needs float64 blocks on the CPU")
+        self.batch_shape = diag.shape[:-3]
+        T, n = diag.shape[-3], diag.shape[-1]
+        B = math.prod(self.batch_shape)
+        self.T, self.n, self.B = T, n, B
+        self.kd = len(blocks) * n - 1
+        G = (B + _LANES - 1) // _LANES
+        self.G = G
+        # one batch axis: reshape is a view for the assembled (contiguous or structure-of-arrays) blocks
+        flat = [x.detach().expand(self.batch_shape + x.shape[-3:]).reshape((B,) + x.shape[-3:]) for x in blocks]
+        s_flat = s.detach().expand(self.batch_shape + s.shape[-2:]).reshape((B,) + s.shape[-2:])
+        ptrs = (ctypes.c_void_p * len(flat))(*[x.data_ptr() for x in flat])
+        strides = (ctypes.c_int64 * (4 * len(flat)))(*[st for x in flat for st in x.stride()])
+        N = T * n
+        self.ab = torch.empty(G * N * (self.kd + 1) * _LANES, dtype=torch.float64)
+        self.inv = torch.empty(G * N * _LANES, dtype=torch.float64)
+        piv = torch.empty(G * _LANES, dtype=torch.float64)
+        if B and N:
+            lib.tm_band_factor(B, T, n, len(flat), ptrs, strides, s_flat.data_ptr(), _strides(s_flat),
+                               self.ab.data_ptr(), self.inv.data_ptr(), piv.data_ptr())
+        smallest = piv[:B].min().item() if B and N else math.inf
+        if not smallest > min_pivot:  # (also a NaN pivot)
+            raise FactorizationError(
+                "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
+                f"in this precision: a pivot failed or fell to <= {min_pivot:.1e} of its diagonal): the rows do not "
+                "determine the solution, or the problem is too ill-conditioned; check the coefficients, steps and "
+                "weights")
+        self.min_pivot = smallest
+
+    def solve(self, x: Tensor) -> Tensor:
+        """M^{-1} x for x (..., T, n, c) (float64, CPU)."""
+        c = x.shape[-1]
+        N = self.T * self.n
+        r = x.detach().expand(self.batch_shape + x.shape[-3:]).reshape(self.B, N, c)
+        out = torch.empty((self.B, N, c), dtype=torch.float64)
+        if self.B and N and c:
+            work = torch.empty(N * c * _LANES, dtype=torch.float64)
+            _load().tm_band_solve(self.ab.data_ptr(), self.inv.data_ptr(), self.B, N, self.kd, c, r.data_ptr(),
+                                  _strides(r), out.data_ptr(), work.data_ptr())
+        return out.reshape(self.batch_shape + (self.T, self.n, c))
