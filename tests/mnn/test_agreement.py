@@ -332,3 +332,68 @@ def test_backward_when_only_unused_inputs_require_grad(method, learnable):
     assert other.grad == 4.0
     torch.testing.assert_close(u, solve_linear_ode(c, r, i, s, weight_init=wi.detach(), method="dense"),
                                rtol=1e-9, atol=1e-9)
+
+
+_GRAD_CASES = [
+    dict(),
+    dict(K=2),
+    dict(K=4, K0=3),
+    dict(K=5, K0=1, T=9),
+    dict(D=3, E=2),
+    dict(T0=0, K0=0),
+    dict(T0=3, K0=1),
+    dict(T=2),
+    dict(T=3),
+    dict(B=(), T=9),
+    dict(B=(2, 3), T=6),
+    dict(time_invariant=True),
+    dict(const_step=True),
+    dict(const_step=True, time_invariant=True, D=2, E=2),
+]
+
+
+@pytest.mark.parametrize("central", [True, False])
+@pytest.mark.parametrize("slack", [None, 0.3])
+@pytest.mark.parametrize("weights", ["floats", "per-sample", "one-element"])
+@pytest.mark.parametrize("case", range(len(_GRAD_CASES)))
+def test_written_out_gradients_match_autograd_through_the_objective(case, weights, slack, central):
+    # the implicit backward's closed form (objective_cross_grads) against autograd through objective_cross,
+    # with the inputs at their own (broadcast) shapes
+    from torchmech.mnn.system import objective_cross, objective_cross_grads, prepare
+
+    cfg = _GRAD_CASES[case]
+    args = random_problem(100 + case, **cfg)
+    bs = args[0].shape[:-4]
+    g = torch.Generator().manual_seed(case)
+    if weights == "floats":
+        w = [1.3, 0.6, 1.7]
+    elif weights == "per-sample":
+        w = [0.5 + torch.rand(bs, generator=g, dtype=f64) for _ in range(3)]
+    else:
+        w = [0.5 + torch.rand(1, generator=g, dtype=f64) for _ in range(3)]
+    s = None if slack is None else (slack if weights == "floats" else 0.1 + torch.rand(bs, generator=g, dtype=f64))
+    num = cfg.get("T", 7) if cfg.get("const_step") and cfg.get("time_invariant") else None
+    p = prepare(*args, weight_equation=w[0], weight_init=w[1], weight_smooth=w[2], central=central, slack=s,
+                num_points=num)
+    T, D, K = p.T, p.D, p.K
+    full = p.batch_shape + (T, D, K)
+    lam, u = torch.randn(full, generator=g, dtype=f64), torch.randn(full, generator=g, dtype=f64)
+    lam_eps = eps = None
+    if s is not None:
+        lam_eps, eps = torch.randn(p.batch_shape, generator=g, dtype=f64), torch.randn(p.batch_shape, generator=g,
+                                                                                        dtype=f64)
+    leaves = [t.detach().clone().requires_grad_() for t in p.tensors()]
+    q = p.with_tensors(leaves)
+    phi = objective_cross(q, lam, lam_eps, u, eps)
+    ref = torch.autograd.grad(-phi, leaves, allow_unused=True)
+    got = objective_cross_grads(p, lam, lam_eps, u, eps, [True] * len(leaves))
+    for name, a, b, t in zip(["coefficients", "rhs", "init", "steps", "weight_equation", "weight_init",
+                              "weight_smooth", "slack"], ref, got, p.tensors()):
+        if a is None:  # reaches no row (init, weight_init without initial rows)
+            assert b is None or not b.any(), name
+            continue
+        assert b is not None and b.shape == t.shape, name
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * max(1.0, a.abs().max().item()), msg=name)
+    # only what is asked for is computed
+    some = objective_cross_grads(p, lam, lam_eps, u, eps, [False, True] + [False] * (len(leaves) - 2))
+    assert some[0] is None and some[1] is not None and all(x is None for x in some[2:])

@@ -12,7 +12,8 @@ from torchmech.mnn.linalg.dense import solve_dense
 from torchmech.mnn.linalg import native
 from torchmech.mnn.linalg.lapack import LapackBanded
 from torchmech.mnn.system import (SUSPECT_PIVOT, BandedSystem, Problem, assemble, check_solution, eigen_floor,
-                                  objective_cross, pivot_floor, prepare, warn_ill_conditioned)
+                                  objective_cross_grads, pivot_floor, prepare,
+                                  warn_ill_conditioned)
 
 METHODS = ("auto", "dense", "banded", "parallel", "lapack", "native")
 
@@ -375,20 +376,10 @@ class _NeuRLPFunction(torch.autograd.Function):
             fac = _NeuRLPFunction._factorise(template, ctx.method, [t.detach() for t in tensors])[0]
         y, lam_eps = fac.solve(g)
         lam = y.reshape(u.shape)
-        need = ctx.needs_input_grad[3:]
-        with torch.enable_grad():
-            leaves = [_promote(t.detach(), hi).requires_grad_(nd) for t, nd in zip(tensors, need)]
-            p = template.with_tensors(leaves)
-            phi = objective_cross(p, lam, lam_eps, u, ctx.eps)
-            wrt = [x for x, nd in zip(leaves, need) if nd]
-            # phi has no graph when the inputs asked for reach no row (weight_init or init without initial rows)
-            grads = iter(torch.autograd.grad(-phi, wrt, allow_unused=True)) if wrt and phi.requires_grad \
-                else iter([None] * len(wrt))
-        out = []
-        for t, nd in zip(tensors, need):
-            gr = next(grads) if nd else None
-            out.append(None if gr is None else gr.to(t.dtype))
-        return (None, None, None, *out)
+        need = list(ctx.needs_input_grad[3:])
+        p = template.with_tensors([_promote(t.detach(), hi) for t in tensors])
+        grads = objective_cross_grads(p, lam, lam_eps, _promote(u, hi), ctx.eps, need)
+        return (None, None, None, *[None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors)])
 
 
 # CPU batch chunking (see solve_linear_ode). Work is counted in (steps x n^2) block entries; the target is

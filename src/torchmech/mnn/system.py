@@ -413,6 +413,99 @@ def objective_cross(p: Problem, lam: Tensor, lam_eps: Tensor | None, u: Tensor, 
     return phi
 
 
+def objective_cross_grads(p: Problem, lam: Tensor, lam_eps: Tensor | None, u: Tensor, eps: Tensor | None,
+                          need: list[bool]) -> list[Tensor | None]:
+    """The gradients of -objective_cross with respect to p.tensors(), written out (None where not needed, or
+    where the input reaches no row: init and weight_init without initial rows).
+
+    Differentiating objective_cross by autograd records and replays ~60 operations on (..., T, D, K) tensors,
+    among them four small-inner-dimension matmuls; written out, every row family's residuals are formed once for
+    lam and once for u and each gradient is one or two products of them (the implicit backward at B = 64,
+    T = 1000: ~21 -> ~6 ms). Each row family contributes w^2 (a . lam)(a . u - y); with ea = a . lam and
+    eb = a . u - y its derivative is w^2 (ea d(a . u - y) + eb d(a . lam)). tests/mnn/test_agreement.py checks
+    this against autograd through objective_cross.
+    """
+    T, K, T0, K0 = p.T, p.K, p.T0, p.K0
+    out: list[Tensor | None] = [None] * len(need)
+
+    def put(i: int, g: Tensor, like: Tensor) -> None:
+        out[i] = (-g).sum_to_size(like.shape)
+
+    # equation rows: a . x = sum_{d,k} c[t,e,d,k] x[t,d,k], target rhs[t,e]
+    c = p.coefficients
+    ea = (c * lam.unsqueeze(-3)).sum((-1, -2))  # (..., T, E)
+    eb = (c * u.unsqueeze(-3)).sum((-1, -2)) - p.rhs
+    we2 = _bw(p.weight_equation, 2) ** 2
+    if need[0]:
+        put(0, _bw(we2, 2) * (lam.unsqueeze(-3) * eb[..., None, None] + ea[..., None, None] * u.unsqueeze(-3)), c)
+    if need[1]:
+        put(1, -we2 * ea, p.rhs)
+    if need[4]:
+        put(4, 2 * p.weight_equation * (ea * eb).sum((-1, -2)), p.weight_equation)
+
+    # initial rows: x[t,d,k] for t < T0, k < K0, target init
+    if T0 > 0 and K0 > 0:
+        la = lam[..., :T0, :, :K0]
+        if need[2]:
+            put(2, -_bw(p.weight_init, 3) ** 2 * la, p.init)
+        if need[5]:
+            put(5, 2 * p.weight_init * (la * (u[..., :T0, :, :K0] - p.init)).sum((-1, -2, -3)), p.weight_init)
+
+    # Taylor rows of interval t: C1 (hp x_t) + C2 (hp x_{t+1}), hp = h_t^j per derivative j; + the slack
+    C = taylor_constant(K, u.dtype, u.device)
+    C1, C2 = C[:, :K], C[:, K:]
+    h = p.steps
+    hp = _powers(h, K).unsqueeze(-2)  # (..., T-1|1, 1, K)
+    ta = (lam[..., :-1, :, :] * hp) @ C1.T + (lam[..., 1:, :, :] * hp) @ C2.T  # (..., T-1, D, 2(K-1))
+    tb = (u[..., :-1, :, :] * hp) @ C1.T + (u[..., 1:, :, :] * hp) @ C2.T
+    if lam_eps is not None:
+        ta = ta + lam_eps.reshape(lam_eps.shape + (1, 1, 1))
+    if eps is not None:
+        tb = tb + eps.reshape(eps.shape + (1, 1, 1))
+    ws = p.weight_smooth
+    ws2 = _bw(ws, 1) ** 2
+    smooth = (ta * tb).sum((-1, -2, -3)) if need[6] else None
+    g_h = None
+    if need[3]:
+        # d phi / d hp[t, j], summed over the variables; h^j's derivative is j h^(j-1)
+        g_hp = (u[..., :-1, :, :] * (ta @ C1) + u[..., 1:, :, :] * (ta @ C2)
+                + lam[..., :-1, :, :] * (tb @ C1) + lam[..., 1:, :, :] * (tb @ C2)).sum(-2)  # (..., T-1, K)
+        dpow = torch.cat([torch.zeros_like(hp[..., :1]),
+                          hp[..., :-1] * torch.arange(1, K, dtype=h.dtype, device=h.device)], -1).squeeze(-2)
+        g_h = ws2 * (g_hp * dpow).sum(-1)  # (..., T-1)
+    if p.central and T >= 3:
+        # central row of t: lo (x_t[K-2] - x_{t+2}[K-2]) + hi x_{t+1}[K-1] - slack, with S = h_t + h_{t+1},
+        # lo = S^(K-3), hi = S^(K-2)
+        lo, hi = _central_coeffs(h, K)  # (..., T-2|1)
+        da = lam[..., :-2, :, K - 2] - lam[..., 2:, :, K - 2]  # (..., T-2, D)
+        db = u[..., :-2, :, K - 2] - u[..., 2:, :, K - 2]
+        ma, mb = lam[..., 1:-1, :, K - 1], u[..., 1:-1, :, K - 1]
+        ca = lo.unsqueeze(-1) * da + hi.unsqueeze(-1) * ma
+        cb = lo.unsqueeze(-1) * db + hi.unsqueeze(-1) * mb
+        if lam_eps is not None:
+            ca = ca - lam_eps.reshape(lam_eps.shape + (1, 1))
+        if eps is not None:
+            cb = cb - eps.reshape(eps.shape + (1, 1))
+        if smooth is not None:
+            smooth = smooth + (ca * cb).sum((-1, -2))
+        if g_h is not None:
+            S = 2 * h if h.shape[-1] == 1 else h[..., :-1] + h[..., 1:]
+            g_lo = (ca * db + cb * da).sum(-1)  # (..., T-2)
+            g_hi = (ca * mb + cb * ma).sum(-1)
+            g_S = ws2 * (g_lo * ((K - 3) * lo / S) + g_hi * ((K - 2) * hi / S))
+            if h.shape[-1] == 1:  # one step for all intervals: S = 2 h
+                g_h = g_h.sum(-1, keepdim=True) + 2 * g_S.sum(-1, keepdim=True)
+            else:
+                g_h = g_h + torch.nn.functional.pad(g_S, (0, 1)) + torch.nn.functional.pad(g_S, (1, 0))
+    if need[3]:
+        put(3, g_h, h)
+    if need[6]:
+        put(6, 2 * ws * smooth, ws)
+    if p.slack is not None and need[7]:
+        put(7, -lam_eps, p.slack)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Normal equations in block-banded form.
 # ----------------------------------------------------------------------------------------------
