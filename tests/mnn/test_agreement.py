@@ -356,9 +356,11 @@ _GRAD_CASES = [
 @pytest.mark.parametrize("slack", [None, 0.3])
 @pytest.mark.parametrize("weights", ["floats", "per-sample", "one-element"])
 @pytest.mark.parametrize("case", range(len(_GRAD_CASES)))
-def test_written_out_gradients_match_autograd_through_the_objective(case, weights, slack, central):
+@pytest.mark.parametrize("impl", ["torch", "c"])
+def test_written_out_gradients_match_autograd_through_the_objective(impl, case, weights, slack, central):
     # the implicit backward's closed form (objective_cross_grads) against autograd through objective_cross,
     # with the inputs at their own (broadcast) shapes
+    from torchmech.mnn.linalg import native
     from torchmech.mnn.system import objective_cross, objective_cross_grads, prepare
 
     cfg = _GRAD_CASES[case]
@@ -386,7 +388,8 @@ def test_written_out_gradients_match_autograd_through_the_objective(case, weight
     q = p.with_tensors(leaves)
     phi = objective_cross(q, lam, lam_eps, u, eps)
     ref = torch.autograd.grad(-phi, leaves, allow_unused=True)
-    got = objective_cross_grads(p, lam, lam_eps, u, eps, [True] * len(leaves))
+    grads = objective_cross_grads if impl == "torch" else native.objective_grads
+    got = grads(p, lam, lam_eps, u, eps, [True] * len(leaves))
     for name, a, b, t in zip(["coefficients", "rhs", "init", "steps", "weight_equation", "weight_init",
                               "weight_smooth", "slack"], ref, got, p.tensors()):
         if a is None:  # reaches no row (init, weight_init without initial rows)
@@ -395,5 +398,5 @@ def test_written_out_gradients_match_autograd_through_the_objective(case, weight
         assert b is not None and b.shape == t.shape, name
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * max(1.0, a.abs().max().item()), msg=name)
     # only what is asked for is computed
-    some = objective_cross_grads(p, lam, lam_eps, u, eps, [False, True] + [False] * (len(leaves) - 2))
+    some = grads(p, lam, lam_eps, u, eps, [False, True] + [False] * (len(leaves) - 2))
     assert some[0] is None and some[1] is not None and all(x is None for x in some[2:])

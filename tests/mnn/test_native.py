@@ -144,7 +144,7 @@ def test_broken_compiler_falls_back(tmp_path):
     res = _run(_FALLBACK, CC="false", TORCHMECH_CACHE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "available False" in res.stdout
-    assert "`false` failed to compile band.c" in res.stdout
+    assert "`false` failed to compile neurlp.c" in res.stdout
     assert list(tmp_path.iterdir()) == []
     res = _run(_FALLBACK, CC="no-such-compiler-here", TORCHMECH_CACHE_DIR=str(tmp_path))
     assert "reason no C compiler found" in res.stdout, res.stdout + res.stderr

@@ -378,7 +378,9 @@ class _NeuRLPFunction(torch.autograd.Function):
         lam = y.reshape(u.shape)
         need = list(ctx.needs_input_grad[3:])
         p = template.with_tensors([_promote(t.detach(), hi) for t in tensors])
-        grads = objective_cross_grads(p, lam, lam_eps, _promote(u, hi), ctx.eps, need)
+        grads = native.objective_grads(p, lam, lam_eps, u, ctx.eps, need)  # (None: no C library, or not CPU float64)
+        if grads is None:
+            grads = objective_cross_grads(p, lam, lam_eps, u, ctx.eps, need)
         return (None, None, None, *[None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors)])
 
 

@@ -1,16 +1,17 @@
-"""The NeuRLP normal matrix factorised by a banded Cholesky written in C (``band.c``), the whole batch at once.
+"""C kernels of the NeuRLP solver (``neurlp.c``): a banded Cholesky over the whole batch at once, and the implicit
+backward's input gradients.
 
 The C source ships with the package and is compiled with the system's C compiler (``$CC``, else ``cc``) the first
 time it is needed, into a per-user cache (``$TORCHMECH_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchmech`` or
 ``~/.cache/torchmech``), and loaded through ctypes: no Python or torch headers, so it builds in well under a
 second. The samples of the batch run in lockstep as vector lanes, so one call sweeps the grid once for all of
-them. Without a working compiler, or with ``TORCHMECH_NATIVE=0``, ``available()`` is False and ``"auto"`` uses the
-tensor-op solvers instead; ``method="native"`` then raises with the reason.
+them. Without a working compiler, or with ``TORCHMECH_NATIVE=0``, ``available()`` is False: ``"auto"`` uses the
+tensor-op solvers, the backward the tensor-op gradients, and ``method="native"`` raises with the reason.
 
 Why C: on the CPU a sequential sweep over the grid is the least work, but written with tensor operations every
 step pays dispatch for a few hundred floating-point operations, and LAPACK's band routines take one sample per
-call. The sweep here factorises B = 64 samples of T = 1000 steps (n = 3) in ~2.5 ms, against ~30 ms for the
-tensor-op cyclic reduction (benchmarks/RESULTS.md).
+call. The sweep here factorises B = 64 samples of T = 1000 steps (n = 3) in ~3-7 ms, against ~30 ms for the
+tensor-op cyclic reduction; the gradients take ~5 ms against ~19 ms (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from torch import Tensor
 
 from torchmech.mnn.linalg.blocktri import FactorizationError
 
-_SOURCE = Path(__file__).with_name("band.c")
+_SOURCE = Path(__file__).with_name("neurlp.c")
 # -O3 vectorises the lane loops; no -march=native, so that a cached library also runs on another CPU sharing the
 # home folder (measured: the same speed here); -fno-math-errno lets sqrt vectorise. NaN must propagate, so no
 # -ffast-math.
 _FLAGS = ["-O3", "-fno-math-errno", "-std=c99", "-shared", "-fPIC"]
-_LANES = 8  # V in band.c
+_LANES = 8  # V in neurlp.c
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (ctypes.CDLL) or "error" (str), filled by the first call of _load
@@ -55,18 +56,18 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    """Compile band.c (once per source, flags, compiler and machine type) and return the library's path."""
+    """Compile neurlp.c (once per source, flags, compiler and machine type) and return the library's path."""
     src = _SOURCE.read_bytes()
     version = subprocess.run(cc.split() + ["--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([src, " ".join(_FLAGS).encode(), cc.encode(), version.encode(),
                                      platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
     folder = _cache_dir()
-    lib = folder / f"band-{key}.so"
+    lib = folder / f"neurlp-{key}.so"
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(prefix=".band-", suffix=".so", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".neurlp-", suffix=".so", dir=folder)
     os.close(fd)
     try:
         res = subprocess.run(cc.split() + _FLAGS + ["-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
@@ -93,7 +94,8 @@ def _load():
                 P, I = ctypes.c_void_p, ctypes.c_int64
                 lib.tm_band_factor.argtypes = [I, I, I, I, P, P, P, P, P, P, P]
                 lib.tm_band_solve.argtypes = [P, P, I, I, I, I, P, P, P, P]
-                for f in (lib.tm_band_factor, lib.tm_band_solve):
+                lib.tm_objective_grads.argtypes = [P, P, P, P]
+                for f in (lib.tm_band_factor, lib.tm_band_solve, lib.tm_objective_grads):
                     f.restype = None
                 _state["lib"] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -172,3 +174,49 @@ class NativeBanded:
             _load().tm_band_solve(self.ab.data_ptr(), self.inv.data_ptr(), self.B, N, self.kd, c, r.data_ptr(),
                                   _strides(r), out.data_ptr(), work.data_ptr())
         return out.reshape(self.batch_shape + (self.T, self.n, c))
+
+
+def objective_grads(p, lam: Tensor, lam_eps: Tensor | None, u: Tensor, eps: Tensor | None,
+                    need: list[bool]) -> list[Tensor | None] | None:
+    """system.objective_cross_grads computed by the C library (tm_objective_grads), or None where it does not
+    apply (no library, not float64 on the CPU, an empty batch): the same gradients, in one pass over the grid
+    instead of ~40 tensor operations on (..., T, D, K) tensors whose last axis is tiny."""
+    lib = _load()
+    bs = p.batch_shape
+    B = math.prod(bs)
+    if lib is None or lam.device.type != "cpu" or lam.dtype != torch.float64 or B == 0:
+        return None
+    T, E, D, K, T0, K0 = p.T, p.E, p.D, p.K, p.T0, p.K0
+    from torchmech.mnn.system import taylor_constant  # (system imports nothing from here)
+
+    def flat(x: Tensor, core: tuple) -> Tensor:
+        """x broadcast to the batch and the given trailing shape, with one batch axis (a view where possible)."""
+        return x.detach().expand(bs + core).reshape((B,) + core)
+
+    c = flat(p.coefficients, (T, E, D, K))
+    rhs = flat(p.rhs, (T, E))
+    init = flat(p.init, (T0, D, K0))
+    h = flat(p.steps, (T - 1,))
+    w = [flat(x, ()) for x in (p.weight_equation, p.weight_init, p.weight_smooth)]
+    lam_c = lam.detach().reshape((B, T, D, K)).contiguous()
+    u_c = u.detach().reshape((B, T, D, K)).contiguous()
+    le = None if lam_eps is None else lam_eps.detach().reshape(B).contiguous()
+    e = None if eps is None else eps.detach().reshape(B).contiguous()
+    C = taylor_constant(K, torch.float64, lam.device).contiguous()
+    has_init = T0 > 0 and K0 > 0
+    want = [need[0], need[1], need[2] and has_init, need[3], need[4], need[5] and has_init, need[6]]
+    shapes = [(B, T, E, D, K), (B, T, E), (B, T0, D, K0), (B, T - 1), (B,), (B,), (B,)]
+    outs = [torch.empty(s, dtype=torch.float64) if wt else None for s, wt in zip(shapes, want)]
+    ins = [lam_c, u_c, c, rhs, init, h, *w, le, e, C]
+    dims = (ctypes.c_int64 * 8)(B, T, E, D, K, T0, K0, int(p.central))
+    in_ptrs = (ctypes.c_void_p * len(ins))(*[None if x is None else x.data_ptr() for x in ins])
+    st = (ctypes.c_int64 * 17)(*c.stride(), *rhs.stride(), *init.stride(), *h.stride(), *[x.stride()[0] for x in w])
+    out_ptrs = (ctypes.c_void_p * 7)(*[None if x is None else x.data_ptr() for x in outs])
+    lib.tm_objective_grads(dims, in_ptrs, st, out_ptrs)
+    like = p.tensors()
+    core = [(T, E, D, K), (T, E), (T0, D, K0), (T - 1,), (), (), ()]
+    res: list[Tensor | None] = [None if g is None else g.reshape(bs + cr).sum_to_size(x.shape)
+                                for g, cr, x in zip(outs, core, like)]
+    if p.slack is not None:
+        res.append(lam_eps.sum_to_size(p.slack.shape) if need[7] else None)
+    return res

@@ -1,5 +1,6 @@
 /*
- * Banded Cholesky of the NeuRLP normal matrix for a whole batch at once (torchmech.mnn, method="native").
+ * C kernels of the NeuRLP solver (torchmech.mnn): the banded Cholesky of method="native", whole batch at once,
+ * and the implicit backward's input gradients (tm_objective_grads, at the end).
  *
  * Compiled by torchmech/mnn/linalg/native.py with the system's C compiler at first use; plain C99, no Python
  * or torch headers, called through ctypes with raw pointers.
@@ -149,5 +150,136 @@ void tm_band_solve(const double *ab, const double *inv, int64_t B, int64_t N, in
             for (int64_t i = 0; i < N; i++)
                 for (int64_t j = 0; j < c; j++) ob[i * c + j] = X[i * cv + j * V + v];
         }
+    }
+}
+
+/*
+ * The gradients of -Phi, Phi = sum over rows of w^2 (a . lam)(a . u - y) - slack lam_eps (objective_cross in
+ * system.py, written out there as objective_cross_grads, which this follows term by term), for every sample b:
+ *
+ *   dims = {B, T, E, D, K, T0, K0, central}
+ *   in   = {lam, u (B, T, D, K) contiguous; c (B, T, E, D, K); rhs (B, T, E); init (B, T0, D, K0); h (B, T-1);
+ *           we, wi, ws (B); le, e (B) or NULL without a slack; C (2(K-1), 2K) the Taylor constant, row-major}
+ *   st   = element strides {c: 5, rhs: 3, init: 4, h: 2, we, wi, ws} (0 along broadcast axes)
+ *   out  = {gc (B, T, E, D, K), grhs (B, T, E), ginit (B, T0, D, K0), gh (B, T-1), gwe, gwi, gws (B)},
+ *          contiguous, each NULL when not wanted.
+ *
+ * Each grid point is visited once: its equation and initial rows, then the Taylor rows of the interval that
+ * starts there and the central row centred on the next point, reading lam and u where they lie.
+ */
+void tm_objective_grads(const int64_t *dims, const double *const *in, const int64_t *st, double *const *out) {
+    const int64_t B = dims[0], T = dims[1], E = dims[2], D = dims[3], K = dims[4], T0 = dims[5], K0 = dims[6];
+    const int central = dims[7] && T >= 3;
+    const double *lam = in[0], *u = in[1], *c = in[2], *rhs = in[3], *init = in[4], *h = in[5];
+    const double *we = in[6], *wi = in[7], *ws = in[8], *le = in[9], *ep = in[10], *C = in[11];
+    const int64_t *cs = st, *rs = st + 5, *is = st + 8, *hs = st + 12;
+    const int64_t wes = st[14], wis = st[15], wss = st[16];
+    double *gc = out[0], *grhs = out[1], *ginit = out[2], *gh = out[3], *gwe = out[4], *gwi = out[5], *gws = out[6];
+    const int64_t R = 2 * (K - 1), n = D * K;
+    double hp[K], dpow[K], xa[2 * K], xb[2 * K], ta[R > 0 ? R : 1], tb[R > 0 ? R : 1];
+    for (int64_t b = 0; b < B; b++) {
+        const double w_e = we[b * wes], w_i = wi[b * wis], w_s = ws[b * wss];
+        const double we2 = w_e * w_e, wi2 = w_i * w_i, ws2 = w_s * w_s;
+        const double lb = le ? le[b] : 0.0, eb_ = ep ? ep[b] : 0.0;
+        double acc_e = 0.0, acc_i = 0.0, acc_s = 0.0;
+        double *ghb = gh ? gh + b * (T - 1) : NULL;
+        if (ghb)
+            for (int64_t t = 0; t < T - 1; t++) ghb[t] = 0.0;
+        for (int64_t t = 0; t < T; t++) {
+            const double *lt = lam + (b * T + t) * n, *ut = u + (b * T + t) * n;
+            /* equation rows */
+            for (int64_t e = 0; e < E; e++) {
+                const double *ce = c + b * cs[0] + t * cs[1] + e * cs[2];
+                double ea = 0.0, eb = 0.0;
+                for (int64_t d = 0; d < D; d++)
+                    for (int64_t k = 0; k < K; k++) {
+                        const double ck = ce[d * cs[3] + k * cs[4]];
+                        ea += ck * lt[d * K + k];
+                        eb += ck * ut[d * K + k];
+                    }
+                eb -= rhs[b * rs[0] + t * rs[1] + e * rs[2]];
+                acc_e += ea * eb;
+                if (gc) {
+                    double *g = gc + ((b * T + t) * E + e) * n;
+                    for (int64_t j = 0; j < n; j++) g[j] = -we2 * (lt[j] * eb + ea * ut[j]);
+                }
+                if (grhs) grhs[(b * T + t) * E + e] = we2 * ea;
+            }
+            /* initial rows */
+            if (t < T0)
+                for (int64_t d = 0; d < D; d++)
+                    for (int64_t k = 0; k < K0; k++) {
+                        const double la = lt[d * K + k];
+                        acc_i += la * (ut[d * K + k] - init[b * is[0] + t * is[1] + d * is[2] + k * is[3]]);
+                        if (ginit) ginit[((b * T0 + t) * D + d) * K0 + k] = wi2 * la;
+                    }
+            if (t + 1 >= T) continue;
+            /* Taylor rows of interval t: C [hp x_t, hp x_{t+1}] (+ the slack) */
+            const double ht = h[b * hs[0] + t * hs[1]];
+            hp[0] = 1.0;
+            dpow[0] = 0.0;
+            for (int64_t j = 1; j < K; j++) {
+                hp[j] = hp[j - 1] * ht;
+                dpow[j] = (double)j * hp[j - 1];
+            }
+            const double *l1 = lt + n, *u1 = ut + n;
+            double g_h = 0.0;
+            for (int64_t d = 0; d < D; d++) {
+                for (int64_t j = 0; j < K; j++) {
+                    xa[j] = hp[j] * lt[d * K + j];
+                    xa[K + j] = hp[j] * l1[d * K + j];
+                    xb[j] = hp[j] * ut[d * K + j];
+                    xb[K + j] = hp[j] * u1[d * K + j];
+                }
+                for (int64_t r = 0; r < R; r++) {
+                    double sa = lb, sb = eb_;
+                    for (int64_t j = 0; j < 2 * K; j++) {
+                        sa += C[r * 2 * K + j] * xa[j];
+                        sb += C[r * 2 * K + j] * xb[j];
+                    }
+                    ta[r] = sa;
+                    tb[r] = sb;
+                    acc_s += sa * sb;
+                }
+                if (ghb)
+                    for (int64_t j = 1; j < K; j++) {
+                        double g = 0.0;
+                        for (int64_t r = 0; r < R; r++) {
+                            const double c0 = C[r * 2 * K + j], c1 = C[r * 2 * K + K + j];
+                            g += ta[r] * (c0 * ut[d * K + j] + c1 * u1[d * K + j])
+                                 + tb[r] * (c0 * lt[d * K + j] + c1 * l1[d * K + j]);
+                        }
+                        g_h += g * dpow[j];
+                    }
+            }
+            if (ghb) ghb[t] += ws2 * g_h;
+            /* central row of t: lo (x_t[K-2] - x_{t+2}[K-2]) + hi x_{t+1}[K-1] - slack, S = h_t + h_{t+1} */
+            if (!central || t + 2 >= T) continue;
+            const double S = ht + h[b * hs[0] + (t + 1) * hs[1]];
+            double lo = 1.0;
+            if (K == 2) lo = 1.0 / S;
+            for (int64_t j = 3; j < K; j++) lo *= S;
+            const double hi = lo * S;
+            const double *l2 = lt + 2 * n, *u2 = ut + 2 * n;
+            double g_lo = 0.0, g_hi = 0.0;
+            for (int64_t d = 0; d < D; d++) {
+                const double da = lt[d * K + K - 2] - l2[d * K + K - 2], db = ut[d * K + K - 2] - u2[d * K + K - 2];
+                const double ma = l1[d * K + K - 1], mb = u1[d * K + K - 1];
+                const double ca = lo * da + hi * ma - lb, cb = lo * db + hi * mb - eb_;
+                acc_s += ca * cb;
+                g_lo += ca * db + cb * da;
+                g_hi += ca * mb + cb * ma;
+            }
+            if (ghb) {
+                const double gS = ws2 * (g_lo * ((double)(K - 3) * lo / S) + g_hi * ((double)(K - 2) * hi / S));
+                ghb[t] += gS;
+                ghb[t + 1] += gS;
+            }
+        }
+        if (ghb)
+            for (int64_t t = 0; t < T - 1; t++) ghb[t] = -ghb[t];
+        if (gwe) gwe[b] = -2.0 * w_e * acc_e;
+        if (gwi) gwi[b] = -2.0 * w_i * acc_i;
+        if (gws) gws[b] = -2.0 * w_s * acc_s;
     }
 }
