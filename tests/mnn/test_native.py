@@ -123,8 +123,14 @@ args = (torch.randn(3, 20, 1, 1, 3, dtype=torch.float64), torch.randn(3, 20, 1, 
         torch.randn(3, 1, 1, 2, dtype=torch.float64), torch.full((3, 19), 0.1, dtype=torch.float64))
 print("available", native.available())
 print("reason", native.unavailable_reason())
-u = solve_linear_ode(*args)  # auto: another backend
-assert torch.allclose(u, solve_linear_ode(*args, method="dense"), rtol=1e-9, atol=1e-12)
+args = [a.requires_grad_() for a in args]
+u = solve_linear_ode(*args)  # auto: another backend; its backward: the tensor-op gradients
+ref = solve_linear_ode(*args, method="dense")
+assert torch.allclose(u, ref, rtol=1e-9, atol=1e-12)
+probe = torch.randn(u.shape, dtype=torch.float64)
+for a, b in zip(torch.autograd.grad((u * probe).sum(), args), torch.autograd.grad((ref * probe).sum(), args)):
+    assert torch.allclose(a, b, rtol=1e-8, atol=1e-10 * b.abs().max().item())
+print("gradients match")
 try:
     solve_linear_ode(*args, method="native")
 except RuntimeError as exc:
@@ -135,7 +141,7 @@ except RuntimeError as exc:
 def test_disabled_by_environment_falls_back():
     res = _run(_FALLBACK, TORCHMECH_NATIVE="0")
     assert res.returncode == 0, res.stderr
-    assert "available False" in res.stdout
+    assert "available False" in res.stdout and "gradients match" in res.stdout
     assert "error method='native' is unavailable: disabled by TORCHMECH_NATIVE=0" in res.stdout
 
 
