@@ -204,6 +204,20 @@ class _Factorised:
                     f"{ratio.min().item():.1e} of mu (<= {_SLACK_REL:.0e}), i.e. the smoothness rows can absorb "
                     "the shared offset (nearly) exactly; leave slack=None or pin more of the solution")
 
+    @classmethod
+    def native_assembled(cls, p: Problem) -> tuple["_Factorised", Tensor]:
+        """The C path for a float64 CPU problem without the slack: assembly, scaling and factorisation in C
+        (NativeBanded.from_problem), no blocks in between. Returns the factorisation and the right-hand side."""
+        self = cls.__new__(cls)
+        self.low = self.hi = torch.float64
+        self.T, self.method, self.sys = p.T, "native", None
+        self.factor, b, self.s = native.NativeBanded.from_problem(p, min_pivot=pivot_floor(self.low, p.T))
+        self.paired = self.pad = False
+        self.x2 = self.schur = self.m = None
+        if self.factor.min_pivot < SUSPECT_PIVOT:
+            self._check_not_singular()
+        return self, b
+
     def _refactor(self) -> None:
         sys, low = self.sys, self.low
         s = sys.diag.diagonal(dim1=-2, dim2=-1).rsqrt()  # (..., T, n)
@@ -334,6 +348,9 @@ class _NeuRLPFunction(torch.autograd.Function):
         low = tensors[0].dtype
         hi = torch.float64 if low in _REFINE_TOL else low
         p_hi = template.with_tensors([_promote(t, hi) for t in tensors])
+        if method == "native" and p_hi.slack is None:
+            fac, b = _Factorised.native_assembled(p_hi)
+            return fac, BandedSystem(None, None, None, b), hi
         sys = assemble(p_hi, soa=_wants_soa(p_hi, method))
         return _Factorised(sys, method, _factor_dtype(low, hi, sys.diag.device)), sys, hi
 

@@ -95,7 +95,10 @@ def _load():
                 lib.tm_band_factor.argtypes = [I, I, I, I, P, P, P, P, P, P, P]
                 lib.tm_band_solve.argtypes = [P, P, I, I, I, I, P, P, P, P]
                 lib.tm_objective_grads.argtypes = [P, P, P, P]
-                for f in (lib.tm_band_factor, lib.tm_band_solve, lib.tm_objective_grads):
+                lib.tm_assemble.argtypes = [P, P, P, P, P]
+                lib.tm_band_factor_scaled.argtypes = [I, I, I, P, P, P, P]
+                for f in (lib.tm_band_factor, lib.tm_band_solve, lib.tm_objective_grads, lib.tm_assemble,
+                          lib.tm_band_factor_scaled):
                     f.restype = None
                 _state["lib"] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -116,6 +119,49 @@ def unavailable_reason() -> str:
 
 def _strides(t: Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _ptrs(tensors: list) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[None if x is None else x.data_ptr() for x in tensors])
+
+
+def _smallest_pivot(piv: Tensor, min_pivot: float) -> float:
+    """The smallest pivot L_ii^2 of the lanes in use; raises FactorizationError at or below min_pivot (or NaN)."""
+    smallest = piv.min().item() if piv.numel() else math.inf
+    if not smallest > min_pivot:  # (also a NaN pivot)
+        raise FactorizationError(
+            "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
+            f"in this precision: a pivot failed or fell to <= {min_pivot:.1e} of its diagonal): the rows do not "
+            "determine the solution, or the problem is too ill-conditioned; check the coefficients, steps and "
+            "weights")
+    return smallest
+
+
+def _dims(p) -> ctypes.Array:
+    return (ctypes.c_int64 * 8)(p.batch_shape.numel(), p.T, p.E, p.D, p.K, p.T0, p.K0, int(p.central))
+
+
+def _flat_inputs(p) -> tuple[list[Tensor], ctypes.Array]:
+    """The problem's inputs as float64 views with one batch axis, broadcast to their full shapes (stride 0 where
+    they broadcast), in the C kernels' order {c, rhs, init, h, we, wi, ws, C}, and their 17 strides."""
+    from torchmech.mnn.system import taylor_constant  # (system imports nothing from here)
+
+    bs = p.batch_shape
+    B, T, E, D, K, T0, K0 = bs.numel(), p.T, p.E, p.D, p.K, p.T0, p.K0
+
+    def flat(x: Tensor, core: tuple) -> Tensor:
+        """x broadcast to the batch and the given trailing shape, with one batch axis (a view where possible)."""
+        return x.detach().expand(bs + core).reshape((B,) + core)
+
+    c = flat(p.coefficients, (T, E, D, K))
+    rhs = flat(p.rhs, (T, E))
+    init = flat(p.init, (T0, D, K0))
+    h = flat(p.steps, (T - 1,))
+    w = [flat(x, ()) for x in (p.weight_equation, p.weight_init, p.weight_smooth)]
+    C = taylor_constant(K, torch.float64, c.device).contiguous()
+    strides = (ctypes.c_int64 * 17)(*c.stride(), *rhs.stride(), *init.stride(), *h.stride(),
+                                    *[x.stride()[0] for x in w])
+    return [c, rhs, init, h, *w, C], strides
 
 
 class NativeBanded:
@@ -154,14 +200,37 @@ class NativeBanded:
         if B and N:
             lib.tm_band_factor(B, T, n, len(flat), ptrs, strides, s_flat.data_ptr(), _strides(s_flat),
                                self.ab.data_ptr(), self.inv.data_ptr(), piv.data_ptr())
-        smallest = piv[:B].min().item() if B and N else math.inf
-        if not smallest > min_pivot:  # (also a NaN pivot)
-            raise FactorizationError(
-                "Cholesky factorisation of the NeuRLP normal matrix broke down (matrix not positive definite "
-                f"in this precision: a pivot failed or fell to <= {min_pivot:.1e} of its diagonal): the rows do not "
-                "determine the solution, or the problem is too ill-conditioned; check the coefficients, steps and "
-                "weights")
-        self.min_pivot = smallest
+        self.min_pivot = _smallest_pivot(piv[:B], min_pivot)
+
+    @classmethod
+    def from_problem(cls, p, min_pivot: float) -> tuple["NativeBanded", Tensor, Tensor]:
+        """Assemble the normal equations of a problem without a slack in C (tm_assemble) and factorise them
+        scaled to a unit diagonal: no (..., T, n, n) blocks are formed. Returns the factor, the right-hand side
+        A^T W y (..., T, n) and the scaling s (..., T, n) (float64, CPU)."""
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"method='native' is unavailable: {unavailable_reason()}")
+        if p.slack is not None:
+            raise ValueError("NativeBanded.from_problem: the slack border is assembled by system.assemble")
+        self = cls.__new__(cls)
+        bs = p.batch_shape
+        B, T, n = math.prod(bs), p.T, p.n
+        self.batch_shape, self.T, self.n, self.B = bs, T, n, B
+        self.kd = (3 if p.central and T >= 3 else 2) * n - 1
+        G, N = (B + _LANES - 1) // _LANES, T * n
+        self.G = G
+        self.ab = torch.empty(G * N * (self.kd + 1) * _LANES, dtype=torch.float64)
+        self.inv = torch.empty(G * N * _LANES, dtype=torch.float64)
+        b = torch.empty((B, N), dtype=torch.float64)
+        s = torch.empty((B, N), dtype=torch.float64)
+        piv = torch.empty(G * _LANES, dtype=torch.float64)
+        if B and N:
+            ins, strides = _flat_inputs(p)
+            lib.tm_assemble(_dims(p), _ptrs(ins), strides, self.ab.data_ptr(), b.data_ptr())
+            lib.tm_band_factor_scaled(B, N, self.kd, self.ab.data_ptr(), self.inv.data_ptr(), s.data_ptr(),
+                                      piv.data_ptr())
+        self.min_pivot = _smallest_pivot(piv[:B], min_pivot)
+        return self, b.reshape(bs + (T, n)), s.reshape(bs + (T, n))
 
     def solve(self, x: Tensor) -> Tensor:
         """M^{-1} x for x (..., T, n, c) (float64, CPU)."""
@@ -187,32 +256,16 @@ def objective_grads(p, lam: Tensor, lam_eps: Tensor | None, u: Tensor, eps: Tens
     if lib is None or lam.device.type != "cpu" or lam.dtype != torch.float64 or B == 0:
         return None
     T, E, D, K, T0, K0 = p.T, p.E, p.D, p.K, p.T0, p.K0
-    from torchmech.mnn.system import taylor_constant  # (system imports nothing from here)
-
-    def flat(x: Tensor, core: tuple) -> Tensor:
-        """x broadcast to the batch and the given trailing shape, with one batch axis (a view where possible)."""
-        return x.detach().expand(bs + core).reshape((B,) + core)
-
-    c = flat(p.coefficients, (T, E, D, K))
-    rhs = flat(p.rhs, (T, E))
-    init = flat(p.init, (T0, D, K0))
-    h = flat(p.steps, (T - 1,))
-    w = [flat(x, ()) for x in (p.weight_equation, p.weight_init, p.weight_smooth)]
+    (c, rhs, init, h, we, wi, ws, C), strides = _flat_inputs(p)
     lam_c = lam.detach().reshape((B, T, D, K)).contiguous()
     u_c = u.detach().reshape((B, T, D, K)).contiguous()
     le = None if lam_eps is None else lam_eps.detach().reshape(B).contiguous()
     e = None if eps is None else eps.detach().reshape(B).contiguous()
-    C = taylor_constant(K, torch.float64, lam.device).contiguous()
     has_init = T0 > 0 and K0 > 0
     want = [need[0], need[1], need[2] and has_init, need[3], need[4], need[5] and has_init, need[6]]
     shapes = [(B, T, E, D, K), (B, T, E), (B, T0, D, K0), (B, T - 1), (B,), (B,), (B,)]
     outs = [torch.empty(s, dtype=torch.float64) if wt else None for s, wt in zip(shapes, want)]
-    ins = [lam_c, u_c, c, rhs, init, h, *w, le, e, C]
-    dims = (ctypes.c_int64 * 8)(B, T, E, D, K, T0, K0, int(p.central))
-    in_ptrs = (ctypes.c_void_p * len(ins))(*[None if x is None else x.data_ptr() for x in ins])
-    st = (ctypes.c_int64 * 17)(*c.stride(), *rhs.stride(), *init.stride(), *h.stride(), *[x.stride()[0] for x in w])
-    out_ptrs = (ctypes.c_void_p * 7)(*[None if x is None else x.data_ptr() for x in outs])
-    lib.tm_objective_grads(dims, in_ptrs, st, out_ptrs)
+    lib.tm_objective_grads(_dims(p), _ptrs([lam_c, u_c, c, rhs, init, h, we, wi, ws, le, e, C]), strides, _ptrs(outs))
     like = p.tensors()
     core = [(T, E, D, K), (T, E), (T0, D, K0), (T - 1,), (), (), ()]
     res: list[Tensor | None] = [None if g is None else g.reshape(bs + cr).sum_to_size(x.shape)

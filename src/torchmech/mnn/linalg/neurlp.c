@@ -49,6 +49,41 @@ static void pack_row(double *restrict A, int64_t g, int64_t lanes, int64_t t, in
 }
 
 /*
+ * Row i of the Cholesky factor, in place in the group's band A (rows above it already factorised): L[i, k] =
+ * (M[i, k] - sum_p L[i, p] L[k, p]) / L[k, k] for k = i - kd .. i - 1, then the pivot L_ii^2, its square root and
+ * inverse (Iv). mp: the lanes' smallest pivots so far (NaN sticks).
+ */
+static inline void chol_row(double *restrict A, double *restrict Iv, int64_t i, int64_t kd, double *mp) {
+    const int64_t w = (kd + 1) * V, d0 = i < kd ? i : kd;
+    double *restrict ri = A + i * w;
+    for (int64_t d = d0; d >= 1; d--) {
+        const int64_t k = i - d;
+        const double *restrict rk = A + k * w;
+        double acc[V];
+        for (int v = 0; v < V; v++) acc[v] = ri[d * V + v];
+        for (int64_t p = i - d0; p < k; p++) {
+            const double *restrict x = ri + (i - p) * V;
+            const double *restrict y = rk + (k - p) * V;
+            for (int v = 0; v < V; v++) acc[v] -= x[v] * y[v];
+        }
+        for (int v = 0; v < V; v++) ri[d * V + v] = acc[v] * Iv[k * V + v];
+    }
+    double acc[V];
+    for (int v = 0; v < V; v++) acc[v] = ri[v];
+    for (int64_t p = i - d0; p < i; p++) {
+        const double *restrict x = ri + (i - p) * V;
+        for (int v = 0; v < V; v++) acc[v] -= x[v] * x[v];
+    }
+    for (int v = 0; v < V; v++) {
+        const double piv = acc[v];
+        mp[v] = (piv < mp[v] || piv != piv) ? piv : mp[v];
+        const double r = sqrt(piv);
+        ri[v] = r;
+        Iv[i * V + v] = 1.0 / r;
+    }
+}
+
+/*
  * The Cholesky factor L of S M S for B samples of T steps with n unknowns each (blocks as in pack_row):
  * ab (G, N, kd + 1, V) receives the lower band of L (kd = nblk n - 1), inv (G, N, V) 1 / L[i, i], and
  * minpiv[lane] the smallest pivot L_ii^2 of the lane (NaN if a pivot was NaN; a non-positive pivot leaves NaN or
@@ -66,35 +101,150 @@ void tm_band_factor(int64_t B, int64_t T, int64_t n, int64_t nblk, const double 
         double mp[V];
         for (int v = 0; v < V; v++) mp[v] = INFINITY;
         for (int64_t i = 0, t = 0, c = 0; i < N; i++, t += (c == n - 1), c = (c == n - 1) ? 0 : c + 1) {
+            pack_row(A + i * w, g, lanes, t, c, n, nblk, blk, str, s, sstr);
+            chol_row(A, Iv, i, kd, mp);
+        }
+        for (int v = 0; v < V; v++) minpiv[g * V + v] = mp[v];
+    }
+}
+
+/*
+ * The normal equations A^T W A z = A^T W y of a problem without the slack, assembled straight into the lane
+ * layout: ab (G, N, kd + 1, V) receives the lower band of M (unscaled; kd = 3 n - 1 with central rows and
+ * T >= 3, else 2 n - 1), b (B, T, n) contiguous the right-hand side A^T W y. Inputs as for tm_objective_grads
+ * (dims, in = {c, rhs, init, h, we, wi, ws, C}, st = strides {c: 5, rhs: 3, init: 4, h: 2, we, wi, ws}).
+ * Every row of A adds w^2 a a^T over its few non-zeros: equation rows at one grid point, initial rows on the
+ * diagonal, per variable the 2 (K - 1) Taylor rows of an interval (their Gram w^2 hp hp^T (C^T C)) and the central
+ * row across three points. Padding lanes get the identity.
+ */
+void tm_assemble(const int64_t *dims, const double *const *in, const int64_t *st, double *ab, double *bvec) {
+    const int64_t B = dims[0], T = dims[1], E = dims[2], D = dims[3], K = dims[4], T0 = dims[5], K0 = dims[6];
+    const int central = dims[7] && T >= 3;
+    const double *c = in[0], *rhs = in[1], *init = in[2], *h = in[3], *we = in[4], *wi = in[5], *ws = in[6];
+    const double *C = in[7];
+    const int64_t *cs = st, *rs = st + 5, *is = st + 8, *hs = st + 12;
+    const int64_t wes = st[14], wis = st[15], wss = st[16];
+    const int64_t n = D * K, N = T * n, kd = (central ? 3 : 2) * n - 1, G = (B + V - 1) / V, R = 2 * (K - 1);
+    double A[2 * K][2 * K];
+    int64_t loc[2 * K]; /* a Taylor row's local unknown l -> its row offset from (t, d, 0) */
+    for (int64_t l = 0; l < 2 * K; l++) loc[l] = l < K ? l : n + l - K;
+    for (int64_t l1 = 0; l1 < 2 * K; l1++)
+        for (int64_t l2 = 0; l2 < 2 * K; l2++) {
+            double acc = 0.0;
+            for (int64_t r = 0; r < R; r++) acc += C[r * 2 * K + l1] * C[r * 2 * K + l2];
+            A[l1][l2] = acc;
+        }
+#define M_AT(i, j) (Ag + ((i) * (kd + 1) + (i) - (j)) * V) /* the V lanes of M[i, j], i >= j */
+    /* group by group, grid point by grid point, the lanes innermost: every update is one vector operation, and
+       the few band rows a grid point's rows touch stay in cache */
+    double we2[V], wi2[V], ws2[V], hq[2 * K][V], av[n > 0 ? n : 1][V], y[V], val[3][V];
+    for (int64_t g = 0; g < G; g++) {
+        double *restrict Ag = ab + g * N * (kd + 1) * V;
+        const int64_t lanes = B - g * V < V ? B - g * V : V;
+        memset(Ag, 0, (size_t)(N * (kd + 1) * V) * sizeof(double));
+        for (int64_t v = lanes; v < V; v++) /* padding lanes: the identity */
+            for (int64_t i = 0; i < N; i++) M_AT(i, i)[v] = 1.0;
+        for (int64_t v = 0; v < lanes; v++) {
+            const int64_t bb = g * V + v;
+            we2[v] = we[bb * wes] * we[bb * wes];
+            wi2[v] = wi[bb * wis] * wi[bb * wis];
+            ws2[v] = ws[bb * wss] * ws[bb * wss];
+            for (int64_t i = 0; i < N; i++) bvec[bb * N + i] = 0.0;
+        }
+        for (int64_t v = lanes; v < V; v++) we2[v] = wi2[v] = ws2[v] = 0.0;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t base = t * n;
+            for (int64_t e = 0; e < E; e++) {
+                for (int64_t v = 0; v < V; v++) {
+                    const int64_t bb = g * V + (v < lanes ? v : 0);
+                    const double *ce = c + bb * cs[0] + t * cs[1] + e * cs[2];
+                    for (int64_t d = 0; d < D; d++)
+                        for (int64_t k = 0; k < K; k++) av[d * K + k][v] = ce[d * cs[3] + k * cs[4]];
+                    y[v] = we2[v] * rhs[bb * rs[0] + t * rs[1] + e * rs[2]];
+                }
+                for (int64_t q1 = 0; q1 < n; q1++) {
+                    for (int64_t q2 = 0; q2 <= q1; q2++) {
+                        double *m = M_AT(base + q1, base + q2);
+                        for (int v = 0; v < V; v++) m[v] += we2[v] * av[q1][v] * av[q2][v];
+                    }
+                    for (int64_t v = 0; v < lanes; v++) bvec[(g * V + v) * N + base + q1] += av[q1][v] * y[v];
+                }
+            }
+            if (t < T0)
+                for (int64_t d = 0; d < D; d++)
+                    for (int64_t k = 0; k < K0; k++) {
+                        double *m = M_AT(base + d * K + k, base + d * K + k);
+                        for (int v = 0; v < V; v++) m[v] += wi2[v];
+                        for (int64_t v = 0; v < lanes; v++) {
+                            const int64_t bb = g * V + v;
+                            bvec[bb * N + base + d * K + k] +=
+                                wi2[v] * init[bb * is[0] + t * is[1] + d * is[2] + k * is[3]];
+                        }
+                    }
+            if (t + 1 >= T) continue;
+            for (int64_t v = 0; v < V; v++) {
+                const double ht = h[(g * V + (v < lanes ? v : 0)) * hs[0] + t * hs[1]];
+                double pw = 1.0;
+                for (int64_t j = 0; j < K; j++, pw *= ht) hq[j][v] = hq[K + j][v] = pw;
+            }
+            for (int64_t d = 0; d < D; d++)
+                for (int64_t l1 = 0; l1 < 2 * K; l1++) {
+                    /* local index l: (t, d, l) for l < K, (t + 1, d, l - K) after: increasing global rows, so the
+                       pairs on or below the diagonal are l2 <= l1 */
+                    const int64_t i1 = base + d * K + loc[l1];
+                    for (int64_t l2 = 0; l2 <= l1; l2++) {
+                        double *m = M_AT(i1, base + d * K + loc[l2]);
+                        const double a12 = A[l1][l2];
+                        for (int v = 0; v < V; v++) m[v] += ws2[v] * hq[l1][v] * hq[l2][v] * a12;
+                    }
+                }
+            if (!central || t + 2 >= T) continue;
+            for (int64_t v = 0; v < V; v++) {
+                const int64_t bb = g * V + (v < lanes ? v : 0);
+                const double S = h[bb * hs[0] + t * hs[1]] + h[bb * hs[0] + (t + 1) * hs[1]];
+                double lo = K == 2 ? 1.0 / S : 1.0;
+                for (int64_t j = 3; j < K; j++) lo *= S;
+                val[0][v] = lo;
+                val[1][v] = lo * S;
+                val[2][v] = -lo;
+            }
+            for (int64_t d = 0; d < D; d++) {
+                const int64_t idx[3] = {base + d * K + K - 2, base + n + d * K + K - 1, base + 2 * n + d * K + K - 2};
+                for (int p1 = 0; p1 < 3; p1++)
+                    for (int p2 = 0; p2 <= p1; p2++) {
+                        double *m = M_AT(idx[p1], idx[p2]);
+                        for (int v = 0; v < V; v++) m[v] += ws2[v] * val[p1][v] * val[p2][v];
+                    }
+            }
+        }
+    }
+#undef M_AT
+}
+
+/*
+ * tm_band_factor for a band from tm_assemble: each row is scaled to the unit diagonal (s_i = M_ii^(-1/2), written
+ * to s (B, N)) right before it is factorised, in place.
+ */
+void tm_band_factor_scaled(int64_t B, int64_t N, int64_t kd, double *ab, double *inv, double *s, double *minpiv) {
+    const int64_t w = (kd + 1) * V, G = (B + V - 1) / V;
+    double sc[V * (kd + 1)]; /* scales of rows i - kd .. i, a ring */
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t lanes = B - g * V < V ? B - g * V : V;
+        double *restrict A = ab + g * N * w;
+        double *restrict Iv = inv + g * N * V;
+        double mp[V];
+        for (int v = 0; v < V; v++) mp[v] = INFINITY;
+        for (int64_t i = 0; i < N; i++) {
             const int64_t d0 = i < kd ? i : kd;
             double *restrict ri = A + i * w;
-            pack_row(ri, g, lanes, t, c, n, nblk, blk, str, s, sstr);
-            /* L[i, k] = (M[i, k] - sum_p L[i, p] L[k, p]) / L[k, k], for k = i - d0 .. i - 1 */
-            for (int64_t d = d0; d >= 1; d--) {
-                const int64_t k = i - d;
-                const double *restrict rk = A + k * w;
-                double acc[V];
-                for (int v = 0; v < V; v++) acc[v] = ri[d * V + v];
-                for (int64_t p = i - d0; p < k; p++) {
-                    const double *restrict x = ri + (i - p) * V;
-                    const double *restrict y = rk + (k - p) * V;
-                    for (int v = 0; v < V; v++) acc[v] -= x[v] * y[v];
-                }
-                for (int v = 0; v < V; v++) ri[d * V + v] = acc[v] * Iv[k * V + v];
+            double *restrict si = sc + (i % (kd + 1)) * V;
+            for (int v = 0; v < V; v++) si[v] = 1.0 / sqrt(ri[v]);
+            for (int64_t d = 0; d <= d0; d++) {
+                const double *restrict sj = sc + ((i - d) % (kd + 1)) * V;
+                for (int v = 0; v < V; v++) ri[d * V + v] *= si[v] * sj[v];
             }
-            double acc[V];
-            for (int v = 0; v < V; v++) acc[v] = ri[v];
-            for (int64_t p = i - d0; p < i; p++) {
-                const double *restrict x = ri + (i - p) * V;
-                for (int v = 0; v < V; v++) acc[v] -= x[v] * x[v];
-            }
-            for (int v = 0; v < V; v++) {
-                const double piv = acc[v];
-                mp[v] = (piv < mp[v] || piv != piv) ? piv : mp[v];
-                const double r = sqrt(piv);
-                ri[v] = r;
-                Iv[i * V + v] = 1.0 / r;
-            }
+            for (int64_t v = 0; v < lanes; v++) s[(g * V + v) * N + i] = si[v];
+            chol_row(A, Iv, i, kd, mp);
         }
         for (int v = 0; v < V; v++) minpiv[g * V + v] = mp[v];
     }
