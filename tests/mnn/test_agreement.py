@@ -190,7 +190,8 @@ def test_batch_chunking_matches_one_piece(monkeypatch, method, layout):
     per-sample, shared along the chunked axis, or broadcast from fewer batch axes."""
     import torchmech.mnn.solve as solve_mod
 
-    B = (7, 2) if layout == "two_axes" else (7,)
+    B0 = 17 if method == "native" else 7  # the C sweep chunks in whole groups of 8 lanes: 8 + 8 + 1
+    B = (B0, 2) if layout == "two_axes" else (B0,)
     args = random_problem(11, B=B, T=9, D=2, E=2)
     kw = dict(weight_smooth=torch.rand(*B, generator=torch.Generator().manual_seed(2), dtype=f64) + 0.5)
     if layout == "shared":
@@ -212,7 +213,7 @@ def test_batch_chunking_matches_one_piece(monkeypatch, method, layout):
         p = solve_mod.prepare(*xs, **ks)
         results.append((solve_mod._chunk_size(p, method), *_solve_and_grads(xs, ks, w, method)))
     (c0, u0, g0), (c1, u1, g1) = results
-    assert c0 is None and c1 == (1 if layout == "two_axes" else 2)
+    assert c0 is None and c1 == (8 if method == "native" else 1 if layout == "two_axes" else 2)
     assert torch.allclose(u1, u0, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g0):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -226,7 +227,8 @@ def _solve_and_grads(xs, ks, w, method):
 
 
 def test_chunk_size_rules():
-    """Chunks only on CPU, only with >= 2 chunks, and for the banded sweep only with >= 64 samples each."""
+    """Chunks only on CPU, only with >= 2 chunks, for the banded sweep only with >= 64 samples each, for the C sweep
+    in multiples of 8 samples."""
     import torchmech.mnn.solve as solve_mod
 
     def p(B, T):
@@ -240,6 +242,9 @@ def test_chunk_size_rules():
     assert solve_mod._chunk_size(p((64,), 10000), "banded") is None
     assert solve_mod._chunk_size(p((), 100000), "parallel") is None
     assert solve_mod._chunk_size(p((1, 1024), 1000), "parallel") is None  # leading axis of size 1
+    assert solve_mod._chunk_size(p((1024,), 1000), "native") == 128  # whole groups of the C sweep's 8 lanes
+    assert solve_mod._chunk_size(p((64,), 10000), "native") == 8
+    assert solve_mod._chunk_size(p((12,), 100000), "native") is None  # one group of 8 and a partial one
 
 
 @pytest.mark.parametrize("method", ["banded", "parallel", "lapack", "native"])

@@ -427,6 +427,8 @@ def _chunk_size(p: Problem, method: str) -> int | None:
     chunk = max(1, _CHUNK_TARGET // per_sample)
     if method == "banded":
         chunk = max(chunk, _BANDED_MIN_CHUNK)
+    if method == "native":  # whole groups of the C sweep's 8 lanes (B = 64, T = 10000: chunks of 13 -> 8, 515 -> 358 ms)
+        chunk = max(8, chunk - chunk % 8)
     if 2 * chunk > p.batch_shape[0]:
         return None
     return chunk
