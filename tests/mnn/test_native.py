@@ -102,12 +102,14 @@ def test_auto_picks_native_on_cpu():
     from torchmech.mnn.solve import _choose
     from torchmech.mnn.system import prepare
 
-    def problem(B):
-        return prepare(torch.randn(B, 9, 1, 1, 3, dtype=f64), torch.randn(B, 9, 1, dtype=f64),
-                       torch.randn(B, 1, 1, 2, dtype=f64), torch.full((B, 8), 0.1, dtype=f64))
+    def problem(B, T):
+        return prepare(torch.randn(B, 1, 1, 1, 3, dtype=f64), torch.randn(B, 1, 1, dtype=f64),
+                       torch.randn(B, 1, 1, 2, dtype=f64), torch.full((B, T - 1), 0.1, dtype=f64))
 
-    assert _choose("auto", problem(2)) == "lapack"  # most of the C sweep's 8 lanes would idle
-    assert _choose("auto", problem(3)) == ("native" if native.available() else "lapack")
+    assert _choose("auto", problem(2, 2000)) == "lapack"  # on a long grid most of the C sweep's 8 lanes idle
+    want = "native" if native.available() else "lapack"
+    assert _choose("auto", problem(2, 1500)) == want
+    assert _choose("auto", problem(3, 2000)) == want
 
 
 def _run(code, **env):

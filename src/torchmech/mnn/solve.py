@@ -470,7 +470,8 @@ def _keep_factor(p: Problem) -> bool:
 # 6.5 vs 9.0 ms forward + backward; at B = 64, T = 1000 the two tie, at B = 1024 parallel is ~10% faster)
 _LAPACK_MAX_BATCH = 8
 _LAPACK_MAX_STEPS = 2 ** 14
-_NATIVE_MIN_BATCH = 3  # "auto" on CPU: the C sweep from this many samples on (its lanes come in eights)
+_NATIVE_MIN_BATCH = 3  # "auto" on CPU: the C sweep from this many samples on (its lanes come in eights) ...
+_NATIVE_SHORT_GRID = 1500  # ... or for fewer samples on grids up to this long
 
 
 def _choose(method: str, p: Problem) -> str:
@@ -487,11 +488,12 @@ def _choose(method: str, p: Problem) -> str:
     if method != "auto":
         return method
     # On the CPU the C sweep is the least work and the fewest calls: forward + backward at B = 64, T = 1000 in
-    # ~35-45 ms against ~80-90 ms for "parallel" and ~75 ms for "lapack" (benchmarks/RESULTS.md). It runs the
-    # samples in lanes of 8, so one or two samples leave most lanes idle and LAPACK's per-sample sweep wins there
-    # (B = 1, T = 10000: 19 vs 24 ms; B = 3 ties; B = 8: 1.6-1.8x for the C sweep).
+    # ~25-30 ms against ~70 ms for "parallel" and ~80 ms for "lapack" (benchmarks/RESULTS.md). It runs the
+    # samples in lanes of 8, so on long grids one or two samples leave most of its work idle and LAPACK's
+    # per-sample sweep wins (B = 1: T = 1000 3.3 vs 4.2 ms, T = 2000 5.2 vs 4.8, T = 4000 11.5 vs 6.1; B = 3 wins
+    # at every T measured).
     B = p.batch_shape.numel()
-    if p.device.type == "cpu" and B >= _NATIVE_MIN_BATCH and native.available():
+    if p.device.type == "cpu" and (B >= _NATIVE_MIN_BATCH or p.T <= _NATIVE_SHORT_GRID) and native.available():
         return "native"
     # Without the C sweep, measured on CPU (benchmarks/mnn_solver.py, forward + backward): for a few samples
     # LAPACK's compiled banded sweep wins (B = 1, T = 1000: 1.8 vs 3.5 ms; B = 64 is a tie, B = 1024 favours
@@ -531,9 +533,10 @@ def solve_linear_ode(coefficients: Tensor, rhs: Tensor, init: Tensor, steps: Ten
             compiled sequential sweep), ``"native"`` (CPU only: a banded Cholesky in C, all samples at once as
             vector lanes; compiled with the system's C compiler (``$CC`` or ``cc``) at first use, in well under a
             second, and cached in ``~/.cache/torchmech``), ``"dense"`` (dense normal equations differentiated by
-            autograd; reference for tests) or ``"auto"``: on the CPU ``"native"`` from 3 samples on, ``"lapack"`` for
-            fewer (and for up to 8 samples or 16k steps when no C compiler works or ``TORCHMECH_NATIVE=0`` is
-            set, ``"parallel"`` beyond); ``"parallel"`` elsewhere (``"banded"`` below 24 grid points).
+            autograd; reference for tests) or ``"auto"``: on the CPU ``"native"``, except ``"lapack"`` for one or two
+            samples on grids longer than 1500 points (and for up to 8 samples or 16k steps when no C compiler works
+            or ``TORCHMECH_NATIVE=0`` is set, ``"parallel"`` beyond); ``"parallel"`` elsewhere (``"banded"`` below 24
+            grid points).
         num_points: the number of grid points T, needed only when every input has a size-1 time axis.
 
     Returns:

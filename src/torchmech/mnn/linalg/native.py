@@ -1,5 +1,5 @@
-"""C kernels of the NeuRLP solver (``neurlp.c``): a banded Cholesky over the whole batch at once, and the implicit
-backward's input gradients.
+"""C kernels of the NeuRLP solver (``neurlp.c``): the normal equations' assembly and banded Cholesky over the whole
+batch at once, and the implicit backward's input gradients.
 
 The C source ships with the package and is compiled with the system's C compiler (``$CC``, else ``cc``) the first
 time it is needed, into a per-user cache (``$TORCHMECH_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchmech`` or
@@ -10,8 +10,9 @@ tensor-op solvers, the backward the tensor-op gradients, and ``method="native"``
 
 Why C: on the CPU a sequential sweep over the grid is the least work, but written with tensor operations every
 step pays dispatch for a few hundred floating-point operations, and LAPACK's band routines take one sample per
-call. The sweep here factorises B = 64 samples of T = 1000 steps (n = 3) in ~3-7 ms, against ~30 ms for the
-tensor-op cyclic reduction; the gradients take ~5 ms against ~19 ms (benchmarks/RESULTS.md).
+call. For B = 64 samples of T = 1000 steps (n = 3) the C code assembles and factorises in ~8 ms, against ~45 ms
+for the tensor-op assembly and cyclic reduction, and forms the gradients in ~5 ms against ~19 ms
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
