@@ -154,6 +154,9 @@ def test_broken_compiler_falls_back(tmp_path):
     assert "available False" in res.stdout
     assert "`false` failed to compile neurlp.c" in res.stdout
     assert list(tmp_path.iterdir()) == []
+    res = _run(_FALLBACK, CC="true", TORCHMECH_CACHE_DIR=str(tmp_path))  # "succeeds" without writing anything
+    assert "reason `true` wrote no library for neurlp.c" in res.stdout, res.stdout + res.stderr
+    assert list(tmp_path.iterdir()) == []
     res = _run(_FALLBACK, CC="no-such-compiler-here", TORCHMECH_CACHE_DIR=str(tmp_path))
     assert "reason no C compiler found" in res.stdout, res.stdout + res.stderr
 
@@ -218,3 +221,22 @@ def test_assembly_in_c_matches_the_tensor_op_assembly(cfg):
     ref = lap.solve(r)  # (without central rows the conditioning is worse: compare against the largest entry)
     torch.testing.assert_close(fac.solve(r), ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
     assert fac.min_pivot == pytest.approx(lap.min_pivot, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["native", "lapack"])
+def test_lazily_negated_inputs_are_read_as_their_values(method):
+    # z.conj().imag is a view whose memory holds -values (torch negates it lazily); the C kernels read memory
+    g = torch.Generator().manual_seed(4)
+    c, r, i = (torch.randn(9, 20, 1, 1, 3, generator=g, dtype=f64), torch.randn(9, 20, 1, generator=g, dtype=f64),
+               torch.randn(9, 1, 1, 2, generator=g, dtype=f64))
+    h = torch.full((9, 19), 0.1, dtype=f64)
+    neg = torch.complex(torch.zeros_like(c), -c).conj().imag
+    assert neg.is_neg() and torch.equal(neg, c)
+    outs = []
+    for coeff in (c, neg):
+        x = coeff.detach().clone() if coeff is c else coeff
+        leaves = [r.clone().requires_grad_(), h.clone().requires_grad_()]
+        u = solve_linear_ode(x, leaves[0], i, leaves[1], method=method)
+        outs.append((u, *torch.autograd.grad(u.square().sum(), leaves)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

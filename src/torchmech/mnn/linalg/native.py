@@ -75,6 +75,8 @@ def _build(cc: str) -> Path:
                              timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"`{cc}` failed to compile {_SOURCE.name}: {(res.stderr or res.stdout).strip()[:500]}")
+        if os.path.getsize(tmp) == 0:  # a "compiler" that succeeds without output must not poison the cache
+            raise RuntimeError(f"`{cc}` wrote no library for {_SOURCE.name}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -152,7 +154,8 @@ def _flat_inputs(p) -> tuple[list[Tensor], ctypes.Array]:
 
     def flat(x: Tensor, core: tuple) -> Tensor:
         """x broadcast to the batch and the given trailing shape, with one batch axis (a view where possible)."""
-        return x.detach().expand(bs + core).reshape((B,) + core)
+        # resolve_neg: a lazily negated view (e.g. z.conj().imag) keeps its memory un-negated, and C reads memory
+        return x.detach().resolve_neg().expand(bs + core).reshape((B,) + core)
 
     c = flat(p.coefficients, (T, E, D, K))
     rhs = flat(p.rhs, (T, E))
@@ -190,8 +193,9 @@ class NativeBanded:
         G = (B + _LANES - 1) // _LANES
         self.G = G
         # one batch axis: reshape is a view for the assembled (contiguous or structure-of-arrays) blocks
-        flat = [x.detach().expand(self.batch_shape + x.shape[-3:]).reshape((B,) + x.shape[-3:]) for x in blocks]
-        s_flat = s.detach().expand(self.batch_shape + s.shape[-2:]).reshape((B,) + s.shape[-2:])
+        flat = [x.detach().resolve_neg().expand(self.batch_shape + x.shape[-3:]).reshape((B,) + x.shape[-3:])
+                for x in blocks]
+        s_flat = s.detach().resolve_neg().expand(self.batch_shape + s.shape[-2:]).reshape((B,) + s.shape[-2:])
         ptrs = (ctypes.c_void_p * len(flat))(*[x.data_ptr() for x in flat])
         strides = (ctypes.c_int64 * (4 * len(flat)))(*[st for x in flat for st in x.stride()])
         N = T * n
@@ -237,7 +241,7 @@ class NativeBanded:
         """M^{-1} x for x (..., T, n, c) (float64, CPU)."""
         c = x.shape[-1]
         N = self.T * self.n
-        r = x.detach().expand(self.batch_shape + x.shape[-3:]).reshape(self.B, N, c)
+        r = x.detach().resolve_neg().expand(self.batch_shape + x.shape[-3:]).reshape(self.B, N, c)
         out = torch.empty((self.B, N, c), dtype=torch.float64)
         if self.B and N and c:
             work = torch.empty(N * c * _LANES, dtype=torch.float64)
@@ -251,17 +255,19 @@ def objective_grads(p, lam: Tensor, lam_eps: Tensor | None, u: Tensor, eps: Tens
     """system.objective_cross_grads computed by the C library (tm_objective_grads), or None where it does not
     apply (no library, not float64 on the CPU, an empty batch): the same gradients, in one pass over the grid
     instead of ~40 tensor operations on (..., T, D, K) tensors whose last axis is tiny."""
-    lib = _load()
     bs = p.batch_shape
     B = math.prod(bs)
-    if lib is None or lam.device.type != "cpu" or lam.dtype != torch.float64 or B == 0:
+    if lam.device.type != "cpu" or lam.dtype != torch.float64 or B == 0:
+        return None  # (decided before _load: a CUDA backward never compiles the library)
+    lib = _load()
+    if lib is None:
         return None
     T, E, D, K, T0, K0 = p.T, p.E, p.D, p.K, p.T0, p.K0
     (c, rhs, init, h, we, wi, ws, C), strides = _flat_inputs(p)
-    lam_c = lam.detach().reshape((B, T, D, K)).contiguous()
-    u_c = u.detach().reshape((B, T, D, K)).contiguous()
-    le = None if lam_eps is None else lam_eps.detach().reshape(B).contiguous()
-    e = None if eps is None else eps.detach().reshape(B).contiguous()
+    lam_c = lam.detach().resolve_neg().reshape((B, T, D, K)).contiguous()
+    u_c = u.detach().resolve_neg().reshape((B, T, D, K)).contiguous()
+    le = None if lam_eps is None else lam_eps.detach().resolve_neg().reshape(B).contiguous()
+    e = None if eps is None else eps.detach().resolve_neg().reshape(B).contiguous()
     has_init = T0 > 0 and K0 > 0
     want = [need[0], need[1], need[2] and has_init, need[3], need[4], need[5] and has_init, need[6]]
     shapes = [(B, T, E, D, K), (B, T, E), (B, T0, D, K0), (B, T - 1), (B,), (B,), (B,)]

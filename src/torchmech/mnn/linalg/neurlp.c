@@ -228,19 +228,20 @@ void tm_assemble(const int64_t *dims, const double *const *in, const int64_t *st
 void tm_band_factor_scaled(int64_t B, int64_t N, int64_t kd, double *ab, double *inv, double *s, double *minpiv) {
     const int64_t w = (kd + 1) * V, G = (B + V - 1) / V;
     double sc[V * (kd + 1)]; /* scales of rows i - kd .. i, a ring */
+    /* (no restrict here: si and sj alias for d = 0, and chol_row reads row i through A after ri wrote it) */
     for (int64_t g = 0; g < G; g++) {
         const int64_t lanes = B - g * V < V ? B - g * V : V;
-        double *restrict A = ab + g * N * w;
+        double *A = ab + g * N * w;
         double *restrict Iv = inv + g * N * V;
         double mp[V];
         for (int v = 0; v < V; v++) mp[v] = INFINITY;
         for (int64_t i = 0; i < N; i++) {
             const int64_t d0 = i < kd ? i : kd;
-            double *restrict ri = A + i * w;
-            double *restrict si = sc + (i % (kd + 1)) * V;
+            double *ri = A + i * w;
+            double *si = sc + (i % (kd + 1)) * V;
             for (int v = 0; v < V; v++) si[v] = 1.0 / sqrt(ri[v]);
             for (int64_t d = 0; d <= d0; d++) {
-                const double *restrict sj = sc + ((i - d) % (kd + 1)) * V;
+                const double *sj = sc + ((i - d) % (kd + 1)) * V;
                 for (int v = 0; v < V; v++) ri[d * V + v] *= si[v] * sj[v];
             }
             for (int64_t v = 0; v < lanes; v++) s[(g * V + v) * N + i] = si[v];
