@@ -418,12 +418,13 @@ def objective_cross_grads(p: Problem, lam: Tensor, lam_eps: Tensor | None, u: Te
     """The gradients of -objective_cross with respect to p.tensors(), written out (None where not needed, or
     where the input reaches no row: init and weight_init without initial rows).
 
-    Differentiating objective_cross by autograd records and replays ~60 operations on (..., T, D, K) tensors,
-    among them four small-inner-dimension matmuls; written out, every row family's residuals are formed once for
-    lam and once for u and each gradient is one or two products of them (the implicit backward at B = 64,
-    T = 1000: ~21 -> ~6 ms). Each row family contributes w^2 (a . lam)(a . u - y); with ea = a . lam and
-    eb = a . u - y its derivative is w^2 (ea d(a . u - y) + eb d(a . lam)). tests/mnn/test_agreement.py checks
-    this against autograd through objective_cross.
+    Differentiating objective_cross by autograd records and replays ~60 operations on (..., T, D, K) tensors;
+    written out, every row family's residuals are formed once for lam and once for u and each gradient is one or
+    two products of them: no graph, and ~21 -> ~19 ms at B = 64, T = 1000 (small-inner-dimension matmuls dominate
+    both). The C kernel native.objective_grads, used on the CPU when available, takes ~5 ms. This is the path
+    elsewhere (CUDA, or without a C compiler). Each row family contributes w^2 (a . lam)(a . u - y); with
+    ea = a . lam and eb = a . u - y its derivative is w^2 (ea d(a . u - y) + eb d(a . lam)).
+    tests/mnn/test_agreement.py checks both against autograd through objective_cross.
     """
     T, K, T0, K0 = p.T, p.K, p.T0, p.K0
     out: list[Tensor | None] = [None] * len(need)
